@@ -1,0 +1,296 @@
+"""Protocol messages.
+
+Two encodings, chosen per topic (docs/protocol.md):
+- JSON for what operators read (status, telemetry, round metrics): ``to_json`` / ``from_json``.
+- msgpack for what machines exchange (tasks, updates, global adapters): ``to_msgpack`` /
+  ``from_msgpack``. Every message carries ``schema`` so decoders can refuse what they do not know.
+
+All models are frozen and reject unknown fields, so a malformed payload fails in one place with
+an error that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+
+from fedmq_protocol import SCHEMA_VERSION
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.tensors import TensorMap, WireTensor, decode_tensor_map
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a 7B-model LoRA at r=64 is a few hundred MB
+
+M = TypeVar("M", bound="Message")
+
+
+def _validation_summary(exc: ValidationError, cls: type) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"invalid {cls.__name__}: " + "; ".join(parts)
+
+
+class Message(BaseModel):
+    """Base of every wire message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    kind_name: ClassVar[str] = "message"
+
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema version {v} (this build speaks {SCHEMA_VERSION})")
+        return v
+
+    def to_obj(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="python")
+
+    @classmethod
+    def from_obj(cls: type[M], obj: Any) -> M:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"invalid {cls.__name__}: expected a map, got {type(obj).__name__}")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise ProtocolError(_validation_summary(exc, cls)) from None
+
+    # -- JSON -------------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        obj = self.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls: type[M], data: bytes, max_bytes: int = 1 << 20) -> M:
+        if len(data) > max_bytes:
+            raise ProtocolError(f"{cls.__name__} JSON is {len(data)} bytes, limit {max_bytes}")
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"invalid {cls.__name__}: not JSON ({exc})") from None
+        return cls.from_obj(obj)
+
+    # -- msgpack ----------------------------------------------------------------------------
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(self.to_obj(), use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls: type[M], data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
+        return cls.from_obj(unpack_limited(data, max_bytes, what=cls.__name__))
+
+
+def unpack_limited(data: bytes, max_bytes: int, what: str = "payload") -> Any:
+    """msgpack-decode with every container and string bounded by the payload size limit.
+
+    The size check happens before any allocation; msgpack's own ``max_*_len`` limits stop a
+    header from claiming more elements than the buffer could hold.
+    """
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{what} is {len(data)} bytes, limit {max_bytes}")
+    n = len(data)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=n,
+            max_str_len=min(n, 1 << 20),
+            max_array_len=min(n, 1 << 20),
+            max_map_len=min(n, 1 << 20),
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parts
+# ---------------------------------------------------------------------------------------------
+
+
+class AdapterSpec(BaseModel):
+    """The LoRA adapter every device of a federation trains (must match for aggregation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class FitConfig(BaseModel):
+    """Local training hyper-parameters of one round (the agent may lower batch size to fit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    local_steps: int = Field(10, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0, lt=10)
+    batch_size: int = Field(4, ge=1, le=4096)
+    max_seq_len: int = Field(128, ge=8, le=131072)
+    seed: int = Field(0, ge=0, lt=2**63)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_batches: int = Field(0, ge=0, le=100000)  # 0: the whole eval set
+
+
+def _tensor_map_validator(v: Any) -> TensorMap:
+    if isinstance(v, dict) and all(isinstance(t, WireTensor) for t in v.values()):
+        return v
+    return decode_tensor_map(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON messages
+# ---------------------------------------------------------------------------------------------
+
+
+class GpuInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    total_mb: float
+    free_mb: float
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cpu_count: int
+    cpu_percent: float
+    ram_total_mb: float
+    ram_available_mb: float
+    process_rss_mb: float
+    gpus: tuple[GpuInfo, ...] = ()
+
+
+class DeviceStatus(Message):
+    """Retained birth (``online`` true) and Last-Will death (``online`` false) of a device.
+
+    ``seq`` pairs a death with its birth: a death whose seq is older than the latest birth is
+    stale (a Will delivered after the device already reconnected) and is ignored.
+    """
+
+    device_id: str
+    online: bool
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=time.time)
+    method: str | None = None
+    model: str | None = None
+    num_samples: int | None = Field(default=None, ge=0)
+    eval_samples: int | None = Field(default=None, ge=0)
+    resources: Resources | None = None
+    state: str | None = None  # idle | training | evaluating | loading
+    applied_version: int | None = None
+    agent_version: str | None = None
+
+
+class CoordinatorStatus(Message):
+    online: bool
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=time.time)
+    state: str | None = None  # waiting | training | evaluating | finished
+    round: int | None = None
+    global_version: int | None = None
+    rounds_total: int | None = None
+
+
+class Telemetry(Message):
+    """Periodic device telemetry (JSON, QoS 0). Units are in the field names."""
+
+    device_id: str
+    ts: float = Field(default_factory=time.time)
+    state: str
+    round: int | None = None
+    step: int | None = None
+    steps_total: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    applied_version: int | None = None
+    method: str | None = None
+    resources: Resources | None = None
+
+
+class RoundSummary(Message):
+    """Metrics of one completed round (JSON, retained on the rounds topic)."""
+
+    round: int = Field(ge=0)
+    global_version: int = Field(ge=0)
+    participants: tuple[str, ...] = ()
+    selected: tuple[str, ...] = ()
+    stragglers: tuple[str, ...] = ()
+    num_samples: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_devices: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    duration_s: float = 0.0
+    aggregate_s: float = 0.0
+    ts: float = Field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------------------------------------
+# msgpack messages
+# ---------------------------------------------------------------------------------------------
+
+TaskKind = Literal["fit", "evaluate", "init"]
+
+
+class Task(Message):
+    """Coordinator -> one device: train (fit), evaluate the global, or send the initial adapter."""
+
+    kind: TaskKind
+    task_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0)
+    device_id: str
+    global_version: int = Field(ge=-1)  # -1: no global yet (init task)
+    deadline_s: float = Field(gt=0)
+    adapter: AdapterSpec
+    fit: FitConfig = FitConfig()
+    model: str | None = None  # the federation's model name, for a device-side sanity check
+
+
+class Update(Message):
+    """Device -> coordinator: the result of a task.
+
+    ``fit``: ``tensors`` holds local adapter minus the global at ``base_version``.
+    ``init``: ``tensors`` holds the device's freshly initialised adapter.
+    ``evaluate``: no tensors; ``metrics['eval_loss']``.
+    """
+
+    kind: TaskKind
+    task_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0)
+    device_id: str
+    base_version: int = Field(ge=-1)
+    num_samples: int = Field(ge=0)
+    metrics: dict[str, float] = {}
+    tensors: TensorMap = {}
+
+    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _tensor_map_validator(v)))
+
+    @field_serializer("tensors")
+    def _ser_tensors(self, v: TensorMap) -> dict:
+        return {k: t.to_wire() for k, t in v.items()}
+
+
+class GlobalModel(Message):
+    """Coordinator -> all: the global adapter at ``version`` (retained)."""
+
+    version: int = Field(ge=0)
+    round: int = Field(ge=0)
+    adapter: AdapterSpec
+    model: str | None = None
+    tensors: TensorMap
+    created_at: float = Field(default_factory=time.time)
+
+    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _tensor_map_validator(v)))
+
+    @field_serializer("tensors")
+    def _ser_tensors(self, v: TensorMap) -> dict:
+        return {k: t.to_wire() for k, t in v.items()}
