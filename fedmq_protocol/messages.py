@@ -231,6 +231,8 @@ class RoundSummary(Message):
     downlink_bytes: int = 0
     duration_s: float = 0.0
     aggregate_s: float = 0.0
+    # protocol-time breakdown in seconds (encode, transfer, decode, aggregate, publish, apply)
+    timings: dict[str, float] = {}
     ts: float = Field(default_factory=time.time)
 
 

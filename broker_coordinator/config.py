@@ -1,0 +1,49 @@
+"""Coordinator configuration (YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedmq_protocol.messages import AdapterSpec, FitConfig
+from fedmq_protocol.topics import check_level
+from fedmq_protocol.transport.config import BrokerConfig
+
+
+class CoordinatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    federation: str = "default"
+    topic_root: str = "fedmq"
+    coordinator_id: str = "coordinator"
+    broker: BrokerConfig = BrokerConfig()
+    state_dir: Path = Path("fedmq-state/coordinator")
+    model: str | None = Field(None, description="model name the devices train (sanity check only)")
+    adapter: AdapterSpec = AdapterSpec()
+    fit: FitConfig = FitConfig()
+
+    rounds: int = Field(10, ge=1)
+    min_clients: int = Field(2, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    max_clients: int | None = Field(None, ge=1)
+    quorum: int | None = Field(None, ge=1, description="updates needed to close a round at its deadline")
+    round_deadline_s: float = Field(600, gt=0)
+    round_retries: int = Field(3, ge=0)
+    evaluate: bool = True
+    eval_deadline_s: float = Field(300, gt=0)
+    wait_for_devices_s: float = Field(600, gt=0)
+    selection_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "CoordinatorConfig":
+        check_level(self.federation, "federation")
+        check_level(self.topic_root, "topic_root")
+        check_level(self.coordinator_id, "coordinator_id")
+        if self.quorum is not None and self.quorum > self.min_clients:
+            raise ValueError(f"quorum ({self.quorum}) cannot exceed min_clients ({self.min_clients})")
+        return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or self.min_clients

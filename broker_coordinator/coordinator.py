@@ -1,0 +1,452 @@
+"""The coordinator: tracks devices, runs rounds, aggregates, persists, republishes.
+
+Threading: paho's network thread only enqueues raw payloads; every decision and every piece of
+state is handled on the coordinator's own thread, so no state is shared between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from broker_coordinator.config import CoordinatorConfig
+from broker_coordinator.state import CoordinatorState, DeviceRecord, FileStateStore, StateStore
+from broker_coordinator.strategy import FedAvg, Strategy, validate_update_tensors
+from fedmq_protocol import messages as m
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.tensors import WireTensor
+from fedmq_protocol.topics import QOS_GLOBAL, QOS_ROUNDS, QOS_STATUS, QOS_TASK, QOS_UPDATE, Topics
+from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+
+log = logging.getLogger("fedmq.coordinator")
+
+
+class RoundFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class _Collect:
+    """Results awaited for one task fan-out."""
+
+    kind: str
+    task_id: str
+    round_no: int
+    base_version: int
+    expected: set[str]
+    accepted: dict[str, m.Update] = field(default_factory=dict)
+    received_at: dict[str, float] = field(default_factory=dict)
+    bytes_in: int = 0
+    decode_s: float = 0.0
+
+
+@dataclass
+class CoordinatorCounters:
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    duplicates: int = 0
+    late: int = 0
+    last_rejection: str = ""
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        strategy: Strategy | None = None,
+        store: StateStore | None = None,
+        transport: MqttTransport | None = None,
+        on_round: Callable[[m.RoundSummary], None] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.topics = Topics(config.topic_root, config.federation)
+        self.strategy = strategy or FedAvg(
+            config.min_clients, config.fraction, config.max_clients, config.selection_seed
+        )
+        self.store = store or FileStateStore(config.state_dir)
+        self.state = self.store.load() or CoordinatorState()
+        self.counters = CoordinatorCounters()
+        self.on_round = on_round
+        self._events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._collect: _Collect | None = None
+        self._status_seq = int(time.time() * 1000)
+        will = WillMessage(
+            self.topics.coordinator_status,
+            m.CoordinatorStatus(online=False, seq=self._status_seq, state="offline").to_json(),
+            QOS_STATUS,
+            True,
+        )
+        self.transport = transport or MqttTransport(config.broker, config.coordinator_id, will=will)
+        for dev in self.state.devices.values():
+            dev.online = False  # presence is re-learnt from the retained status topics
+
+    # ------------------------------------------------------------------ wiring
+    def _enqueue(self, kind: str) -> Callable[[str, bytes], None]:
+        def handler(topic: str, payload: bytes) -> None:
+            self._events.put((kind, topic, payload))
+
+        return handler
+
+    def start(self) -> None:
+        self.transport.subscribe(self.topics.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
+        self.transport.subscribe(
+            self.topics.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True
+        )
+        self.transport.on_connect.append(lambda session_present: self._publish_status("running"))
+        self.transport.connect(self.cfg.broker.connect_timeout_s)
+        self._publish_status("starting")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self, final_state: str = "offline") -> None:
+        try:
+            if self.transport.connected:
+                self._publish_status(final_state, online=False)
+        finally:
+            self.transport.close()
+
+    def _publish_status(self, state: str, online: bool = True) -> None:
+        msg = m.CoordinatorStatus(
+            online=online,
+            seq=self._status_seq,
+            state=state,
+            round=self.state.round_completed,
+            global_version=self.state.global_version if self.state.global_model else None,
+            rounds_total=self.cfg.rounds,
+        )
+        try:
+            self.transport.publish(self.topics.coordinator_status, msg.to_json(), qos=QOS_STATUS, retain=True)
+        except Exception as exc:  # status is best effort; the loop must go on
+            log.warning("could not publish coordinator status: %s", exc)
+
+    # ------------------------------------------------------------------ event handling
+    def _pump(self, timeout: float) -> None:
+        """Handle events for up to ``timeout`` seconds (returns after the first batch)."""
+        try:
+            kind, topic, payload = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return
+        self._handle(kind, topic, payload)
+        while True:
+            try:
+                kind, topic, payload = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(kind, topic, payload)
+
+    def _handle(self, kind: str, topic: str, payload: bytes) -> None:
+        try:
+            if kind == "status":
+                self._on_status(topic, payload)
+            elif kind == "update":
+                self._on_update(topic, payload)
+        except ProtocolError as exc:
+            self.counters.updates_rejected += kind == "update"
+            self.counters.last_rejection = f"{topic}: {exc}"
+            log.warning("rejected %s on %s: %s", kind, topic, exc)
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        device_id = self.topics.device_id_from(topic)
+        st = m.DeviceStatus.from_json(payload)
+        if st.device_id != device_id:
+            raise ProtocolError(f"status names device {st.device_id!r} but was published on {topic!r}")
+        dev = self.state.devices.setdefault(device_id, DeviceRecord(device_id))
+        if st.seq < dev.seq:
+            return  # a stale Will or birth from an earlier connection
+        was_online = dev.online
+        dev.seq, dev.online, dev.last_seen = st.seq, st.online, time.time()
+        dev.state = st.state if st.online else "offline"
+        if st.online:
+            dev.method, dev.model = st.method, st.model
+            dev.num_samples, dev.eval_samples = st.num_samples or 0, st.eval_samples or 0
+            dev.applied_version = st.applied_version
+            dev.resources = st.resources.model_dump() if st.resources else None
+        if was_online != dev.online:
+            log.info("device %s is %s", device_id, "online" if dev.online else "offline")
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        t0 = time.perf_counter()
+        device_id = self.topics.device_id_from(topic)
+        upd = m.Update.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
+        decode_s = time.perf_counter() - t0
+        if upd.device_id != device_id:
+            raise ProtocolError(f"update names device {upd.device_id!r} but was published on {topic!r}")
+        c = self._collect
+        if c is None or upd.task_id != c.task_id:
+            self.counters.late += 1
+            raise ProtocolError(f"update for task {upd.task_id!r} (round {upd.round}) is not open; refused")
+        if device_id not in c.expected:
+            raise ProtocolError(f"device {device_id} was not selected for task {c.task_id}")
+        if device_id in c.accepted:
+            self.counters.duplicates += 1
+            log.info("duplicate update from %s for %s ignored", device_id, c.task_id)
+            return
+        if upd.kind != c.kind or upd.round != c.round_no or upd.base_version != c.base_version:
+            raise ProtocolError(
+                f"update (kind {upd.kind}, round {upd.round}, base v{upd.base_version}) does not match "
+                f"task {c.task_id} (kind {c.kind}, round {c.round_no}, base v{c.base_version})"
+            )
+        if upd.kind == "fit":
+            validate_update_tensors(self._global_arrays(), upd)
+            if upd.num_samples <= 0:
+                raise ProtocolError("fit update reports no samples")
+        elif upd.kind == "evaluate":
+            loss = upd.metrics.get("eval_loss")
+            if loss is None or not math.isfinite(loss):
+                raise ProtocolError("evaluate result carries no finite eval_loss")
+        elif upd.kind == "init":
+            if not upd.tensors:
+                raise ProtocolError("init result carries no tensors")
+            for name, wt in upd.tensors.items():
+                if not np.all(np.isfinite(wt.to_float32())):
+                    raise ProtocolError(f"init tensor {name!r} holds non-finite values")
+        c.accepted[device_id] = upd
+        c.received_at[device_id] = time.time()
+        c.bytes_in += len(payload)
+        c.decode_s += decode_s
+        self.counters.updates_accepted += 1
+
+    # ------------------------------------------------------------------ helpers
+    _global_cache: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _global_arrays(self) -> dict[str, np.ndarray]:
+        gm = self.state.global_model
+        assert gm is not None
+        if self._global_cache is None or self._global_cache[0] != gm.version:
+            self._global_cache = (gm.version, {k: t.to_float32() for k, t in gm.tensors.items()})
+        return self._global_cache[1]
+
+    def ready_devices(self) -> list[DeviceRecord]:
+        return [d for d in self.state.devices.values() if d.ready]
+
+    def _wait_for_devices(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len([d for d in self.ready_devices() if d.num_samples > 0]) < n:
+            if self._stop.is_set():
+                raise RoundFailed("stopped")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RoundFailed(
+                    f"only {len(self.ready_devices())} device(s) ready after {timeout:.0f}s, need {n}"
+                )
+            self._pump(min(left, 0.5))
+
+    def _send_tasks(self, kind: str, round_no: int, attempt: int, devices: list[str], deadline_s: float) -> tuple[_Collect, int]:
+        gv = self.state.global_version
+        task_id = f"r{round_no}-{kind}-v{gv}-a{attempt}"
+        c = _Collect(kind, task_id, round_no, gv, set(devices))
+        self._collect = c
+        sent = 0
+        for dev in devices:
+            task = m.Task(
+                kind=kind,
+                task_id=task_id,
+                round=round_no,
+                device_id=dev,
+                global_version=gv,
+                deadline_s=deadline_s,
+                adapter=self.cfg.adapter,
+                fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + round_no * 7919 + attempt}),
+                model=self.cfg.model,
+            )
+            sent += self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+        return c, sent
+
+    def _collect_until(self, c: _Collect, deadline_s: float, quorum: int) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not self._stop.is_set():
+            pending = {d for d in c.expected - set(c.accepted) if self.state.devices.get(d, DeviceRecord(d)).online}
+            if not pending:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._pump(min(left, 0.5))
+        raise RoundFailed("stopped")
+
+    # ------------------------------------------------------------------ phases
+    def _publish_global(self) -> tuple[int, float]:
+        gm = self.state.global_model
+        assert gm is not None
+        t0 = time.perf_counter()
+        payload = gm.to_msgpack()
+        n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        return n, time.perf_counter() - t0
+
+    def _initialize_global(self) -> None:
+        """No global yet: ask one ready device for its freshly initialised adapter (version 0)."""
+        for attempt in range(self.cfg.round_retries + 1):
+            self._wait_for_devices(1, self.cfg.wait_for_devices_s)
+            ready = sorted(self.ready_devices(), key=lambda d: d.device_id)
+            device = ready[attempt % len(ready)].device_id
+            log.info("initialising the global adapter from device %s", device)
+            c, _ = self._send_tasks("init", 0, attempt, [device], self.cfg.round_deadline_s)
+            self._collect_until(c, self.cfg.round_deadline_s, 1)
+            self._collect = None
+            if c.accepted:
+                upd = c.accepted[device]
+                self.state.global_model = m.GlobalModel(
+                    version=0, round=0, adapter=self.cfg.adapter, model=self.cfg.model,
+                    tensors={k: WireTensor.from_numpy(t.to_float32()) for k, t in upd.tensors.items()},
+                )
+                self.store.save(self.state)
+                self._publish_global()
+                return
+        raise RoundFailed("no device answered the init task")
+
+    def _evaluate(self, round_no: int) -> tuple[float | None, int, int, int]:
+        """(eval_loss, devices, bytes up, bytes down) for the current global."""
+        devices = self.strategy.configure_evaluate(round_no, self.ready_devices())
+        if not devices:
+            return None, 0, 0, 0
+        c, sent = self._send_tasks("evaluate", round_no, 0, devices, self.cfg.eval_deadline_s)
+        self._collect_until(c, self.cfg.eval_deadline_s, len(devices))
+        self._collect = None
+        return self.strategy.aggregate_evaluate(list(c.accepted.values())), len(c.accepted), c.bytes_in, sent
+
+    def _finish_round(self, summary: m.RoundSummary) -> None:
+        self.state.history.append(summary)
+        self.store.save(self.state)
+        try:
+            self.transport.publish(self.topics.rounds, summary.to_json(), qos=QOS_ROUNDS, retain=True)
+        except Exception as exc:
+            log.warning("could not publish round summary: %s", exc)
+        if self.on_round:
+            self.on_round(summary)
+
+    def _run_round(self, round_no: int) -> m.RoundSummary:
+        t_start = time.monotonic()
+        quorum = self.cfg.effective_quorum
+        for attempt in range(self.cfg.round_retries + 1):
+            self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
+            selected = self.strategy.configure_fit(round_no, self.ready_devices())
+            if not selected:
+                continue
+            self._publish_status("training")
+            log.info("round %d: training on %s", round_no, ", ".join(selected))
+            c, task_bytes = self._send_tasks("fit", round_no, attempt, selected, self.cfg.round_deadline_s)
+            self._collect_until(c, self.cfg.round_deadline_s, quorum)
+            self._collect = None  # closes the round: later updates are refused as late
+            if len(c.accepted) >= quorum:
+                break
+            log.warning(
+                "round %d attempt %d: %d of %d updates by the deadline, quorum %d; retrying",
+                round_no, attempt, len(c.accepted), len(selected), quorum,
+            )
+        else:
+            raise RoundFailed(f"round {round_no}: no quorum after {self.cfg.round_retries + 1} attempts")
+
+        updates = [c.accepted[d] for d in sorted(c.accepted)]
+        t0 = time.perf_counter()
+        new_tensors = self.strategy.aggregate_fit(self._global_arrays(), updates)
+        aggregate_s = time.perf_counter() - t0
+        prev = self.state.global_model
+        assert prev is not None
+        self.state.global_model = m.GlobalModel(
+            version=prev.version + 1, round=round_no, adapter=self.cfg.adapter, model=self.cfg.model,
+            tensors={k: WireTensor.from_numpy(v) for k, v in new_tensors.items()},
+        )
+        self.state.round_completed = round_no
+        for d in selected:
+            rec = self.state.devices.get(d)
+            if rec:
+                if d in c.accepted:
+                    rec.rounds_participated += 1
+                else:
+                    rec.rounds_missed += 1
+        self.store.save(self.state)
+        global_bytes, publish_s = self._publish_global()
+        n_receivers = max(1, len([d for d in self.state.devices.values() if d.online]))
+
+        eval_loss, eval_devices, eval_up, eval_down = (None, 0, 0, 0)
+        if self.cfg.evaluate:
+            self._publish_status("evaluating")
+            eval_loss, eval_devices, eval_up, eval_down = self._evaluate(round_no)
+
+        tl = [(u.metrics.get("train_loss"), u.num_samples) for u in updates if u.metrics.get("train_loss") is not None]
+        train_loss = sum(l * n for l, n in tl) / sum(n for _, n in tl) if tl else None
+        timings = _protocol_timings(updates, c, aggregate_s, publish_s)
+        return m.RoundSummary(
+            round=round_no,
+            global_version=self.state.global_version,
+            participants=tuple(sorted(c.accepted)),
+            selected=tuple(selected),
+            stragglers=tuple(sorted(set(selected) - set(c.accepted))),
+            num_samples=sum(u.num_samples for u in updates),
+            train_loss=train_loss,
+            eval_loss=eval_loss,
+            eval_devices=eval_devices,
+            uplink_bytes=c.bytes_in + eval_up,
+            downlink_bytes=task_bytes + eval_down + global_bytes * n_receivers,
+            duration_s=time.monotonic() - t_start,
+            aggregate_s=aggregate_s,
+            timings=timings,
+        )
+
+    def run(self) -> CoordinatorState:
+        """Run until ``cfg.rounds`` rounds are complete (resuming from persisted state)."""
+        self.start()
+        try:
+            if self.state.global_model is None:
+                self._initialize_global()
+            else:
+                self._publish_global()  # a restarted coordinator re-asserts its retained global
+            if not self.state.history and self.cfg.evaluate:
+                self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
+                loss, n_dev, up, down = self._evaluate(0)
+                self._finish_round(m.RoundSummary(
+                    round=0, global_version=self.state.global_version, eval_loss=loss,
+                    eval_devices=n_dev, uplink_bytes=up, downlink_bytes=down,
+                ))
+            while self.state.round_completed < self.cfg.rounds and not self._stop.is_set():
+                summary = self._run_round(self.state.round_completed + 1)
+                self._finish_round(summary)
+                log.info(
+                    "round %d done: %d participants, eval loss %s, up %d B, down %d B",
+                    summary.round, len(summary.participants),
+                    "n/a" if summary.eval_loss is None else f"{summary.eval_loss:.4f}",
+                    summary.uplink_bytes, summary.downlink_bytes,
+                )
+            self._publish_status("finished" if self.state.round_completed >= self.cfg.rounds else "stopped")
+        finally:
+            self._collect = None
+        return self.state
+
+
+def _protocol_timings(updates: list[m.Update], c: _Collect, aggregate_s: float, publish_s: float) -> dict[str, float]:
+    """Protocol time of a round on its critical path, excluding waiting for slower devices.
+
+    Device-side figures come from each update's metrics (encode/publish of this update, decode/apply
+    of the previous global); the slowest device's protocol work counts, as rounds wait for it.
+    """
+    def worst(key: str) -> float:
+        return max((u.metrics.get(key, 0.0) for u in updates), default=0.0)
+
+    transfer = 0.0
+    for d, u in c.accepted.items():
+        sent_at = u.metrics.get("sent_at")
+        if sent_at:
+            transfer = max(transfer, c.received_at[d] - sent_at)
+    return {
+        "update_encode_s": worst("encode_s"),
+        "update_transfer_s": max(0.0, transfer),
+        "update_decode_s": c.decode_s,
+        "aggregate_s": aggregate_s,
+        "global_publish_s": publish_s,
+        "global_receive_s": worst("global_receive_s"),
+        "global_decode_s": worst("global_decode_s"),
+        "global_apply_s": worst("global_apply_s"),
+        "train_s": worst("train_s"),
+    }

@@ -1,0 +1,172 @@
+"""Coordinator state behind one interface: in memory (tests, demos) or on disk (production).
+
+The file store writes atomically (temp file, fsync, rename, fsync dir) after every completed
+round, so a coordinator killed at any instant restarts from the last completed round with a
+global adapter that matches its round counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq_protocol.messages import GlobalModel, RoundSummary
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class DeviceRecord:
+    """What the coordinator knows of one device, from its presence messages and results."""
+
+    device_id: str
+    online: bool = False
+    seq: int = -1
+    last_seen: float = 0.0
+    state: str | None = None
+    method: str | None = None
+    model: str | None = None
+    num_samples: int = 0
+    eval_samples: int = 0
+    applied_version: int | None = None
+    rounds_participated: int = 0
+    rounds_missed: int = 0
+    resources: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.online and self.state not in ("loading", "refused", "offline")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "DeviceRecord":
+        known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class CoordinatorState:
+    """Everything needed to resume: the last completed round and the global it produced."""
+
+    round_completed: int = 0  # 0: nothing trained yet (round 0 is the baseline evaluation)
+    global_model: GlobalModel | None = None
+    history: list[RoundSummary] = field(default_factory=list)
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+
+    @property
+    def global_version(self) -> int:
+        return -1 if self.global_model is None else self.global_model.version
+
+
+class StateStore(ABC):
+    @abstractmethod
+    def load(self) -> CoordinatorState | None:
+        """The last saved state, or None when starting fresh."""
+
+    @abstractmethod
+    def save(self, state: CoordinatorState) -> None:
+        """Persist ``state`` atomically."""
+
+
+class InMemoryStateStore(StateStore):
+    def __init__(self) -> None:
+        self._state: CoordinatorState | None = None
+
+    def load(self) -> CoordinatorState | None:
+        return self._state
+
+    def save(self, state: CoordinatorState) -> None:
+        self._state = CoordinatorState(
+            round_completed=state.round_completed,
+            global_model=state.global_model,
+            history=list(state.history),
+            devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
+        )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class FileStateStore(StateStore):
+    """``state.json`` (round, history, devices) + ``global-v{N}.msgpack`` (the adapter).
+
+    The global is written first under a versioned name, then ``state.json`` pointing at it, so a
+    crash between the two leaves the previous consistent pair in place.
+    """
+
+    def __init__(self, directory: str | Path, keep_globals: int = 2) -> None:
+        self.dir = Path(directory)
+        self.keep_globals = keep_globals
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def load(self) -> CoordinatorState | None:
+        if not self.state_file.exists():
+            return None
+        obj = json.loads(self.state_file.read_text())
+        if obj.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.state_file}: unsupported state format {obj.get('format')!r}")
+        gm = None
+        if obj.get("global_file"):
+            gm = GlobalModel.from_msgpack((self.dir / obj["global_file"]).read_bytes())
+        return CoordinatorState(
+            round_completed=int(obj["round_completed"]),
+            global_model=gm,
+            history=[RoundSummary.from_obj(h) for h in obj.get("history", [])],
+            devices={k: DeviceRecord.from_json(v) for k, v in obj.get("devices", {}).items()},
+        )
+
+    def save(self, state: CoordinatorState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        global_file = None
+        if state.global_model is not None:
+            global_file = f"global-v{state.global_model.version}.msgpack"
+            if not (self.dir / global_file).exists():
+                atomic_write(self.dir / global_file, state.global_model.to_msgpack())
+        doc = {
+            "format": STATE_FORMAT,
+            "round_completed": state.round_completed,
+            "global_version": state.global_version,
+            "global_file": global_file,
+            "history": [json.loads(h.to_json()) for h in state.history],
+            "devices": {k: v.to_json() for k, v in state.devices.items()},
+        }
+        atomic_write(self.state_file, json.dumps(doc, indent=1).encode())
+        self._prune(state.global_version)
+
+    def _prune(self, current: int) -> None:
+        for p in self.dir.glob("global-v*.msgpack"):
+            try:
+                v = int(p.stem.split("-v", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            if v <= current - self.keep_globals:
+                p.unlink(missing_ok=True)

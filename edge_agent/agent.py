@@ -1,0 +1,350 @@
+"""The edge agent: announce, wait for tasks, train locally, publish updates, apply globals.
+
+Threading: paho's network thread only enqueues payloads; decoding, training and publishing run on
+the agent's main thread. A small telemetry thread reads progress fields (plain attribute reads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edge_agent import resources
+from edge_agent.config import AgentConfig
+from fedmq_protocol import messages as m
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.tensors import WireTensor
+from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_TELEMETRY, QOS_UPDATE, Topics
+from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+
+log = logging.getLogger("fedmq.agent")
+
+AGENT_VERSION = "0.1.0"
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+class AgentStateFile:
+    """Small persisted facts of a device (birth sequence, last applied version)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "agent.json"
+        self.data: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except ValueError:
+                log.warning("%s is unreadable; starting with fresh agent state", self.path)
+
+    def save(self) -> None:
+        from broker_coordinator.state import atomic_write  # tiny torch-free helper shared by both
+
+        atomic_write(self.path, json.dumps(self.data).encode())
+
+    def next_birth_seq(self) -> int:
+        seq = int(self.data.get("birth_seq", 0)) + 1
+        self.data["birth_seq"] = seq
+        self.save()
+        return seq
+
+
+class EdgeAgent:
+    def __init__(self, config: AgentConfig, *, transport: MqttTransport | None = None) -> None:
+        from edge_agent.data import load_jsonl
+
+        self.cfg = config
+        self.topics = Topics(config.topic_root, config.federation)
+        self.device_id = config.device_id
+        self.train_examples = load_jsonl(config.data.train)
+        self.eval_examples = load_jsonl(config.data.eval) if config.data.eval else []
+        self.state_file = AgentStateFile(config.state_dir)
+        self.seq = self.state_file.next_birth_seq()
+        self.stop_event = threading.Event()
+        self._events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._seen_tasks: list[str] = []
+        self.method: Any = None  # edge_agent.methods TrainingMethod, built on first use
+        self._method_adapter: m.AdapterSpec | None = None
+        self.model_path: str | None = None
+        self.pending_global: m.GlobalModel | None = None
+        self.global_version: int | None = None  # version whose weights the adapter holds
+        self.global_arrays: dict[str, np.ndarray] | None = None
+        self._dirty = False  # adapter holds local (trained) weights, not the global
+        self._global_timing: dict[str, float] = {}
+        self.state = "loading"
+        self.progress: dict[str, Any] = {}
+        will = WillMessage(self.topics.device_status(self.device_id), self._status(False).to_json(), QOS_STATUS, True)
+        self.transport = transport or MqttTransport(config.broker, f"fedmq-agent-{self.device_id}", will=will)
+
+    # ------------------------------------------------------------------ presence & telemetry
+    def _status(self, online: bool) -> m.DeviceStatus:
+        return m.DeviceStatus(
+            device_id=self.device_id,
+            online=online,
+            seq=self.seq,
+            method=self.cfg.method,
+            model=self.cfg.model,
+            num_samples=len(self.train_examples) if online else None,
+            eval_samples=len(self.eval_examples) if online else None,
+            resources=resources.snapshot() if online else None,
+            state=self.state if online else "offline",
+            applied_version=self.global_version,
+            agent_version=AGENT_VERSION,
+        )
+
+    def announce(self) -> None:
+        try:
+            self.transport.publish(
+                self.topics.device_status(self.device_id), self._status(True).to_json(), qos=QOS_STATUS, retain=True
+            )
+        except Exception as exc:
+            log.warning("could not publish status: %s", exc)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.announce()
+
+    def telemetry(self) -> m.Telemetry:
+        p = self.progress
+        return m.Telemetry(
+            device_id=self.device_id,
+            state=self.state,
+            round=p.get("round"),
+            step=p.get("step"),
+            steps_total=p.get("steps_total"),
+            loss=p.get("loss"),
+            tokens_per_s=p.get("tokens_per_s"),
+            bytes_sent=self.transport.bytes_sent,
+            bytes_received=self.transport.bytes_received,
+            applied_version=self.global_version,
+            method=self.cfg.method,
+            resources=resources.snapshot(),
+        )
+
+    def _telemetry_loop(self) -> None:
+        while not self.stop_event.wait(self.cfg.telemetry_interval_s):
+            try:
+                self.transport.publish(
+                    self.topics.device_telemetry(self.device_id), self.telemetry().to_json(), qos=QOS_TELEMETRY
+                )
+            except Exception as exc:
+                log.debug("telemetry not sent: %s", exc)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        from edge_agent.models import resolve_model
+
+        handler = lambda kind: (lambda topic, payload: self._events.put((kind, topic, payload)))  # noqa: E731
+        self.transport.subscribe(self.topics.device_task(self.device_id), handler("task"), qos=QOS_TASK, framed=True)
+        self.transport.subscribe(self.topics.global_model, handler("global"), qos=QOS_GLOBAL, framed=True)
+        self.transport.on_connect.append(lambda session_present: self.announce())
+        self.transport.connect(self.cfg.broker.connect_timeout_s)
+        self.announce()
+        self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
+        threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True).start()
+        self._set_state("idle")
+
+    def run(self) -> None:
+        """Serve tasks until ``stop_event`` is set."""
+        self.start()
+        try:
+            while not self.stop_event.is_set():
+                self._pump(0.5)
+                if self.state == "idle" and self.pending_global is not None:
+                    self._apply_pending_global()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.state = "offline"
+        try:
+            if self.transport.connected:
+                self.transport.publish(
+                    self.topics.device_status(self.device_id), self._status(False).to_json(), qos=QOS_STATUS,
+                    retain=True, timeout=5,
+                )
+        except Exception as exc:
+            log.warning("could not publish offline status: %s", exc)
+        self.transport.close()
+
+    # ------------------------------------------------------------------ events
+    def _pump(self, timeout: float) -> None:
+        try:
+            kind, topic, payload = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        try:
+            if kind == "global":
+                self._on_global(payload)
+            elif kind == "task":
+                self._on_task(payload)
+        except ProtocolError as exc:
+            log.warning("rejected %s on %s: %s", kind, topic, exc)
+
+    def _on_global(self, payload: bytes) -> None:
+        received_at = time.time()
+        t0 = time.perf_counter()
+        gm = m.GlobalModel.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
+        decode_s = time.perf_counter() - t0
+        newest = max(v for v in (self.global_version, self.pending_global and self.pending_global.version, -1) if v is not None)
+        if gm.version <= newest:
+            return  # a retained copy we already have, or an old one
+        self.pending_global = gm
+        self._global_timing = {"global_receive_s": max(0.0, received_at - gm.created_at), "global_decode_s": decode_s}
+
+    def _ensure_method(self, adapter: m.AdapterSpec) -> None:
+        if self.method is not None and self._method_adapter == adapter:
+            return
+        from edge_agent.methods import get_method
+
+        if self.cfg.training.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.training.torch_threads)
+        self._set_state("loading")
+        cls = get_method(self.cfg.method)
+        kwargs: dict[str, Any] = {"device": self.cfg.device, "dtype": self.cfg.dtype, "seed": 0}
+        if self.cfg.training.gradient_checkpointing:
+            kwargs["gradient_checkpointing"] = True
+        log.info("loading %s with %s adapter r=%d", self.model_path, self.cfg.method, adapter.r)
+        self.method = cls(self.model_path, adapter, **kwargs)
+        self._method_adapter = adapter
+        self.global_version, self.global_arrays, self._dirty = None, None, False
+        self._set_state("idle")
+
+    def _apply_pending_global(self) -> None:
+        gm = self.pending_global
+        if gm is None:
+            return
+        self._ensure_method(gm.adapter)
+        t0 = time.perf_counter()
+        arrays = {k: t.to_float32() for k, t in gm.tensors.items()}
+        self.method.set_adapter(arrays)  # raises ValueError naming a mismatching tensor
+        self._global_timing["global_apply_s"] = time.perf_counter() - t0
+        self.global_arrays, self.global_version, self._dirty = arrays, gm.version, False
+        self.pending_global = None
+        log.info("applied global version %d", gm.version)
+        self.announce()
+
+    def _wait_for_global(self, version: int, deadline: float) -> bool:
+        while not self.stop_event.is_set():
+            if self.pending_global is not None and self.pending_global.version <= version:
+                self._apply_pending_global()
+            if self.global_version == version:
+                if self._dirty:
+                    self.method.set_adapter(self.global_arrays)
+                    self._dirty = False
+                return True
+            if self.global_version is not None and self.global_version > version:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._pump(min(left, 0.2))
+        return False
+
+    def _on_task(self, payload: bytes) -> None:
+        task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
+        if task.device_id != self.device_id:
+            raise ProtocolError(f"task for device {task.device_id!r} arrived on {self.device_id}'s topic")
+        if task.task_id in self._seen_tasks:
+            log.info("duplicate task %s ignored", task.task_id)
+            return
+        self._seen_tasks = (self._seen_tasks + [task.task_id])[-64:]
+        deadline = time.monotonic() + task.deadline_s
+        if task.model and task.model != self.cfg.model:
+            log.warning("task asks for model %s; this device holds %s", task.model, self.cfg.model)
+        self._ensure_method(task.adapter)
+        if task.kind == "init":
+            self._send(task, -1, 0, {}, self.method.get_adapter())
+            return
+        if not self._wait_for_global(task.global_version, deadline - task.deadline_s * 0.5 if task.kind == "fit" else deadline):
+            log.warning("task %s needs global v%d, have v%s; skipped", task.task_id, task.global_version, self.global_version)
+            return
+        if task.kind == "evaluate":
+            self._evaluate(task)
+        elif task.kind == "fit":
+            self._fit(task)
+
+    def _local_fit_config(self, fit: m.FitConfig) -> m.FitConfig:
+        o = self.cfg.training
+        upd: dict[str, Any] = {}
+        if o.max_batch_size and fit.batch_size > o.max_batch_size:
+            upd["batch_size"] = o.max_batch_size
+        if o.max_seq_len and fit.max_seq_len > o.max_seq_len:
+            upd["max_seq_len"] = o.max_seq_len
+        return fit.model_copy(update=upd) if upd else fit
+
+    def _evaluate(self, task: m.Task) -> None:
+        self._set_state("evaluating")
+        try:
+            loss, n = self.method.evaluate(self.eval_examples, self._local_fit_config(task.fit))
+        finally:
+            self._set_state("idle")
+        self._send(task, task.global_version, n, {"eval_loss": float(loss)}, {})
+
+    def _fit(self, task: m.Task) -> None:
+        cfg = self._local_fit_config(task.fit)
+        self._set_state("training")
+        self.progress = {"round": task.round, "step": 0, "steps_total": cfg.local_steps}
+        started = time.perf_counter()
+
+        def progress(step: int, loss: float) -> None:
+            elapsed = time.perf_counter() - started
+            self.progress.update(step=step, loss=float(loss), elapsed_s=elapsed)
+
+        try:
+            self._dirty = True
+            result = self.method.fit(
+                self.train_examples, cfg, progress=progress, should_stop=self.stop_event.is_set
+            )
+        finally:
+            self._set_state("idle")
+        if self.stop_event.is_set():
+            log.info("stopping: the update of %s is abandoned", task.task_id)
+            return
+        self.progress["tokens_per_s"] = result.tokens / result.seconds if result.seconds > 0 else None
+        t0 = time.perf_counter()
+        local = self.method.get_adapter()
+        assert self.global_arrays is not None
+        delta = {k: local[k] - self.global_arrays[k] for k in self.global_arrays}
+        metrics = {
+            "train_loss": float(result.train_loss),
+            "steps": float(result.steps),
+            "train_s": float(result.seconds),
+            "tokens": float(result.tokens),
+            "diff_s": time.perf_counter() - t0,
+            **self._global_timing,
+        }
+        self._send(task, task.global_version, result.num_samples, metrics, delta)
+
+    def _send(
+        self, task: m.Task, base_version: int, num_samples: int, metrics: dict[str, float],
+        arrays: dict[str, np.ndarray],
+    ) -> None:
+        t0 = time.perf_counter()
+        upd = m.Update(
+            kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
+            base_version=base_version, num_samples=num_samples, metrics=metrics,
+            tensors={k: WireTensor.from_numpy(v) for k, v in arrays.items()},
+        )
+        obj = upd.to_obj()
+        msgpack.packb(obj, use_bin_type=True)
+        encode_s = time.perf_counter() - t0
+        # The measured encode time and the send instant ride in the message itself; re-packing the
+        # already built map only copies bytes.
+        obj["metrics"] = {**obj["metrics"], "encode_s": encode_s, "sent_at": time.time()}
+        payload = msgpack.packb(obj, use_bin_type=True)
+        n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True)
+        log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)

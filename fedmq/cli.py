@@ -1,0 +1,166 @@
+"""The ``fedmq`` command line.
+
+Each sub-command imports what it needs when it runs: ``fedmq coordinator`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _on_sigterm(stop: threading.Event) -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from edge_agent.config import AgentConfig
+    from fedmq.configfile import load_config
+
+    cfg = load_config(args.config, AgentConfig)
+    from edge_agent.agent import EdgeAgent
+
+    agent = EdgeAgent(cfg)
+    _on_sigterm(agent.stop_event)
+    agent.run()
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from broker_coordinator.config import CoordinatorConfig
+    from broker_coordinator.coordinator import Coordinator
+    from fedmq.configfile import load_config
+
+    overrides = {"rounds": args.rounds} if args.rounds else None
+    cfg = load_config(args.config, CoordinatorConfig, overrides)
+    coord = Coordinator(cfg)
+    stop = threading.Event()
+    _on_sigterm(stop)
+    threading.Thread(target=lambda: (stop.wait(), coord.stop()), daemon=True).start()
+    try:
+        coord.run()
+    finally:
+        coord.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmq.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        broker=args.broker, agents=args.agents, rounds=args.rounds, model=args.model, method=args.method,
+        summary=Path(args.summary) if args.summary else None, workdir=Path(args.workdir),
+        local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
+    )
+    run_demo(opts)
+    return 0
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from edge_agent.models import resolve_model
+
+    path = resolve_model(args.name, cache_dir=Path(args.cache) if args.cache else None)
+    print(path)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_agent.data import synthesize
+
+    manifest = synthesize(
+        Path(args.out), num_devices=args.devices, samples_per_device=args.samples,
+        eval_samples=args.eval_samples, seed=args.seed,
+    )
+    print(json.dumps(manifest, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmq", description="Federated fine-tuning of LLMs over MQTT")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run an edge agent")
+    a.add_argument("--config", required=True, help="agent YAML (see configs/agent.yaml)")
+    a.set_defaults(func=cmd_agent)
+
+    c = sub.add_parser("coordinator", help="run the coordinator")
+    c.add_argument("--config", required=True, help="coordinator YAML (see configs/coordinator.yaml)")
+    c.add_argument("--rounds", type=int, help="override the number of rounds")
+    c.set_defaults(func=cmd_coordinator)
+
+    d = sub.add_parser("demo", help="broker + coordinator + agents on one machine")
+    d.add_argument("--broker", help="mqtt://HOST:PORT of an existing broker (default: embedded amqtt)")
+    d.add_argument("--agents", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
+    d.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    d.add_argument("--summary", help="write per-round figures as JSON here")
+    d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
+    d.add_argument("--local-steps", type=int, default=8)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--batch-size", type=int, default=4)
+    d.set_defaults(func=cmd_demo)
+
+    mdl = sub.add_parser("model", help="model cache")
+    msub = mdl.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="fetch/convert a model into the local cache and print its path")
+    f.add_argument("name", help="smollm2-135m, tiny-llama, a .gguf file, an HF directory or hub id")
+    f.add_argument("--cache", help="cache directory (default $FEDMQ_HOME or ~/.cache/fedmq)")
+    f.set_defaults(func=cmd_model_fetch)
+
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write non-IID synthetic federated instruction data")
+    s.add_argument("--out", default="fedmq-data")
+    s.add_argument("--devices", type=int, default=3)
+    s.add_argument("--samples", type=int, default=200, help="training examples per device")
+    s.add_argument("--eval-samples", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from fedmq.configfile import ConfigError
+
+    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    try:
+        from fedmq_protocol.transport.mqtt import TransportError
+
+        expected += (TransportError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from edge_agent.data import DataError
+
+        expected += (DataError,)
+    except ImportError:  # the coordinator-only install has no agent extras
+        pass
+    try:
+        return args.func(args)
+    except expected as exc:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

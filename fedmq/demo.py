@@ -1,0 +1,256 @@
+"""``fedmq demo``: a whole federation on one machine.
+
+Embedded broker (unless ``--broker``), synthetic non-IID data, one coordinator (in this process,
+it needs no model) and N agents as separate processes, each configured by its own YAML file
+written to the work directory, exactly as a device would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedmq_protocol import messages as m
+from fedmq_protocol.topics import Topics
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    broker: str | None = None
+    agents: int = 3
+    rounds: int = 3
+    model: str = "smollm2-135m"
+    method: str = "qlora"
+    summary: Path | None = None
+    workdir: Path = Path("fedmq-demo")
+    local_steps: int = 8
+    lr: float = 2e-3
+    batch_size: int = 4
+    max_seq_len: int = 96
+    samples_per_device: int = 120
+    eval_samples: int = 48
+    federation: str = "demo"
+
+
+def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir: Path) -> tuple[Path, list[Path]]:
+    """The YAML files a real deployment would have: one coordinator, one per device."""
+    wd = opts.workdir
+    mqtt_version = "3.1.1" if opts.broker is None else "5"  # amqtt speaks 3.1.1 only
+    broker = {"url": broker_url, "mqtt_version": mqtt_version}
+    threads = max(1, (os.cpu_count() or 2) // opts.agents)
+    coord = {
+        "federation": opts.federation,
+        "broker": broker,
+        "state_dir": str(wd / "state" / "coordinator"),
+        "model": opts.model,
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "fit": {"local_steps": opts.local_steps, "lr": opts.lr, "batch_size": opts.batch_size,
+                "max_seq_len": opts.max_seq_len},
+        "rounds": opts.rounds,
+        "min_clients": opts.agents,
+        "round_deadline_s": 1800,
+        "eval_deadline_s": 900,
+        "wait_for_devices_s": 600,
+    }
+    coord_path = wd / "coordinator.yaml"
+    coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
+    agent_paths = []
+    for i in range(opts.agents):
+        agent = {
+            "device_id": f"device-{i}",
+            "federation": opts.federation,
+            "broker": broker,
+            "model": model_path,
+            "method": opts.method,
+            "data": {"train": str(data_dir / f"device_{i}.jsonl"), "eval": str(data_dir / "eval.jsonl")},
+            "state_dir": str(wd / "state" / f"device-{i}"),
+            "training": {"torch_threads": threads},
+            "telemetry_interval_s": 1.0,
+        }
+        p = wd / f"agent-{i}.yaml"
+        p.write_text(yaml.safe_dump(agent, sort_keys=False))
+        agent_paths.append(p)
+    return coord_path, agent_paths
+
+
+def summary_table(history: list[m.RoundSummary]) -> Table:
+    t = Table(title="fedmq demo: per round")
+    for col in ("round", "participants", "train loss", "eval loss", "uplink", "downlink", "time"):
+        t.add_column(col, justify="right")
+    for h in history:
+        t.add_row(
+            str(h.round),
+            str(len(h.participants)) if h.round else "baseline",
+            "" if h.train_loss is None else f"{h.train_loss:.4f}",
+            "" if h.eval_loss is None else f"{h.eval_loss:.4f}",
+            _fmt_bytes(h.uplink_bytes),
+            _fmt_bytes(h.downlink_bytes),
+            f"{h.duration_s:.1f}s" if h.round else "",
+        )
+    return t
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_json(history: list[m.RoundSummary], opts: DemoOptions) -> dict:
+    return {
+        "model": opts.model,
+        "method": opts.method,
+        "agents": opts.agents,
+        "rounds": [
+            {
+                "round": h.round,
+                "participants": list(h.participants),
+                "train_loss": h.train_loss,
+                "eval_loss": h.eval_loss,
+                "uplink_bytes": h.uplink_bytes,
+                "downlink_bytes": h.downlink_bytes,
+                "duration_s": round(h.duration_s, 3),
+                "timings": h.timings,
+            }
+            for h in history
+        ],
+    }
+
+
+def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
+    from broker_coordinator.config import CoordinatorConfig
+    from broker_coordinator.coordinator import Coordinator
+    from edge_agent.data import synthesize
+    from edge_agent.models import resolve_model
+    from fedmq.configfile import load_config
+    from fedmq.embedded_broker import EmbeddedBroker
+    from fedmq_protocol.transport.mqtt import MqttTransport
+
+    console = Console(stderr=True)
+    wd = opts.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    # A fresh federation every run: old coordinator state would skip the rounds.
+    for stale in (wd / "state").glob("*/*"):
+        if stale.is_file():
+            stale.unlink()
+
+    embedded = None
+    if opts.broker is None:
+        embedded = EmbeddedBroker().start()
+        broker_url = embedded.url
+        console.print(f"[bold]broker[/] embedded amqtt on {broker_url}")
+    else:
+        broker_url = opts.broker
+        console.print(f"[bold]broker[/] {broker_url}")
+
+    data_dir = wd / "data"
+    manifest = synthesize(data_dir, num_devices=opts.agents, samples_per_device=opts.samples_per_device,
+                          eval_samples=opts.eval_samples, seed=0)
+    for i, fams in enumerate(manifest.get("families_per_device", [])):
+        console.print(f"[bold]data[/] device-{i}: {', '.join(fams)}")
+    with console.status(f"fetching model {opts.model} (first use converts it, ~30 s)"):
+        model_path = resolve_model(opts.model)
+    console.print(f"[bold]model[/] {opts.model} -> {model_path}")
+
+    coord_path, agent_paths = write_configs(opts, broker_url, model_path, data_dir)
+    logs = wd / "logs"
+    logs.mkdir(exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for i, p in enumerate(agent_paths):
+        log_file = open(logs / f"device-{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedmq", "agent", "--config", str(p)],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        ))
+    console.print(f"[bold]agents[/] {opts.agents} processes ({opts.method}); logs in {logs}")
+
+    cfg = load_config(coord_path, CoordinatorConfig)
+    history: list[m.RoundSummary] = []
+    topics = Topics(cfg.topic_root, cfg.federation)
+    watcher = MqttTransport(cfg.broker.model_copy(update={}), "fedmq-demo-watch", clean_start=True)
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        rounds_bar = progress.add_task("rounds", total=opts.rounds, info="waiting for devices")
+        device_bars = {
+            f"device-{i}": progress.add_task(f"device-{i}", total=opts.local_steps, info="loading")
+            for i in range(opts.agents)
+        }
+
+        def on_telemetry(topic: str, payload: bytes) -> None:
+            try:
+                t = m.Telemetry.from_json(payload)
+            except Exception:
+                return
+            bar = device_bars.get(t.device_id)
+            if bar is None:
+                return
+            info = t.state if t.loss is None or t.state != "training" else f"{t.state} loss {t.loss:.3f}"
+            step = t.step if t.state == "training" and t.step is not None else progress.tasks[bar].completed
+            progress.update(bar, completed=step, info=info)
+
+        watcher.subscribe(topics.all_device_telemetry, on_telemetry, qos=0)
+        watcher.connect(cfg.broker.connect_timeout_s)
+
+        def on_round(s: m.RoundSummary) -> None:
+            history.append(s)
+            loss = "n/a" if s.eval_loss is None else f"{s.eval_loss:.4f}"
+            progress.update(rounds_bar, completed=s.round, info=f"round {s.round}: eval loss {loss}")
+            for bar in device_bars.values():
+                progress.update(bar, completed=0)
+
+        coordinator = Coordinator(cfg, on_round=on_round)
+        failed = threading.Event()
+
+        def watch_agents() -> None:
+            while not failed.is_set():
+                for i, p in enumerate(procs):
+                    if p.poll() is not None:
+                        console.print(f"[red]device-{i} exited with {p.returncode}; see {logs}/device-{i}.log")
+                        failed.set()
+                        coordinator.stop()
+                time.sleep(1)
+
+        threading.Thread(target=watch_agents, daemon=True).start()
+        try:
+            coordinator.run()
+        finally:
+            failed.set()
+            coordinator.close("finished")
+            watcher.close()
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            if embedded:
+                embedded.stop()
+
+    console.print(summary_table(history))
+    if opts.summary:
+        opts.summary.parent.mkdir(parents=True, exist_ok=True)
+        opts.summary.write_text(json.dumps(summary_json(history, opts), indent=1))
+        console.print(f"summary written to {opts.summary}")
+    if len([h for h in history if h.round > 0]) < opts.rounds:
+        raise RuntimeError(f"demo stopped after {len(history) - 1} of {opts.rounds} rounds; see {logs}")
+    return history

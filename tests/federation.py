@@ -1,0 +1,117 @@
+"""Helpers to run a real federation in tests: config files and agent/coordinator processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedmq_protocol import messages as m
+from fedmq_protocol.topics import Topics
+from fedmq_protocol.transport.config import BrokerConfig
+from fedmq_protocol.transport.mqtt import MqttTransport
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, obj: dict) -> Path:
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return path
+
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedmq", *args], cwd=REPO, env=full_env,
+        stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    )
+
+
+def stop_all(procs: list[subprocess.Popen], timeout: float = 20) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@dataclass
+class Capture:
+    """A test-side MQTT client recording every update and global it sees, decoded."""
+
+    url: str
+    topics: Topics
+    updates: list[m.Update] = field(default_factory=list)
+    globals_: dict[int, m.GlobalModel] = field(default_factory=dict)
+    rounds: list[m.RoundSummary] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> "Capture":
+        self.transport = MqttTransport(BrokerConfig(url=self.url), f"capture-{time.time_ns()}", clean_start=True)
+
+        def on_update(topic: str, payload: bytes) -> None:
+            with self.lock:
+                self.updates.append(m.Update.from_msgpack(payload))
+
+        def on_global(topic: str, payload: bytes) -> None:
+            g = m.GlobalModel.from_msgpack(payload)
+            with self.lock:
+                self.globals_[g.version] = g
+
+        def on_round(topic: str, payload: bytes) -> None:
+            if payload:
+                with self.lock:
+                    self.rounds.append(m.RoundSummary.from_json(payload))
+
+        self.transport.subscribe(self.topics.all_device_updates, on_update, qos=1, framed=True)
+        self.transport.subscribe(self.topics.global_model, on_global, qos=1, framed=True)
+        self.transport.subscribe(self.topics.rounds, on_round, qos=1)
+        self.transport.connect(10)
+        return self
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def agent_config(tmp: Path, i: int, url: str, data_dir: Path, *, model: str = "tiny-llama",
+                 method: str = "lora", federation: str = "test", **extra) -> Path:
+    cfg = {
+        "device_id": f"dev-{i}",
+        "federation": federation,
+        "broker": {"url": url},
+        "model": model,
+        "method": method,
+        "data": {"train": str(data_dir / f"device_{i}.jsonl"), "eval": str(data_dir / "eval.jsonl")},
+        "state_dir": str(tmp / f"agent-{i}"),
+        "telemetry_interval_s": 1.0,
+        "training": {"torch_threads": 1},
+        **extra,
+    }
+    return write_yaml(tmp / f"agent-{i}.yaml", cfg)
+
+
+def coordinator_config(tmp: Path, url: str, *, rounds: int, min_clients: int, federation: str = "test",
+                       fit: dict | None = None, **extra) -> Path:
+    cfg = {
+        "federation": federation,
+        "broker": {"url": url},
+        "state_dir": str(tmp / "coordinator"),
+        "rounds": rounds,
+        "min_clients": min_clients,
+        "fit": fit or {"local_steps": 10, "lr": 3e-3, "batch_size": 4, "max_seq_len": 64},
+        "round_deadline_s": 300,
+        "eval_deadline_s": 300,
+        "wait_for_devices_s": 120,
+        **extra,
+    }
+    return write_yaml(tmp / "coordinator.yaml", cfg)

@@ -1,0 +1,322 @@
+"""MqttTransport against a real Mosquitto 2 (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from fedmq_protocol.transport import BrokerConfig, MqttTransport, TransportError, WillMessage
+from mosquitto import free_port
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self.cond:
+            self.items.append((topic, payload))
+            self.cond.notify_all()
+
+    def wait(self, n: int = 1, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.items) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return list(self.items)
+
+
+@pytest.fixture
+def transports():
+    made: list[MqttTransport] = []
+
+    def make(config: BrokerConfig, client_id: str | None = None, **kw) -> MqttTransport:
+        t = MqttTransport(config, client_id or f"t-{uuid.uuid4().hex[:8]}", **kw)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def test_framed_5mb_through_64k_broker_limit(mosquitto, transports):
+    broker = mosquitto(message_size_limit=64 * 1024)
+    cfg = BrokerConfig(url=broker.url, chunk_size=32 * 1024)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("fedmq/f/devices/d1/update", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    payload = os.urandom(5 * 1024 * 1024)
+    sent = pub.publish("fedmq/f/devices/d1/update", payload, framed=True)
+    assert sent > len(payload)
+    got = inbox.wait(1, timeout=20)
+    assert got == [("fedmq/f/devices/d1/update", payload)]
+    assert sub.bytes_received == sent
+    assert sub.messages_rejected == 0
+
+    # The same payload unframed exceeds the broker limit and never arrives.
+    with pytest.raises(TransportError):
+        pub.publish("fedmq/f/devices/d1/update", payload, timeout=1.5)
+    time.sleep(0.5)
+    assert len(inbox.items) == 1
+    # The refused message was dropped from the client queue: the publisher recovers.
+    assert pub.wait_connected(5)
+    pub.publish("fedmq/f/devices/d1/update", b"small", framed=True)
+    assert inbox.wait(2)[1] == ("fedmq/f/devices/d1/update", b"small")
+
+
+def test_retained_chunked_message_reaches_late_subscriber(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, chunk_size=4096)
+    pub = transports(cfg)
+    pub.connect()
+    first, second = os.urandom(40_000), os.urandom(9_000)
+    pub.publish("fedmq/f/global", first, retain=True, framed=True)
+    pub.publish("fedmq/f/global", second, retain=True, framed=True)  # 3 chunks: 7 stale cleared
+    inbox = Inbox()
+    late = transports(cfg)
+    late.connect()
+    late.subscribe("fedmq/f/global", inbox, framed=True)
+    assert inbox.wait(1) == [("fedmq/f/global", second)]
+
+    # Stale higher-index chunk topics were cleared: a raw subscriber sees only 3 retained chunks.
+    raw = Inbox()
+    spy = transports(cfg)
+    spy.connect()
+    spy.subscribe("fedmq/f/global/c/+", raw)
+    time.sleep(0.5)
+    assert sorted(t for t, _ in raw.items) == [f"fedmq/f/global/c/{i}" for i in range(3)]
+
+    pub.clear_retained("fedmq/f/global")
+    again = Inbox()
+    late2 = transports(cfg)
+    late2.connect()
+    late2.subscribe("fedmq/f/#", again)
+    time.sleep(0.5)
+    assert again.items == []
+
+
+def test_resubscribes_after_broker_restart(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    inbox = Inbox()
+    sub = transports(cfg)
+    reconnects = []
+    sub.on_connect.append(lambda session_present: reconnects.append(session_present))
+    sub.connect()
+    sub.subscribe("a/b", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    pub.publish("a/b", b"one", framed=True)
+    assert inbox.wait(1)[0] == ("a/b", b"one")
+
+    mqtt_broker.restart()  # persistence off: the broker forgets every session
+    assert sub.wait_connected(10) and pub.wait_connected(10)
+    deadline = time.monotonic() + 10
+    while len(reconnects) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(reconnects) == 2 and sub.disconnects == 1
+    time.sleep(0.2)  # let the re-SUBSCRIBE made in on_connect be acknowledged
+    payload = os.urandom(1_000_000)
+    pub.publish("a/b", payload, framed=True)
+    assert inbox.wait(2)[1] == ("a/b", payload)
+
+
+def test_connect_to_closed_port_fails_fast_with_url():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    t = MqttTransport(BrokerConfig(url=url), "nobody")
+    start = time.monotonic()
+    with pytest.raises(TransportError) as ei:
+        t.connect(timeout=3)
+    assert time.monotonic() - start < 3.5
+    msg = str(ei.value)
+    assert url in msg and "refused" in msg and "\n" not in msg
+    t.close()
+
+
+def test_bad_password_is_an_authorization_error(mosquitto, transports):
+    broker = mosquitto(users={"alice": "s3cret"})
+    ok = transports(BrokerConfig(url=broker.url, username="alice", password="s3cret"))
+    ok.connect(timeout=5)
+    assert ok.connected
+    for version in ("5", "3.1.1"):
+        bad = transports(
+            BrokerConfig(url=broker.url, username="alice", password="wrong", mqtt_version=version)
+        )
+        with pytest.raises(TransportError, match="(?i)authoriz") as ei:
+            bad.connect(timeout=5)
+        assert broker.url in str(ei.value)
+        assert not bad.connected
+
+
+def test_password_file(mosquitto, transports, tmp_path):
+    broker = mosquitto(users={"bob": "pw-from-file"})
+    pw = tmp_path / "pw"
+    pw.write_text("pw-from-file\n")
+    t = transports(BrokerConfig(url=broker.url, username="bob", password_file=pw))
+    t.connect(timeout=5)
+    assert t.connected
+
+
+def test_acl_denied_publish_is_reported(mosquitto, transports):
+    broker = mosquitto(users={"dev": "pw"}, acl="user dev\ntopic readwrite allowed/#\n")
+    t = transports(BrokerConfig(url=broker.url, username="dev", password="pw"))
+    t.connect(timeout=5)
+    inbox = Inbox()
+    t.subscribe("allowed/#", inbox)
+    t.publish("allowed/x", b"ok")
+    # MQTT 5: Mosquitto answers a denied QoS 1 publish with PUBACK "Not authorized".
+    with pytest.raises(TransportError, match="(?i)rejected publish.*not authori"):
+        t.publish("forbidden/x", b"nope")
+    assert t.publish_failures == 1 and t.connected
+    assert inbox.wait(1) == [("allowed/x", b"ok")]
+
+
+def test_tls_with_generated_certs(mosquitto, transports):
+    broker = mosquitto(tls=True)
+    assert broker.url.startswith("mqtts://")
+    files = broker.tls_files
+    cfg = BrokerConfig(url=broker.url, ca_file=files.ca_file)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect(timeout=5)
+    sub.subscribe("secure/t", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect(timeout=5)
+    payload = os.urandom(600_000)
+    pub.publish("secure/t", payload, framed=True)
+    assert inbox.wait(1) == [("secure/t", payload)]
+
+    # Without the CA the server certificate does not verify.
+    wrong = transports(BrokerConfig(url=broker.url))
+    with pytest.raises(TransportError, match="TLS"):
+        wrong.connect(timeout=5)
+
+
+def test_tls_client_certificate(mosquitto, transports):
+    broker = mosquitto(tls=True, require_certificate=True)
+    f = broker.tls_files
+    t = transports(
+        BrokerConfig(url=broker.url, ca_file=f.ca_file, cert_file=f.client_cert, key_file=f.client_key)
+    )
+    t.connect(timeout=5)
+    assert t.connected
+
+
+def test_handler_exception_does_not_kill_loop(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url)
+    inbox = Inbox()
+    calls = []
+
+    def boom(topic, payload):
+        calls.append(payload)
+        raise RuntimeError("handler bug")
+
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("x/boom", boom)
+    sub.subscribe("x/ok", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    pub.publish("x/boom", b"1")
+    pub.publish("x/boom", b"2")
+    pub.publish("x/ok", b"fine", framed=True)
+    assert inbox.wait(1) == [("x/ok", b"fine")]
+    assert calls == [b"1", b"2"] and sub.handler_errors == 2
+    assert sub.connected
+
+
+def test_malformed_frames_are_counted_not_fatal(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("m/t", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    pub.publish("m/t", b"{not a frame}")
+    pub.publish("m/t/c/0", b"\xfdCgarbage")
+    pub.publish("m/t", b"good", framed=True)
+    assert inbox.wait(1) == [("m/t", b"good")]
+    assert sub.messages_rejected == 2 and sub.connected
+    assert sub.stats()["messages_rejected"] == 2 and sub.last_reject_reason
+
+
+def test_chunk_size_capped_by_broker_maximum_packet_size(mosquitto, transports):
+    broker = mosquitto(max_packet_size=16 * 1024)
+    cfg = BrokerConfig(url=broker.url, chunk_size=64 * 1024)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("big/#", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    assert pub.max_packet_size == 16 * 1024
+    assert pub.effective_chunk_size("big/t") < 16 * 1024
+    payload = os.urandom(300_000)
+    pub.publish("big/t", payload, framed=True)
+    assert inbox.wait(1) == [("big/t", payload)]
+    with pytest.raises(TransportError, match="Maximum-Packet-Size"):
+        pub.publish("big/t", payload)
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_persistent_session_delivers_messages_queued_while_away(mqtt_broker, transports, version):
+    cfg = BrokerConfig(url=mqtt_broker.url, mqtt_version=version)
+    inbox = Inbox()
+    dev = transports(cfg, "device-7")
+    dev.subscribe("tasks/device-7", inbox, framed=True)  # made on connect
+    dev.connect()
+    dev.close()
+    pub = transports(cfg)
+    pub.connect()
+    pub.publish("tasks/device-7", b"while you were away", framed=True)
+    back = transports(cfg, "device-7")
+    back.subscribe("tasks/device-7", inbox, framed=True)
+    back.connect()
+    assert back.session_present
+    assert inbox.wait(1) == [("tasks/device-7", b"while you were away")]
+
+
+def test_will_published_on_abrupt_loss_not_on_close(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, keepalive_s=5)
+    inbox = Inbox()
+    watcher = transports(cfg)
+    watcher.connect()
+    watcher.subscribe("status/+", inbox)
+    clean = transports(cfg, "clean", will=WillMessage("status/clean", b'{"online":false}', 1, False))
+    clean.connect()
+    clean.close()
+    abrupt = transports(cfg, "abrupt", will=WillMessage("status/abrupt", b'{"online":false}', 1, False))
+    abrupt.connect()
+    abrupt._client._sock.close()  # simulate a vanished device  # noqa: SLF001
+    got = inbox.wait(1, timeout=10)
+    assert got == [("status/abrupt", b'{"online":false}')]
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValidationError, match="scheme"):
+        BrokerConfig(url="http://x:1")
+    with pytest.raises(ValidationError, match="port"):
+        BrokerConfig(url="mqtt://x:99999")
+    with pytest.raises(ValidationError, match="ca_file"):
+        BrokerConfig(url="mqtts://x:8883", ca_file=tmp_path / "missing.pem")
+    with pytest.raises(ValidationError, match="not mqtts"):
+        (tmp_path / "ca.pem").write_text("x")
+        BrokerConfig(url="mqtt://x:1883", ca_file=tmp_path / "ca.pem")
+    with pytest.raises(ValidationError):
+        BrokerConfig(chunk_size=10)
+    with pytest.raises(ValidationError):
+        BrokerConfig(unknown=1)
+    c = BrokerConfig(url="mqtts://broker.example")
+    assert (c.host, c.port, c.tls) == ("broker.example", 8883, True)
