@@ -51,13 +51,14 @@ class Capture:
 
     url: str
     topics: Topics
+    chunk_size: int = 256 * 1024
     updates: list[m.Update] = field(default_factory=list)
     globals_: dict[int, m.GlobalModel] = field(default_factory=dict)
     rounds: list[m.RoundSummary] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> "Capture":
-        self.transport = MqttTransport(BrokerConfig(url=self.url), f"capture-{time.time_ns()}", clean_start=True)
+        self.transport = MqttTransport(BrokerConfig(url=self.url, chunk_size=self.chunk_size), f"capture-{time.time_ns()}", clean_start=True)
 
         def on_update(topic: str, payload: bytes) -> None:
             with self.lock:
@@ -84,11 +85,11 @@ class Capture:
 
 
 def agent_config(tmp: Path, i: int, url: str, data_dir: Path, *, model: str = "tiny-llama",
-                 method: str = "lora", federation: str = "test", **extra) -> Path:
+                 method: str = "lora", federation: str = "test", broker: dict | None = None, **extra) -> Path:
     cfg = {
         "device_id": f"dev-{i}",
         "federation": federation,
-        "broker": {"url": url},
+        "broker": {"url": url, **(broker or {})},
         "model": model,
         "method": method,
         "data": {"train": str(data_dir / f"device_{i}.jsonl"), "eval": str(data_dir / "eval.jsonl")},
@@ -101,10 +102,10 @@ def agent_config(tmp: Path, i: int, url: str, data_dir: Path, *, model: str = "t
 
 
 def coordinator_config(tmp: Path, url: str, *, rounds: int, min_clients: int, federation: str = "test",
-                       fit: dict | None = None, **extra) -> Path:
+                       fit: dict | None = None, broker: dict | None = None, **extra) -> Path:
     cfg = {
         "federation": federation,
-        "broker": {"url": url},
+        "broker": {"url": url, **(broker or {})},
         "state_dir": str(tmp / "coordinator"),
         "rounds": rounds,
         "min_clients": min_clients,
