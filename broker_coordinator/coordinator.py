@@ -75,7 +75,8 @@ class Coordinator:
         self.state = self.store.load() or CoordinatorState()
         self.counters = CoordinatorCounters()
         self.on_round = on_round
-        self._events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
+        self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._stop = threading.Event()
         self._collect: _Collect | None = None
         self._status_seq = int(time.time() * 1000)
@@ -92,7 +93,7 @@ class Coordinator:
     # ------------------------------------------------------------------ wiring
     def _enqueue(self, kind: str) -> Callable[[str, bytes], None]:
         def handler(topic: str, payload: bytes) -> None:
-            self._events.put((kind, topic, payload))
+            self._events.put((kind, topic, payload, time.time()))
 
         return handler
 
@@ -133,23 +134,23 @@ class Coordinator:
     def _pump(self, timeout: float) -> None:
         """Handle events for up to ``timeout`` seconds (returns after the first batch)."""
         try:
-            kind, topic, payload = self._events.get(timeout=max(0.0, timeout))
+            event = self._events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return
-        self._handle(kind, topic, payload)
+        self._handle(*event)
         while True:
             try:
-                kind, topic, payload = self._events.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
                 return
-            self._handle(kind, topic, payload)
+            self._handle(*event)
 
-    def _handle(self, kind: str, topic: str, payload: bytes) -> None:
+    def _handle(self, kind: str, topic: str, payload: bytes, arrived_at: float) -> None:
         try:
             if kind == "status":
                 self._on_status(topic, payload)
             elif kind == "update":
-                self._on_update(topic, payload)
+                self._on_update(topic, payload, arrived_at)
         except ProtocolError as exc:
             self.counters.updates_rejected += kind == "update"
             self.counters.last_rejection = f"{topic}: {exc}"
@@ -176,7 +177,7 @@ class Coordinator:
         if was_online != dev.online:
             log.info("device %s is %s", device_id, "online" if dev.online else "offline")
 
-    def _on_update(self, topic: str, payload: bytes) -> None:
+    def _on_update(self, topic: str, payload: bytes, arrived_at: float) -> None:
         t0 = time.perf_counter()
         device_id = self.topics.device_id_from(topic)
         upd = m.Update.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
@@ -213,7 +214,7 @@ class Coordinator:
                 if not np.all(np.isfinite(wt.to_float32())):
                     raise ProtocolError(f"init tensor {name!r} holds non-finite values")
         c.accepted[device_id] = upd
-        c.received_at[device_id] = time.time()
+        c.received_at[device_id] = arrived_at
         c.bytes_in += len(payload)
         c.decode_s += decode_s
         self.counters.updates_accepted += 1

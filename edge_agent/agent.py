@@ -70,7 +70,8 @@ class EdgeAgent:
         self.state_file = AgentStateFile(config.state_dir)
         self.seq = self.state_file.next_birth_seq()
         self.stop_event = threading.Event()
-        self._events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
+        self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._seen_tasks: list[str] = []
         self.method: Any = None  # edge_agent.methods TrainingMethod, built on first use
         self._method_adapter: m.AdapterSpec | None = None
@@ -144,7 +145,7 @@ class EdgeAgent:
     def start(self) -> None:
         from edge_agent.models import resolve_model
 
-        handler = lambda kind: (lambda topic, payload: self._events.put((kind, topic, payload)))  # noqa: E731
+        handler = lambda kind: (lambda topic, payload: self._events.put((kind, topic, payload, time.time())))  # noqa: E731
         self.transport.subscribe(self.topics.device_task(self.device_id), handler("task"), qos=QOS_TASK, framed=True)
         self.transport.subscribe(self.topics.global_model, handler("global"), qos=QOS_GLOBAL, framed=True)
         self.transport.on_connect.append(lambda session_present: self.announce())
@@ -181,19 +182,18 @@ class EdgeAgent:
     # ------------------------------------------------------------------ events
     def _pump(self, timeout: float) -> None:
         try:
-            kind, topic, payload = self._events.get(timeout=timeout)
+            kind, topic, payload, arrived_at = self._events.get(timeout=timeout)
         except queue.Empty:
             return
         try:
             if kind == "global":
-                self._on_global(payload)
+                self._on_global(payload, arrived_at)
             elif kind == "task":
                 self._on_task(payload)
         except ProtocolError as exc:
             log.warning("rejected %s on %s: %s", kind, topic, exc)
 
-    def _on_global(self, payload: bytes) -> None:
-        received_at = time.time()
+    def _on_global(self, payload: bytes, received_at: float) -> None:
         t0 = time.perf_counter()
         gm = m.GlobalModel.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
         decode_s = time.perf_counter() - t0

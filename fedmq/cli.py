@@ -95,7 +95,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmq", description="Federated fine-tuning of LLMs over MQTT")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; WARNING for the demo)")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("agent", help="run an edge agent")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or ("WARNING" if args.command == "demo" else "INFO"))
     from fedmq.configfile import ConfigError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)

@@ -160,8 +160,9 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
     data_dir = wd / "data"
     manifest = synthesize(data_dir, num_devices=opts.agents, samples_per_device=opts.samples_per_device,
                           eval_samples=opts.eval_samples, seed=0)
-    for i, fams in enumerate(manifest.get("families_per_device", [])):
-        console.print(f"[bold]data[/] device-{i}: {', '.join(fams)}")
+    for dev in manifest["devices"]:
+        console.print(f"[bold]data[/] device-{dev['device']}: {dev['num_samples']} examples of "
+                      f"{', '.join(dev['families'])}")
     with console.status(f"fetching model {opts.model} (first use converts it, ~30 s)"):
         model_path = resolve_model(opts.model)
     console.print(f"[bold]model[/] {opts.model} -> {model_path}")

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv with fedmq and all its extras (agent, demo, test). Idempotent.
+#   ./scripts/install.sh            # Python side only
+#   ./scripts/install.sh --broker   # also Mosquitto 2 via apt-get when missing (needed by the tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--broker" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "==> installing mosquitto (apt-get)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  # fedmq's tests start their own brokers; the packaged service is not needed
+  $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "==> installing torch (a CPU build is enough; CUDA builds work too)"
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+echo "==> installing fedmq with its agent, demo and test extras"
+"$VPY" -m pip install -q -e ".[all]"
