@@ -85,14 +85,15 @@ class Capture:
 
 
 def agent_config(tmp: Path, i: int, url: str, data_dir: Path, *, model: str = "tiny-llama",
-                 method: str = "lora", federation: str = "test", broker: dict | None = None, **extra) -> Path:
+                 method: str = "lora", federation: str = "test", broker: dict | None = None,
+                 data_file: str | None = None, **extra) -> Path:
     cfg = {
         "device_id": f"dev-{i}",
         "federation": federation,
         "broker": {"url": url, **(broker or {})},
         "model": model,
         "method": method,
-        "data": {"train": str(data_dir / f"device_{i}.jsonl"), "eval": str(data_dir / "eval.jsonl")},
+        "data": {"train": str(data_dir / (data_file or f"device_{i}.jsonl")), "eval": str(data_dir / "eval.jsonl")},
         "state_dir": str(tmp / f"agent-{i}"),
         "telemetry_interval_s": 1.0,
         "training": {"torch_threads": 1},
@@ -116,3 +117,27 @@ def coordinator_config(tmp: Path, url: str, *, rounds: int, min_clients: int, fe
         **extra,
     }
     return write_yaml(tmp / "coordinator.yaml", cfg)
+
+
+def wait_for_status(url: str, device_id: str, predicate, *, federation: str = "test", timeout: float = 60):
+    """Wait until the retained/live status of ``device_id`` satisfies ``predicate``; return it."""
+    topics = Topics("fedmq", federation)
+    latest: list[m.DeviceStatus] = []
+    ok = threading.Event()
+
+    def on_status(topic: str, payload: bytes) -> None:
+        if payload:
+            st = m.DeviceStatus.from_json(payload)
+            latest.append(st)
+            if predicate(st):
+                ok.set()
+
+    t = MqttTransport(BrokerConfig(url=url), f"status-watch-{time.time_ns()}", clean_start=True)
+    t.subscribe(topics.device_status(device_id), on_status, qos=1)
+    t.connect(10)
+    try:
+        if not ok.wait(timeout):
+            raise AssertionError(f"{device_id} status never matched; last: {latest[-1:] or None}")
+        return [s for s in latest if predicate(s)][-1]
+    finally:
+        t.close()

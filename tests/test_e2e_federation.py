@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.data import synthesize
 from fedmq_protocol.topics import Topics
-from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all
+from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all, wait_for_status
 
 
 def fedavg(global_model, updates):
@@ -89,6 +89,12 @@ def test_coordinator_restarted_continues_from_last_completed_round(mosquitto, tm
         assert first["round_completed"] == 2
         cfg = coordinator_config(tmp_path, broker.url, rounds=3, min_clients=2, fit=fit)
         assert spawn(["coordinator", "--config", str(cfg)], tmp_path / "c2.log").wait(timeout=300) == 0
+
+        # A device that joins after the last round picks up the retained global (version 3).
+        late = agent_config(tmp_path, 2, broker.url, data, data_file="device_0.jsonl")
+        procs.append(spawn(["agent", "--config", str(late)], tmp_path / "a2.log"))
+        status = wait_for_status(broker.url, "dev-2", lambda s: s.applied_version == 3, timeout=60)
+        assert status.online and status.applied_version == 3
     finally:
         stop_all(procs)
     second = json.loads((tmp_path / "coordinator" / "state.json").read_text())
