@@ -78,6 +78,7 @@ class Coordinator:
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
         self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._stop = threading.Event()
+        self.alive_at = time.monotonic()  # liveness for a supervisor (systemd watchdog)
         self._collect: _Collect | None = None
         self._status_seq = int(time.time() * 1000)
         will = WillMessage(
@@ -133,6 +134,7 @@ class Coordinator:
     # ------------------------------------------------------------------ event handling
     def _pump(self, timeout: float) -> None:
         """Handle events for up to ``timeout`` seconds (returns after the first batch)."""
+        self.alive_at = time.monotonic()
         try:
             event = self._events.get(timeout=max(0.0, timeout))
         except queue.Empty:

@@ -70,6 +70,9 @@ class EdgeAgent:
         self.state_file = AgentStateFile(config.state_dir)
         self.seq = self.state_file.next_birth_seq()
         self.stop_event = threading.Event()
+        # Liveness for a supervisor (systemd watchdog): refreshed by the work loop and every step.
+        self.alive_at = time.monotonic()
+        self.on_ready: list[Any] = []  # called once connected, announced and the model resolved
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
         self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._seen_tasks: list[str] = []
@@ -154,6 +157,8 @@ class EdgeAgent:
         self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
         threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True).start()
         self._set_state("idle")
+        for hook in self.on_ready:
+            hook()
 
     def run(self) -> None:
         """Serve tasks until ``stop_event`` is set."""
@@ -181,6 +186,7 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ events
     def _pump(self, timeout: float) -> None:
+        self.alive_at = time.monotonic()
         try:
             kind, topic, payload, arrived_at = self._events.get(timeout=timeout)
         except queue.Empty:
@@ -302,6 +308,7 @@ class EdgeAgent:
 
         def progress(step: int, loss: float) -> None:
             elapsed = time.perf_counter() - started
+            self.alive_at = time.monotonic()
             self.progress.update(step=step, loss=float(loss), elapsed_s=elapsed)
 
         try:

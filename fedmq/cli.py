@@ -13,6 +13,9 @@ import threading
 from pathlib import Path
 
 
+LOADING_ALLOWANCE_S = 900.0  # how long a model load may go without progress before the watchdog fires
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -21,8 +24,10 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _on_sigterm(stop: threading.Event) -> None:
+def _on_sigterm(stop: threading.Event, notifier=None) -> None:  # noqa: ANN001
     def handler(signum, frame):  # noqa: ARG001
+        if notifier is not None:
+            notifier.stopping("stopping: finishing or abandoning the current step")
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -36,9 +41,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, AgentConfig)
     from edge_agent.agent import EdgeAgent
 
+    from fedmq.sdnotify import Notifier, Watchdog
+
     agent = EdgeAgent(cfg)
-    _on_sigterm(agent.stop_event)
-    agent.run()
+    sd = Notifier()
+    # Loading a model reports no progress; a multi-GB QLoRA load on a Jetson takes minutes.
+    dog = Watchdog(sd, lambda: agent.alive_at, lambda: f"{agent.state}, global v{agent.global_version}",
+                   allowance=lambda: LOADING_ALLOWANCE_S if agent.state == "loading" else 0.0)
+    agent.on_ready.append(lambda: (sd.ready(f"{cfg.device_id}: connected to {cfg.broker.url}"), dog.start()))
+    _on_sigterm(agent.stop_event, sd)
+    try:
+        agent.run()
+    finally:
+        dog.stop()
     return 0
 
 
@@ -49,13 +64,21 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     overrides = {"rounds": args.rounds} if args.rounds else None
     cfg = load_config(args.config, CoordinatorConfig, overrides)
+    from fedmq.sdnotify import Notifier, Watchdog
+
     coord = Coordinator(cfg)
+    sd = Notifier()
+    dog = Watchdog(sd, lambda: coord.alive_at,
+                   lambda: f"round {coord.state.round_completed}/{cfg.rounds}, global v{coord.state.global_version}")
+    # READY once the broker accepted us (repeats on reconnect are harmless)
+    coord.transport.on_connect.append(lambda session_present: (sd.ready(f"connected to {cfg.broker.url}"), dog.start()))
     stop = threading.Event()
-    _on_sigterm(stop)
+    _on_sigterm(stop, sd)
     threading.Thread(target=lambda: (stop.wait(), coord.stop()), daemon=True).start()
     try:
         coord.run()
     finally:
+        dog.stop()
         coord.close()
     return 0
 
