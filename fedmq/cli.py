@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-samples", type=int, default=100)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
+
+    from fedmq import service
+
+    service.add_parser(sub)
     return p
 
 

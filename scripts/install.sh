@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with fedmq and all its extras (agent, demo, test). Idempotent.
 #   ./scripts/install.sh            # Python side only
-#   ./scripts/install.sh --broker   # also Mosquitto 2 via apt-get when missing (needed by the tests)
+#   ./scripts/install.sh --broker   # also Mosquitto 2 and systemd-analyze via apt-get when missing
+#                                   # (the tests run real brokers and verify the systemd units)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,13 @@ if [ "${1:-}" = "--broker" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
   # fedmq's tests start their own brokers; the packaged service is not needed
   $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+if [ "${1:-}" = "--broker" ] && ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "==> installing systemd-analyze (apt-get: systemd)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq systemd >/dev/null
 fi
 
 PY="${PYTHON:-python3}"
