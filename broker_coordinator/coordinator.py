@@ -79,6 +79,7 @@ class Coordinator:
         self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._stop = threading.Event()
         self.alive_at = time.monotonic()  # liveness for a supervisor (systemd watchdog)
+        self._bytes_by: dict[str, dict[str, int]] = {"up": {}, "down": {}}  # this round, per device
         self._collect: _Collect | None = None
         self._status_seq = int(time.time() * 1000)
         will = WillMessage(
@@ -218,6 +219,7 @@ class Coordinator:
         c.accepted[device_id] = upd
         c.received_at[device_id] = arrived_at
         c.bytes_in += len(payload)
+        self._count_bytes("up", device_id, len(payload))
         c.decode_s += decode_s
         self.counters.updates_accepted += 1
 
@@ -264,7 +266,9 @@ class Coordinator:
                 fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + round_no * 7919 + attempt}),
                 model=self.cfg.model,
             )
-            sent += self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+            n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+            self._count_bytes("down", dev, n)
+            sent += n
         return c, sent
 
     def _collect_until(self, c: _Collect, deadline_s: float, quorum: int) -> None:
@@ -319,7 +323,16 @@ class Coordinator:
         self._collect = None
         return self.strategy.aggregate_evaluate(list(c.accepted.values())), len(c.accepted), c.bytes_in, sent
 
+    def _count_bytes(self, direction: str, device_id: str, n: int) -> None:
+        per = self._bytes_by[direction]
+        per[device_id] = per.get(device_id, 0) + n
+
     def _finish_round(self, summary: m.RoundSummary) -> None:
+        summary = summary.model_copy(update={
+            "uplink_bytes_by_device": dict(sorted(self._bytes_by["up"].items())),
+            "downlink_bytes_by_device": dict(sorted(self._bytes_by["down"].items())),
+        })
+        self._bytes_by = {"up": {}, "down": {}}
         self.state.history.append(summary)
         self.store.save(self.state)
         try:
@@ -372,6 +385,9 @@ class Coordinator:
         self.store.save(self.state)
         global_bytes, publish_s = self._publish_global()
         n_receivers = max(1, len([d for d in self.state.devices.values() if d.online]))
+        for d in self.state.devices.values():
+            if d.online:
+                self._count_bytes("down", d.device_id, global_bytes)
 
         eval_loss, eval_devices, eval_up, eval_down = (None, 0, 0, 0)
         if self.cfg.evaluate:

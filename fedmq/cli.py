@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
 
-    from fedmq import service
+    from fedmq import report, service, watch
 
-    service.add_parser(sub)
+    for ops in (service, watch, report):
+        ops.add_parser(sub)
     return p
 
 

@@ -229,6 +229,9 @@ class RoundSummary(Message):
     eval_devices: int = 0
     uplink_bytes: int = 0
     downlink_bytes: int = 0
+    # per device: result payloads received from it / task payloads + globals sent to it
+    uplink_bytes_by_device: dict[str, int] = {}
+    downlink_bytes_by_device: dict[str, int] = {}
     duration_s: float = 0.0
     aggregate_s: float = 0.0
     # protocol-time breakdown in seconds (encode, transfer, decode, aggregate, publish, apply)
