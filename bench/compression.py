@@ -13,7 +13,7 @@ snapshot/difference downlink (broker_coordinator.downlink), and devices reconstr
 with fedmq_protocol.globals. Round 1 starts every setting from the same global with the same seeds,
 so its local training is computed once and reused (identical by construction).
 
-    python bench/compression.py --rounds 3 --local-steps 4
+    python bench/compression.py --rounds 2 --local-steps 4
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def settings(dense_bytes: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=40)

@@ -508,7 +508,6 @@ def fit_budget(
     """
     names, offsets, order = _global_order(arrays)
     flat = np.concatenate([np.asarray(arrays[n], dtype=np.float32).reshape(-1) for n in names]) if names else np.zeros(0, np.float32)
-    total_sq = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
     n_total = max(1, flat.size)
     best: BudgetChoice | None = None
 
@@ -552,5 +551,4 @@ def fit_budget(
             consider(build(lo), CodecSpec(values=fmt, density=lo / n_total, topk=topk, block=block, zstd=zstd))
     if best is None:
         raise ValueError(f"no encoding of the update fits {budget} bytes (raise uplink_budget_bytes)")
-    del total_sq
     return best
