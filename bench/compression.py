@@ -46,9 +46,10 @@ def settings(dense_bytes: int) -> list[dict]:
     s = [
         {"name": "dense fp32", "uplink": {}, "downlink": {}},
         {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16"}},
+        {"name": "top-25% int8 +EF", "uplink": {"values": "int8", "density": 0.25, "zstd": True}, "downlink": lossy_down},
         {"name": "top-10% int8 +EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True}, "downlink": lossy_down},
         {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True}, "downlink": lossy_down},
-        {"name": "top-3% int8 no EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True, "error_feedback": False}, "downlink": lossy_down},
+        {"name": "top-10% int8 no EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False}, "downlink": lossy_down},
         {"name": "top-1% int8 +EF", "uplink": {"values": "int8", "density": 0.01, "zstd": True}, "downlink": lossy_down},
         {"name": "budget dense/50 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 50, "downlink": lossy_down},
     ]
@@ -66,6 +67,7 @@ def main() -> int:
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--only", nargs="*", help="run only settings whose name contains one of these")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result file and doc section (several schedules)")
     args = ap.parse_args()
 
     import torch
@@ -190,7 +192,8 @@ def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results:
     out = {"benchmark": "compression", "command": command_line(), "machine": machine(), "args": vars(args),
            "baseline_eval_loss": baseline, "dense_fp32_update_bytes": dense_bytes, "results": results,
            "targets": {k: (v["name"] if v else None) for k, v in targets.items()}}
-    path = write_json("compression", out)
+    name = "compression" + (f"-{args.tag}" if args.tag else "")
+    path = write_json(name, out)
 
     rows = [[r["name"], f"{r['uplink_bytes_per_round_per_client']:,.0f}", f"{r.get('uplink_reduction_x', 0):.1f}×",
              f"{r['downlink_bytes_per_round_per_client']:,.0f}", f"{r.get('downlink_reduction_x', 0):.1f}×",
@@ -204,7 +207,7 @@ def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results:
                 f"eval loss {r['eval_loss_vs_dense_pct']:+.2f} % vs dense fp32)")
 
     md = (
-        "## Compression: uplink/downlink bytes vs final eval loss (`bench/compression.py`)\n\n"
+        f"## Compression, {args.rounds} rounds × {args.local_steps} local steps: uplink/downlink bytes vs final eval loss (`bench/compression.py`)\n\n"
         f"`{out['command']}` — SmolLM2-135M-Instruct, LoRA r=8 on q_proj/v_proj (fp32 base), {N_CLIENTS} clients "
         f"with non-IID synthetic data ({args.samples} examples each), {args.rounds} rounds × {args.local_steps} local "
         f"AdamW steps (batch {args.batch_size}, ≤{args.max_seq_len} tokens, lr {args.lr}), FedAvg, same seeds for every "
@@ -226,7 +229,7 @@ def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results:
         + ".\n"
     )
     if not args.no_doc:
-        update_doc_section("compression", md)
+        update_doc_section(name, md)
     if final:
         print(md)
         print(f"results: {path}")
