@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from broker_coordinator.downlink import DownlinkConfig, ServerOptimizerConfig
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
@@ -34,6 +35,8 @@ class CoordinatorConfig(BaseModel):
     eval_deadline_s: float = Field(300, gt=0)
     wait_for_devices_s: float = Field(600, gt=0)
     selection_seed: int = 0
+    downlink: DownlinkConfig = DownlinkConfig()
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "CoordinatorConfig":

@@ -17,11 +17,13 @@ from typing import Callable
 import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
+from broker_coordinator.downlink import ServerModel
 from broker_coordinator.state import CoordinatorState, DeviceRecord, FileStateStore, StateStore
 from broker_coordinator.strategy import FedAvg, Strategy, validate_update_tensors
 from fedmq_protocol import messages as m
+from fedmq_protocol.chunking import chunk_topic, frame_payload
+from fedmq_protocol.codec import DecodedTensor
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.tensors import WireTensor
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_ROUNDS, QOS_STATUS, QOS_TASK, QOS_UPDATE, Topics
 from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
 
@@ -43,6 +45,7 @@ class _Collect:
     expected: set[str]
     accepted: dict[str, m.Update] = field(default_factory=dict)
     received_at: dict[str, float] = field(default_factory=dict)
+    decoded: dict[str, dict[str, DecodedTensor]] = field(default_factory=dict)
     bytes_in: int = 0
     decode_s: float = 0.0
 
@@ -81,6 +84,7 @@ class Coordinator:
         self.alive_at = time.monotonic()  # liveness for a supervisor (systemd watchdog)
         self._bytes_by: dict[str, dict[str, int]] = {"up": {}, "down": {}}  # this round, per device
         self._collect: _Collect | None = None
+        self._server_model: ServerModel | None = None
         self._status_seq = int(time.time() * 1000)
         will = WillMessage(
             self.topics.coordinator_status,
@@ -203,7 +207,7 @@ class Coordinator:
                 f"task {c.task_id} (kind {c.kind}, round {c.round_no}, base v{c.base_version})"
             )
         if upd.kind == "fit":
-            validate_update_tensors(self._global_arrays(), upd)
+            c.decoded[device_id] = validate_update_tensors(self._global_arrays(), upd)
             if upd.num_samples <= 0:
                 raise ProtocolError("fit update reports no samples")
         elif upd.kind == "evaluate":
@@ -211,11 +215,10 @@ class Coordinator:
             if loss is None or not math.isfinite(loss):
                 raise ProtocolError("evaluate result carries no finite eval_loss")
         elif upd.kind == "init":
-            if not upd.tensors:
+            # decoding checks sizes against the payload and refuses non-finite values
+            c.decoded[device_id] = upd.tensors.decode(max_elements=self.cfg.broker.max_message_bytes, where="init tensors")
+            if not c.decoded[device_id]:
                 raise ProtocolError("init result carries no tensors")
-            for name, wt in upd.tensors.items():
-                if not np.all(np.isfinite(wt.to_float32())):
-                    raise ProtocolError(f"init tensor {name!r} holds non-finite values")
         c.accepted[device_id] = upd
         c.received_at[device_id] = arrived_at
         c.bytes_in += len(payload)
@@ -224,14 +227,19 @@ class Coordinator:
         self.counters.updates_accepted += 1
 
     # ------------------------------------------------------------------ helpers
-    _global_cache: tuple[int, dict[str, np.ndarray]] | None = None
+    def _server(self) -> ServerModel:
+        """Exact weights, optimizer state and the devices' copy (rebuilt from persisted state)."""
+        if self._server_model is None:
+            gm = self.state.global_model
+            assert gm is not None and gm.is_snapshot
+            published = gm.tensors.decode_dense(max_elements=self.cfg.broker.max_message_bytes)
+            self._server_model = ServerModel.from_blob(
+                self.state.server, published, self.cfg.downlink, self.cfg.server_optimizer)
+        return self._server_model
 
     def _global_arrays(self) -> dict[str, np.ndarray]:
-        gm = self.state.global_model
-        assert gm is not None
-        if self._global_cache is None or self._global_cache[0] != gm.version:
-            self._global_cache = (gm.version, {k: t.to_float32() for k, t in gm.tensors.items()})
-        return self._global_cache[1]
+        """The global as devices hold it: what their differences are relative to."""
+        return self._server().published
 
     def ready_devices(self) -> list[DeviceRecord]:
         return [d for d in self.state.devices.values() if d.ready]
@@ -284,13 +292,33 @@ class Coordinator:
         raise RoundFailed("stopped")
 
     # ------------------------------------------------------------------ phases
-    def _publish_global(self) -> tuple[int, float]:
-        gm = self.state.global_model
+    def _publish_global(self, msg: m.GlobalModel | None = None) -> tuple[int, float]:
+        """Publish a difference on its own retained topic, or a snapshot (default: the current
+        global) on the global topic, which makes every retained difference obsolete."""
+        gm = msg or self.state.global_model
         assert gm is not None
+        server = self._server()
         t0 = time.perf_counter()
         payload = gm.to_msgpack()
-        n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        if gm.is_snapshot:
+            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            for v, chunks in sorted(server.retained_diffs.items()):
+                self._clear_retained(self.topics.global_diff(v), chunks)
+            server.retained_diffs.clear()
+        else:
+            topic = self.topics.global_diff(gm.version)
+            n = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            server.retained_diffs[gm.version] = len(frame_payload(payload, self.transport.effective_chunk_size(topic))) - 1
+        self.state.server = server.to_blob()
         return n, time.perf_counter() - t0
+
+    def _clear_retained(self, topic: str, chunks: int) -> None:
+        try:
+            self.transport.publish(topic, b"", qos=QOS_GLOBAL, retain=True)
+            for i in range(chunks):  # known from state even after a restart
+                self.transport.publish(chunk_topic(topic, i), b"", qos=QOS_GLOBAL, retain=True)
+        except Exception as exc:  # a stale retained difference is harmless (older than any snapshot)
+            log.warning("could not clear retained %s: %s", topic, exc)
 
     def _initialize_global(self) -> None:
         """No global yet: ask one ready device for its freshly initialised adapter (version 0)."""
@@ -303,11 +331,10 @@ class Coordinator:
             self._collect_until(c, self.cfg.round_deadline_s, 1)
             self._collect = None
             if c.accepted:
-                upd = c.accepted[device]
-                self.state.global_model = m.GlobalModel(
-                    version=0, round=0, adapter=self.cfg.adapter, model=self.cfg.model,
-                    tensors={k: WireTensor.from_numpy(t.to_float32()) for k, t in upd.tensors.items()},
-                )
+                arrays = {k: t.dense() for k, t in c.decoded[device].items()}
+                self._server_model = ServerModel(arrays, self.cfg.downlink, self.cfg.server_optimizer)
+                self.state.global_model = self._server_model.snapshot(0, 0, self.cfg.adapter, self.cfg.model)
+                self.state.server = self._server_model.to_blob()
                 self.store.save(self.state)
                 self._publish_global()
                 return
@@ -365,15 +392,14 @@ class Coordinator:
             raise RoundFailed(f"round {round_no}: no quorum after {self.cfg.round_retries + 1} attempts")
 
         updates = [c.accepted[d] for d in sorted(c.accepted)]
+        server = self._server()
         t0 = time.perf_counter()
-        new_tensors = self.strategy.aggregate_fit(self._global_arrays(), updates)
+        server.step(self.strategy.aggregate_deltas(server.published, updates, [c.decoded[d] for d in sorted(c.accepted)]))
+        version = self.state.global_version + 1
+        message = server.advance(version, round_no, self.cfg.adapter, self.cfg.model)
         aggregate_s = time.perf_counter() - t0
-        prev = self.state.global_model
-        assert prev is not None
-        self.state.global_model = m.GlobalModel(
-            version=prev.version + 1, round=round_no, adapter=self.cfg.adapter, model=self.cfg.model,
-            tensors={k: WireTensor.from_numpy(v) for k, v in new_tensors.items()},
-        )
+        self.state.global_model = server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model)
+        self.state.server = server.to_blob()
         self.state.round_completed = round_no
         for d in selected:
             rec = self.state.devices.get(d)
@@ -383,7 +409,7 @@ class Coordinator:
                 else:
                     rec.rounds_missed += 1
         self.store.save(self.state)
-        global_bytes, publish_s = self._publish_global()
+        global_bytes, publish_s = self._publish_global(message)
         n_receivers = max(1, len([d for d in self.state.devices.values() if d.online]))
         for d in self.state.devices.values():
             if d.online:

@@ -8,14 +8,15 @@ global adapter that matches its round counter.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmq_protocol.messages import GlobalModel, RoundSummary
+import msgpack
+
+from fedmq_protocol.messages import GlobalModel, RoundSummary, unpack_limited
+from fedmq_protocol.storage import atomic_write  # noqa: F401  (re-exported: older imports)
 
 STATE_FORMAT = 1
 
@@ -59,6 +60,8 @@ class CoordinatorState:
     global_model: GlobalModel | None = None
     history: list[RoundSummary] = field(default_factory=list)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    # exact (optimizer) weights, optimizer moments, retained differences: broker_coordinator.downlink
+    server: dict[str, Any] | None = None
 
     @property
     def global_version(self) -> int:
@@ -88,33 +91,13 @@ class InMemoryStateStore(StateStore):
             global_model=state.global_model,
             history=list(state.history),
             devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
+            server=state.server,
         )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class FileStateStore(StateStore):
-    """``state.json`` (round, history, devices) + ``global-v{N}.msgpack`` (the adapter).
+    """``state.json`` (round, history, devices) + ``global-v{N}.msgpack`` (the adapter devices hold)
+    + ``server-v{N}.msgpack`` (exact weights and server optimizer state).
 
     The global is written first under a versioned name, then ``state.json`` pointing at it, so a
     crash between the two leaves the previous consistent pair in place.
@@ -142,6 +125,8 @@ class FileStateStore(StateStore):
             global_model=gm,
             history=[RoundSummary.from_obj(h) for h in obj.get("history", [])],
             devices={k: DeviceRecord.from_json(v) for k, v in obj.get("devices", {}).items()},
+            server=unpack_limited((self.dir / obj["server_file"]).read_bytes(), 1 << 34, "server state")
+            if obj.get("server_file") else None,
         )
 
     def save(self, state: CoordinatorState) -> None:
@@ -151,11 +136,17 @@ class FileStateStore(StateStore):
             global_file = f"global-v{state.global_model.version}.msgpack"
             if not (self.dir / global_file).exists():
                 atomic_write(self.dir / global_file, state.global_model.to_msgpack())
+        server_file = None
+        if state.server is not None and state.global_model is not None:
+            # rewritten every save: it also records which differences are retained on the broker
+            server_file = f"server-v{state.global_model.version}.msgpack"
+            atomic_write(self.dir / server_file, msgpack.packb(state.server, use_bin_type=True))
         doc = {
             "format": STATE_FORMAT,
             "round_completed": state.round_completed,
             "global_version": state.global_version,
             "global_file": global_file,
+            "server_file": server_file,
             "history": [json.loads(h.to_json()) for h in state.history],
             "devices": {k: v.to_json() for k, v in state.devices.items()},
         }
@@ -163,7 +154,7 @@ class FileStateStore(StateStore):
         self._prune(state.global_version)
 
     def _prune(self, current: int) -> None:
-        for p in self.dir.glob("global-v*.msgpack"):
+        for p in [*self.dir.glob("global-v*.msgpack"), *self.dir.glob("server-v*.msgpack")]:
             try:
                 v = int(p.stem.split("-v", 1)[1])
             except (IndexError, ValueError):

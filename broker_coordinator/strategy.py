@@ -10,8 +10,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_coordinator.state import DeviceRecord
+from fedmq_protocol.codec import DecodedTensor
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import Update
+
+Decoded = Mapping[str, DecodedTensor]
 
 
 class Strategy(ABC):
@@ -20,10 +23,19 @@ class Strategy(ABC):
         """Device ids to train in ``round_no`` (empty: not enough devices)."""
 
     @abstractmethod
-    def aggregate_fit(
-        self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update]
+    def aggregate_deltas(
+        self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update],
+        decoded: Sequence[Decoded] | None = None,
     ) -> dict[str, np.ndarray]:
-        """The next global adapter from the current one and accepted fit updates."""
+        """The combined difference (float64) of accepted fit updates, for the server optimizer."""
+
+    def aggregate_fit(
+        self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update],
+        decoded: Sequence[Decoded] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The next global adapter (plain FedAvg step) from the current one and accepted updates."""
+        mean = self.aggregate_deltas(global_tensors, updates, decoded)
+        return {k: (b.astype(np.float64) + mean[k]).astype(np.float32) for k, b in global_tensors.items()}
 
     def configure_evaluate(self, round_no: int, available: Sequence[DeviceRecord]) -> list[str]:
         return [d.device_id for d in available if d.eval_samples > 0]
@@ -39,19 +51,36 @@ class Strategy(ABC):
         return sum(loss * n for loss, n in pairs) / total if total else None
 
 
-def validate_update_tensors(global_tensors: Mapping[str, np.ndarray], update: Update) -> None:
-    """An update must carry exactly the global's tensors, same shapes, finite values."""
-    names, expected = set(update.tensors), set(global_tensors)
-    if names != expected:
-        missing, extra = sorted(expected - names)[:3], sorted(names - expected)[:3]
-        raise ProtocolError(f"update tensors do not match the global adapter (missing {missing}, unknown {extra})")
-    for name, wt in update.tensors.items():
-        if wt.shape != tuple(global_tensors[name].shape):
-            raise ProtocolError(
-                f"update tensor {name!r} has shape {list(wt.shape)}, global has {list(global_tensors[name].shape)}"
-            )
-        if not np.all(np.isfinite(wt.to_float32())):
-            raise ProtocolError(f"update tensor {name!r} holds non-finite values")
+def validate_update_tensors(global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, DecodedTensor]:
+    """Decode an update's tensors: exactly the global's names and shapes (checked before anything is
+    allocated), finite values. Returns them decoded (sparse ones stay sparse)."""
+    shapes = {k: tuple(v.shape) for k, v in global_tensors.items()}
+    try:
+        return update.tensors.decode(max_elements=sum(v.size for v in global_tensors.values()),
+                                     expected=shapes, where="update tensors")
+    except ProtocolError as exc:
+        raise ProtocolError(f"update tensors do not match the global adapter: {exc}") from None
+
+
+def mean_delta(
+    global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update], decoded: Sequence[Decoded] | None = None
+) -> dict[str, np.ndarray]:
+    """Sample-weighted mean of the updates' differences, float64, one dense accumulator per tensor:
+    sparse updates are added at their indices, never densified one by one."""
+    if not updates:
+        raise ValueError("aggregation needs at least one update")
+    total = float(sum(u.num_samples for u in updates))
+    if total <= 0:
+        raise ValueError("updates report zero samples in total")
+    if decoded is None:
+        decoded = [validate_update_tensors(global_tensors, u) for u in updates]
+    out: dict[str, np.ndarray] = {}
+    for name, base in global_tensors.items():
+        acc = np.zeros(base.size, dtype=np.float64)
+        for u, d in zip(updates, decoded):
+            d[name].add_into(acc, u.num_samples / total)
+        out[name] = acc.reshape(base.shape)
+    return out
 
 
 class FedAvg(Strategy):
@@ -79,18 +108,9 @@ class FedAvg(Strategy):
         rng = random.Random(f"{self.seed}:{round_no}")
         return sorted(d.device_id for d in rng.sample(ready, k))
 
-    def aggregate_fit(
-        self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update]
+    def aggregate_deltas(
+        self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update],
+        decoded: Sequence[Decoded] | None = None,
     ) -> dict[str, np.ndarray]:
-        if not updates:
-            raise ValueError("aggregate_fit needs at least one update")
-        total = float(sum(u.num_samples for u in updates))
-        if total <= 0:
-            raise ValueError("updates report zero samples in total")
-        out: dict[str, np.ndarray] = {}
-        for name, base in global_tensors.items():
-            acc = np.zeros(base.shape, dtype=np.float64)
-            for u in updates:
-                acc += (u.num_samples / total) * u.tensors[name].to_float32()
-            out[name] = (base.astype(np.float64) + acc).astype(np.float32)
-        return out
+        """sum_i (n_i / sum n) * delta_i in float64 (the server optimizer applies it)."""
+        return mean_delta(global_tensors, updates, decoded)

@@ -19,9 +19,11 @@ import numpy as np
 
 from edge_agent import resources
 from edge_agent.config import AgentConfig
+from edge_agent.uplink import METRIC_KEYS as UPLINK_KEYS, UplinkEncoder
 from fedmq_protocol import messages as m
+from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.tensors import WireTensor
+from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_TELEMETRY, QOS_UPDATE, Topics
 from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
 
@@ -47,7 +49,7 @@ class AgentStateFile:
                 log.warning("%s is unreadable; starting with fresh agent state", self.path)
 
     def save(self) -> None:
-        from broker_coordinator.state import atomic_write  # tiny torch-free helper shared by both
+        from fedmq_protocol.storage import atomic_write
 
         atomic_write(self.path, json.dumps(self.data).encode())
 
@@ -79,7 +81,9 @@ class EdgeAgent:
         self.method: Any = None  # edge_agent.methods TrainingMethod, built on first use
         self._method_adapter: m.AdapterSpec | None = None
         self.model_path: str | None = None
-        self.pending_global: m.GlobalModel | None = None
+        # newest global reachable from the snapshots and differences received (applied when idle)
+        self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
+        self.uplink = UplinkEncoder(config.uplink, config.uplink_budget_bytes, config.state_dir)
         self.global_version: int | None = None  # version whose weights the adapter holds
         self.global_arrays: dict[str, np.ndarray] | None = None
         self._dirty = False  # adapter holds local (trained) weights, not the global
@@ -133,6 +137,7 @@ class EdgeAgent:
             applied_version=self.global_version,
             method=self.cfg.method,
             resources=resources.snapshot(),
+            uplink=self.uplink.last,
         )
 
     def _telemetry_loop(self) -> None:
@@ -151,6 +156,7 @@ class EdgeAgent:
         handler = lambda kind: (lambda topic, payload: self._events.put((kind, topic, payload, time.time())))  # noqa: E731
         self.transport.subscribe(self.topics.device_task(self.device_id), handler("task"), qos=QOS_TASK, framed=True)
         self.transport.subscribe(self.topics.global_model, handler("global"), qos=QOS_GLOBAL, framed=True)
+        self.transport.subscribe(self.topics.all_global_diffs, handler("global"), qos=QOS_GLOBAL, framed=True)
         self.transport.on_connect.append(lambda session_present: self.announce())
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self.announce()
@@ -166,7 +172,7 @@ class EdgeAgent:
         try:
             while not self.stop_event.is_set():
                 self._pump(0.5)
-                if self.state == "idle" and self.pending_global is not None:
+                if self.state == "idle" and self._global_pending():
                     self._apply_pending_global()
         finally:
             self.close()
@@ -201,13 +207,16 @@ class EdgeAgent:
 
     def _on_global(self, payload: bytes, received_at: float) -> None:
         t0 = time.perf_counter()
+        if not payload:
+            return  # a cleared retained difference
         gm = m.GlobalModel.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
-        decode_s = time.perf_counter() - t0
-        newest = max(v for v in (self.global_version, self.pending_global and self.pending_global.version, -1) if v is not None)
-        if gm.version <= newest:
-            return  # a retained copy we already have, or an old one
-        self.pending_global = gm
-        self._global_timing = {"global_receive_s": max(0.0, received_at - gm.created_at), "global_decode_s": decode_s}
+        # a difference is applied only on top of the exact version it names (GlobalSync checks)
+        if self.sync.offer(gm):
+            self._global_timing = {"global_receive_s": max(0.0, received_at - gm.created_at),
+                                   "global_decode_s": time.perf_counter() - t0}
+
+    def _global_pending(self) -> bool:
+        return self.sync.version is not None and self.sync.version != self.global_version
 
     def _ensure_method(self, adapter: m.AdapterSpec) -> None:
         if self.method is not None and self._method_adapter == adapter:
@@ -230,22 +239,21 @@ class EdgeAgent:
         self._set_state("idle")
 
     def _apply_pending_global(self) -> None:
-        gm = self.pending_global
-        if gm is None:
+        if not self._global_pending():
             return
-        self._ensure_method(gm.adapter)
+        assert self.sync.adapter is not None and self.sync.arrays is not None
+        self._ensure_method(self.sync.adapter)
         t0 = time.perf_counter()
-        arrays = {k: t.to_float32() for k, t in gm.tensors.items()}
+        arrays, version = self.sync.arrays, self.sync.version
         self.method.set_adapter(arrays)  # raises ValueError naming a mismatching tensor
         self._global_timing["global_apply_s"] = time.perf_counter() - t0
-        self.global_arrays, self.global_version, self._dirty = arrays, gm.version, False
-        self.pending_global = None
-        log.info("applied global version %d", gm.version)
+        self.global_arrays, self.global_version, self._dirty = arrays, version, False
+        log.info("applied global version %d", version)
         self.announce()
 
     def _wait_for_global(self, version: int, deadline: float) -> bool:
         while not self.stop_event.is_set():
-            if self.pending_global is not None and self.pending_global.version <= version:
+            if self._global_pending() and self.sync.version <= version:
                 self._apply_pending_global()
             if self.global_version == version:
                 if self._dirty:
@@ -341,12 +349,18 @@ class EdgeAgent:
         arrays: dict[str, np.ndarray],
     ) -> None:
         t0 = time.perf_counter()
-        upd = m.Update(
-            kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
-            base_version=base_version, num_samples=num_samples, metrics=metrics,
-            tensors={k: WireTensor.from_numpy(v) for k, v in arrays.items()},
-        )
-        obj = upd.to_obj()
+        base = dict(kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
+                    base_version=base_version, num_samples=num_samples)
+        if task.kind == "fit":
+            # the budget covers the whole msgpack Update, metrics included (placeholders: floats
+            # always pack as 9 bytes, so the final message has exactly the measured size)
+            final = {**metrics, **{k: 0.0 for k in UPLINK_KEYS}, "encode_s": 0.0, "sent_at": 0.0}
+            size_of = lambda enc: len(m.Update(**base, metrics=final, tensors=enc).to_msgpack())  # noqa: E731
+            tensors, uplink_metrics = self.uplink.encode(arrays, size_of)
+            metrics = {**metrics, **uplink_metrics}
+        else:
+            tensors = encode(arrays)  # init: the starting adapter travels exactly
+        obj = m.Update(**base, metrics=metrics, tensors=tensors).to_obj()
         msgpack.packb(obj, use_bin_type=True)
         encode_s = time.perf_counter() - t0
         # The measured encode time and the send instant ride in the message itself; re-packing the

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge_agent.uplink import UplinkConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
 
@@ -51,6 +52,9 @@ class AgentConfig(BaseModel):
     training: TrainingOverrides = TrainingOverrides()
     telemetry_interval_s: float = Field(10.0, gt=0)
     global_wait_s: float = Field(120.0, gt=0, description="how long a task waits for its global to arrive")
+    uplink: UplinkConfig = UplinkConfig()
+    uplink_budget_bytes: int | None = Field(
+        None, ge=512, description="every fit update (msgpack Update payload) fits in this many bytes")
 
     @model_validator(mode="after")
     def _levels(self) -> "AgentConfig":

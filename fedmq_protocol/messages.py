@@ -16,11 +16,11 @@ import time
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from fedmq_protocol import SCHEMA_VERSION
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.tensors import TensorMap, WireTensor, decode_tensor_map
+from fedmq_protocol.codec import EncodedTensors, encode
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a 7B-model LoRA at r=64 is a few hundred MB
 
@@ -138,10 +138,14 @@ class FitConfig(BaseModel):
     eval_batches: int = Field(0, ge=0, le=100000)  # 0: the whole eval set
 
 
-def _tensor_map_validator(v: Any) -> TensorMap:
-    if isinstance(v, dict) and all(isinstance(t, WireTensor) for t in v.values()):
+def _encoded_validator(v: Any) -> EncodedTensors:
+    """Wire maps are validated as codec structures; plain name -> array maps are encoded
+    losslessly (a convenience for code building messages)."""
+    if isinstance(v, EncodedTensors):
         return v
-    return decode_tensor_map(v)
+    if isinstance(v, dict) and "codec" not in v:
+        return encode(v)
+    return EncodedTensors.from_wire(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +217,8 @@ class Telemetry(Message):
     applied_version: int | None = None
     method: str | None = None
     resources: Resources | None = None
+    # encoding of the last fit update: density, value bits, bytes, budget (edge_agent.uplink)
+    uplink: dict[str, float] = {}
 
 
 class RoundSummary(Message):
@@ -263,8 +269,9 @@ class Task(Message):
 class Update(Message):
     """Device -> coordinator: the result of a task.
 
-    ``fit``: ``tensors`` holds local adapter minus the global at ``base_version``.
-    ``init``: ``tensors`` holds the device's freshly initialised adapter.
+    ``fit``: ``tensors`` holds local adapter minus the global at ``base_version`` (plus the
+    device's error-feedback residual), encoded by ``fedmq_protocol.codec`` (maybe sparse/quantized).
+    ``init``: ``tensors`` holds the device's freshly initialised adapter (lossless).
     ``evaluate``: no tensors; ``metrics['eval_loss']``.
     """
 
@@ -275,27 +282,44 @@ class Update(Message):
     base_version: int = Field(ge=-1)
     num_samples: int = Field(ge=0)
     metrics: dict[str, float] = {}
-    tensors: TensorMap = {}
+    tensors: EncodedTensors = EncodedTensors({"codec": 1, "tensors": {}})
 
-    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _tensor_map_validator(v)))
+    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
 
     @field_serializer("tensors")
-    def _ser_tensors(self, v: TensorMap) -> dict:
-        return {k: t.to_wire() for k, t in v.items()}
+    def _ser_tensors(self, v: EncodedTensors) -> dict:
+        return v.to_wire()
 
 
 class GlobalModel(Message):
-    """Coordinator -> all: the global adapter at ``version`` (retained)."""
+    """Coordinator -> all: the global adapter at ``version``.
+
+    ``base_version`` None: a snapshot, ``tensors`` holds the whole adapter (dense fp32, exact).
+    Otherwise a difference: adding the decoded ``tensors`` to version ``base_version`` (in float32,
+    ``edge_agent``/``broker_coordinator`` use ``fedmq_protocol.globals.apply_diff``) gives
+    ``version``; it must never be applied to any other base.
+    """
 
     version: int = Field(ge=0)
     round: int = Field(ge=0)
     adapter: AdapterSpec
     model: str | None = None
-    tensors: TensorMap
+    base_version: int | None = Field(default=None, ge=0)
+    tensors: EncodedTensors
     created_at: float = Field(default_factory=time.time)
 
-    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _tensor_map_validator(v)))
+    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
 
     @field_serializer("tensors")
-    def _ser_tensors(self, v: TensorMap) -> dict:
-        return {k: t.to_wire() for k, t in v.items()}
+    def _ser_tensors(self, v: EncodedTensors) -> dict:
+        return v.to_wire()
+
+    @model_validator(mode="after")
+    def _base_before_version(self) -> "GlobalModel":
+        if self.base_version is not None and self.base_version >= self.version:
+            raise ValueError(f"difference v{self.version} cannot have base v{self.base_version}")
+        return self
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.base_version is None

@@ -66,8 +66,26 @@ class Topics:
 
     @property
     def global_model(self) -> str:
-        """msgpack (framed, chunked), retained, QoS 1: the current global adapter."""
+        """msgpack (framed, chunked), retained, QoS 1: the latest snapshot of the global adapter."""
         return f"{self.base}/global"
+
+    def global_diff(self, version: int) -> str:
+        """msgpack (framed, chunked), retained, QoS 1: global ``version`` as a difference from
+        ``version - 1``; retained from the latest snapshot on, cleared when the next snapshot lands."""
+        if not isinstance(version, int) or version < 1:
+            raise ProtocolError(f"invalid global version {version!r}")
+        return f"{self.base}/global/diff/{version}"
+
+    @property
+    def all_global_diffs(self) -> str:
+        return f"{self.base}/global/diff/+"
+
+    def diff_version_from(self, topic: str) -> int:
+        prefix = f"{self.base}/global/diff/"
+        rest = topic[len(prefix):] if topic.startswith(prefix) else ""
+        if not rest.isdigit():
+            raise ProtocolError(f"topic {topic!r} is not a global difference topic")
+        return int(rest)
 
     @property
     def coordinator_status(self) -> str:

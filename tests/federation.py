@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from fedmq_protocol import messages as m
+from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport.mqtt import MqttTransport
@@ -53,7 +54,9 @@ class Capture:
     topics: Topics
     chunk_size: int = 256 * 1024
     updates: list[m.Update] = field(default_factory=list)
-    globals_: dict[int, m.GlobalModel] = field(default_factory=dict)
+    globals_: dict[int, m.GlobalModel] = field(default_factory=dict)  # snapshots and differences
+    # the global of every version as devices reconstruct it (fedmq_protocol.globals)
+    weights: dict[int, dict] = field(default_factory=dict)
     rounds: list[m.RoundSummary] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,10 +67,17 @@ class Capture:
             with self.lock:
                 self.updates.append(m.Update.from_msgpack(payload))
 
+        sync = GlobalSync(max_elements=1 << 30)
+
         def on_global(topic: str, payload: bytes) -> None:
+            if not payload:
+                return
             g = m.GlobalModel.from_msgpack(payload)
             with self.lock:
                 self.globals_[g.version] = g
+                sync.offer(g)
+                if sync.version is not None:
+                    self.weights[sync.version] = sync.arrays
 
         def on_round(topic: str, payload: bytes) -> None:
             if payload:
@@ -76,6 +86,7 @@ class Capture:
 
         self.transport.subscribe(self.topics.all_device_updates, on_update, qos=1, framed=True)
         self.transport.subscribe(self.topics.global_model, on_global, qos=1, framed=True)
+        self.transport.subscribe(self.topics.all_global_diffs, on_global, qos=1, framed=True)
         self.transport.subscribe(self.topics.rounds, on_round, qos=1)
         self.transport.connect(10)
         return self
