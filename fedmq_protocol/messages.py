@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from fedmq_protocol import SCHEMA_VERSION
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.tensors import TensorMap, WireTensor, decode_tensor_map
+from fedmq_protocol.zo import ZoTask, ZoUpdate
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a 7B-model LoRA at r=64 is a few hundred MB
 
@@ -255,6 +256,7 @@ class Task(Message):
     adapter: AdapterSpec
     fit: FitConfig = FitConfig()
     model: str | None = None  # the federation's model name, for a device-side sanity check
+    zo: ZoTask | None = None  # zeroth-order (FedKSeed) federations only
 
 
 class Update(Message):
@@ -273,6 +275,7 @@ class Update(Message):
     num_samples: int = Field(ge=0)
     metrics: dict[str, float] = {}
     tensors: TensorMap = {}
+    zo: ZoUpdate | None = None  # zeroth-order fit: seeds drawn and their accumulated g
 
     _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _tensor_map_validator(v)))
 

@@ -1,0 +1,295 @@
+"""Zeroth-order training (FedKSeed client rule with MeZO in-place perturbation).
+
+Two targets: every parameter of a full-precision model (``full``), or only the LoRA parameters on a
+4-bit NF4 base (``lora``). Memory stays at inference level: the model runs in eval mode under
+``torch.no_grad``, and z is never materialised for the whole model; it is drawn per parameter in
+chunks of ``Z_CHUNK`` elements into a small reusable buffer.
+
+z is defined on the CPU in float32: parameter number i under seed s is drawn by a private
+``torch.Generator`` seeded with ``param_seed(s, i)`` (Gaussian via ``normal_``, Rademacher as the bits
+of random bytes), chunk after chunk, then cast/moved to the parameter. The global RNG is never
+touched, and parameters are independent, so they are processed by a few worker threads.
+
+One step, seed s drawn from the K candidates: theta += eps z; L+; theta -= 2 eps z; L-;
+g = (L+ - L-) / (2 eps); theta += (eps - lr g) z (restore and SGD update fused in one pass: three
+draws of z per step instead of four). A ledger round is replayed as theta += (-lr g_sum) z(s) in
+ascending index order; scaling z first and adding it second are two exactly rounded element-wise
+ops, so the result does not depend on vectorisation or thread counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from edge_agent.data import Example
+from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
+from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
+from fedmq_protocol.messages import AdapterSpec, FitConfig
+from fedmq_protocol.zo import Z_CHUNK, ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def fill_direction(out: torch.Tensor, gen: torch.Generator, direction: str, scratch: torch.Tensor) -> None:
+    """Fill float32 ``out`` with the next ``out.numel()`` direction values from ``gen``."""
+    if direction == "gaussian":
+        out.normal_(generator=gen)
+    elif direction == "rademacher":
+        m = out.numel()
+        nb = (m + 7) // 8
+        b = scratch[:nb].random_(0, 256, generator=gen)
+        bits = torch.bitwise_and(b.unsqueeze(1) >> _SHIFTS, 1).view(-1)[:m]
+        out.copy_(bits).mul_(-2.0).add_(1.0)  # bit 0 -> +1, bit 1 -> -1
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+
+
+def draw_direction(seed: int, param_index: int, numel: int, direction: str) -> torch.Tensor:
+    """The whole z of one parameter (float32, CPU), for tests and references."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(param_seed(seed, param_index))
+    z = torch.empty(numel, dtype=torch.float32)
+    scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
+    for off in range(0, numel, Z_CHUNK):
+        fill_direction(z[off:off + Z_CHUNK], gen, direction, scratch)
+    return z
+
+
+class _Perturber:
+    """theta_i += coef * z_i(seed) for every trainable parameter, chunked, over worker threads."""
+
+    def __init__(self, params: Sequence[torch.Tensor], workers: int) -> None:
+        self.params = list(params)
+        self.workers = max(1, min(workers, len(self.params)))
+        # Balance workers by element count (greedy, largest first); fixed for the model's life.
+        loads = [0] * self.workers
+        self.groups: list[list[int]] = [[] for _ in range(self.workers)]
+        for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].numel()):
+            w = loads.index(min(loads))
+            self.groups[w].append(i)
+            loads[w] += self.params[i].numel()
+        self._local = threading.local()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zo") if self.workers > 1 else None
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        loc = self._local
+        if not hasattr(loc, "buf"):
+            loc.buf = torch.empty(Z_CHUNK, dtype=torch.float32)
+            loc.scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
+            loc.gen = torch.Generator(device="cpu")
+        return loc.buf, loc.scratch, loc.gen
+
+    def _run_group(self, group: Iterable[int], seed: int, coef: float, direction: str) -> None:
+        buf, scratch, gen = self._buffers()
+        for i in group:
+            p = self.params[i]
+            flat = p.view(-1)
+            gen.manual_seed(param_seed(seed, i))
+            n = flat.numel()
+            for off in range(0, n, Z_CHUNK):
+                m = min(Z_CHUNK, n - off)
+                z = buf[:m]
+                fill_direction(z, gen, direction, scratch)
+                z.mul_(coef)
+                if p.dtype != torch.float32 or p.device.type != "cpu":
+                    flat[off:off + m].add_(z.to(p.device, p.dtype))
+                else:
+                    flat[off:off + m].add_(z)
+
+    def add(self, seed: int, coef: float, direction: str) -> None:
+        with torch.no_grad():
+            if self.pool is None:
+                self._run_group(range(len(self.params)), seed, coef, direction)
+                return
+            futures = [self.pool.submit(self._run_group, g, seed, coef, direction) for g in self.groups]
+            for f in futures:
+                f.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class ZoMethod(TrainingMethod):
+    """FedKSeed client. ``target`` "full": all parameters of a float32 model; "lora": the LoRA
+    parameters of an NF4 base (QLoRA's loading)."""
+
+    name: ClassVar[str] = "zo"
+
+    def __init__(
+        self,
+        model_path: str,
+        adapter: AdapterSpec,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        seed: int = 0,
+        target: str = "full",
+        workers: int | None = None,
+        gradient_checkpointing: bool = False,  # accepted for interface parity; no backward here
+    ) -> None:
+        if target not in ("full", "lora"):
+            raise ValueError(f"zo target must be 'full' or 'lora', got {target!r}")
+        self.target = target
+        if target == "lora":
+            self.quantize_4bit = True  # type: ignore[misc]  # QLoRA's NF4 base
+            super().__init__(model_path, adapter, device=device, dtype=dtype, seed=seed)
+        else:
+            self.model_path, self.adapter_spec, self.seed = model_path, adapter, seed
+            self.device, self.dtype = resolve_device(device), dtype
+            self.model, self.tokenizer = load_causal_lm(model_path, quantize_4bit=False, dtype=dtype, device=self.device)
+            self.model.eval()
+            self._params = {}
+            seen: set[int] = set()
+            for pname, p in self.model.named_parameters():
+                if id(p) not in seen:  # tied weights (embeddings / lm_head) count once
+                    seen.add(id(p))
+                    self._params[pname] = p
+            self._token_cache = {}
+            self._eos = self.tokenizer.eos_token_id
+            self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.fingerprint = model_fingerprint(model_path) + (":lora" if target == "lora" else ":full")
+        if workers is None:
+            workers = min(4, torch.get_num_threads())
+        self._perturb = _Perturber(list(self._params.values()), workers)
+        self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
+
+    # -- seeds ----------------------------------------------------------------------------------
+    def candidate_seeds(self, spec: ZoSpec) -> list[int]:
+        key = (spec.seed, spec.num_seeds)
+        if self._seeds_cache is None or self._seeds_cache[0] != key:
+            self._seeds_cache = (key, candidate_seeds(spec.seed, spec.num_seeds))
+        return self._seeds_cache[1]
+
+    def perturb(self, seed: int, coef: float, direction: str) -> None:
+        """theta += coef * z(seed) over every trainable parameter."""
+        self._perturb.add(seed, coef, direction)
+
+    # -- local training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loss(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.model(**batch).loss)
+
+    def fit(
+        self,
+        examples: Sequence[Example],
+        cfg: FitConfig,
+        *,
+        spec: ZoSpec | None = None,
+        probabilities: np.ndarray | None = None,
+        progress: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> FitResult:
+        """``cfg.local_steps`` ZO-SGD steps; the seed pool is left in ``self.last_pool``
+        (candidate index -> accumulated g)."""
+        if spec is None:
+            raise ValueError("zo fit needs the federation's ZoSpec")
+        if not examples:
+            raise ValueError("fit needs at least one example")
+        seeds = self.candidate_seeds(spec)
+        encoded = [self._encode(ex, cfg.max_seq_len) for ex in examples]
+        batch_rng = random.Random(cfg.seed)
+        seed_rng = random.Random(f"zo-seeds:{cfg.seed}")
+        weights = None if probabilities is None else probabilities.tolist()
+        order: list[int] = []
+        pool: dict[int, float] = {}
+        losses: list[float] = []
+        tokens = 0
+        eps, lr = spec.eps, spec.lr
+        t0 = time.perf_counter()
+        self.model.eval()
+        try:
+            for step in range(cfg.local_steps):
+                if should_stop is not None and should_stop():
+                    break
+                idx = []
+                while len(idx) < min(cfg.batch_size, len(encoded)):
+                    if not order:
+                        order = list(range(len(encoded)))
+                        batch_rng.shuffle(order)
+                    idx.append(order.pop())
+                batch = self._collate([encoded[i] for i in idx])
+                k = (seed_rng.randrange(spec.num_seeds) if weights is None
+                     else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
+                s = seeds[k]
+                self.perturb(s, eps, spec.direction)
+                l_plus = self._loss(batch)
+                self.perturb(s, -2.0 * eps, spec.direction)
+                l_minus = self._loss(batch)
+                if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
+                    self.perturb(s, eps, spec.direction)
+                    raise FloatingPointError(f"non-finite zo loss at step {step + 1}")
+                g = (l_plus - l_minus) / (2.0 * eps)
+                self.perturb(s, eps - lr * g, spec.direction)  # restore + update, one pass
+                pool[k] = pool.get(k, 0.0) + g
+                lv = 0.5 * (l_plus + l_minus)
+                losses.append(lv)
+                tokens += 2 * int(batch["attention_mask"].sum())
+                if progress is not None:
+                    progress(step + 1, lv)
+        finally:
+            _release_memory()
+        self.last_pool = pool
+        return FitResult(
+            num_samples=len(examples),
+            steps=len(losses),
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            seconds=time.perf_counter() - t0,
+            tokens=tokens,
+        )
+
+    # -- ledger replay --------------------------------------------------------------------------
+    def check_spec(self, spec: ZoSpec) -> None:
+        if spec.target != self.target:
+            raise ValueError(f"ledger trains target {spec.target!r}; this method holds {self.target!r}")
+        if spec.base_fingerprint is not None and spec.base_fingerprint != self.fingerprint:
+            raise ValueError(f"ledger base {spec.base_fingerprint} differs from this device's {self.fingerprint}")
+
+    def apply_round(self, entry: ZoLedgerRound) -> int:
+        """Replay one ledger round; returns the number of seeds applied."""
+        self.check_spec(entry.spec)
+        seeds = self.candidate_seeds(entry.spec)
+        n = 0
+        for k, g in entry.entries():  # ascending index: canonical order
+            if g != 0.0:
+                self.perturb(seeds[k], -entry.spec.lr * g, entry.spec.direction)
+                n += 1
+        return n
+
+    # -- exact return to the pre-round weights ---------------------------------------------------
+    def snapshot(self, path: str | Path) -> None:
+        """Write the trainable parameters to ``path`` (restored bit for bit by ``restore``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({str(i): p.detach() for i, p in enumerate(self._params.values())}, tmp)
+        os.replace(tmp, path)
+
+    def restore(self, path: str | Path) -> None:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.no_grad():
+            for i, p in enumerate(self._params.values()):
+                p.copy_(state[str(i)])
+        del state
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return dict(self._params)
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        # The global of a zo federation is base + ledger: no tensors travel.
+        return {}
+
+    def __repr__(self) -> str:
+        return f"ZoMethod(model={self.model_path!r}, target={self.target}, trainable={self.num_trainable_params()})"
