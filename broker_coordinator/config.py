@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
+from fedmq_protocol.zo import ZoSpec
 
 
 class CoordinatorConfig(BaseModel):
@@ -34,6 +35,7 @@ class CoordinatorConfig(BaseModel):
     eval_deadline_s: float = Field(300, gt=0)
     wait_for_devices_s: float = Field(600, gt=0)
     selection_seed: int = 0
+    zo: ZoSpec | None = Field(None, description="zeroth-order federation (FedKSeed): devices train with method zo")
 
     @model_validator(mode="after")
     def _check(self) -> "CoordinatorConfig":

@@ -18,7 +18,7 @@ import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.state import CoordinatorState, DeviceRecord, FileStateStore, StateStore
-from broker_coordinator.strategy import FedAvg, Strategy, validate_update_tensors
+from broker_coordinator.strategy import FedAvg, Strategy
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.tensors import WireTensor
@@ -68,9 +68,7 @@ class Coordinator:
     ) -> None:
         self.cfg = config
         self.topics = Topics(config.topic_root, config.federation)
-        self.strategy = strategy or FedAvg(
-            config.min_clients, config.fraction, config.max_clients, config.selection_seed
-        )
+        self.strategy = strategy or _default_strategy(config)
         self.store = store or FileStateStore(config.state_dir)
         self.state = self.store.load() or CoordinatorState()
         self.counters = CoordinatorCounters()
@@ -200,7 +198,7 @@ class Coordinator:
                 f"task {c.task_id} (kind {c.kind}, round {c.round_no}, base v{c.base_version})"
             )
         if upd.kind == "fit":
-            validate_update_tensors(self._global_arrays(), upd)
+            self.strategy.validate_fit(self._global_arrays(), upd)
             if upd.num_samples <= 0:
                 raise ProtocolError("fit update reports no samples")
         elif upd.kind == "evaluate":
@@ -261,6 +259,7 @@ class Coordinator:
                 adapter=self.cfg.adapter,
                 fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + round_no * 7919 + attempt}),
                 model=self.cfg.model,
+                **self.strategy.task_fields(kind, round_no, self.state),
             )
             sent += self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
         return c, sent
@@ -282,12 +281,24 @@ class Coordinator:
         gm = self.state.global_model
         assert gm is not None
         t0 = time.perf_counter()
+        n = 0
+        for topic, extra in self.strategy.retained_messages(self.state, self.topics.base):
+            n += self.transport.publish(topic, extra, qos=QOS_GLOBAL, retain=True, framed=True)
         payload = gm.to_msgpack()
-        n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        n += self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
         return n, time.perf_counter() - t0
 
     def _initialize_global(self) -> None:
         """No global yet: ask one ready device for its freshly initialised adapter (version 0)."""
+        initial = self.strategy.initial_tensors()
+        if initial is not None:  # the mode defines version 0 itself (zo: the base checkpoint)
+            self.state.global_model = m.GlobalModel(
+                version=0, round=0, adapter=self.cfg.adapter, model=self.cfg.model,
+                tensors={k: WireTensor.from_numpy(v) for k, v in initial.items()},
+            )
+            self.store.save(self.state)
+            self._publish_global()
+            return
         for attempt in range(self.cfg.round_retries + 1):
             self._wait_for_devices(1, self.cfg.wait_for_devices_s)
             ready = sorted(self.ready_devices(), key=lambda d: d.device_id)
@@ -360,6 +371,7 @@ class Coordinator:
             tensors={k: WireTensor.from_numpy(v) for k, v in new_tensors.items()},
         )
         self.state.round_completed = round_no
+        self.strategy.commit_round(self.state, round_no)
         for d in selected:
             rec = self.state.devices.get(d)
             if rec:
@@ -424,6 +436,14 @@ class Coordinator:
         finally:
             self._collect = None
         return self.state
+
+
+def _default_strategy(config: CoordinatorConfig) -> Strategy:
+    if config.zo is not None:
+        from broker_coordinator.zo_strategy import FedKSeed
+
+        return FedKSeed(config)
+    return FedAvg(config.min_clients, config.fraction, config.max_clients, config.selection_seed)
 
 
 def _protocol_timings(updates: list[m.Update], c: _Collect, aggregate_s: float, publish_s: float) -> dict[str, float]:

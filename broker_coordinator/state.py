@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq_protocol.messages import GlobalModel, RoundSummary
+from fedmq_protocol.zo import ZoLedgerRound
 
 STATE_FORMAT = 1
 
@@ -59,6 +60,8 @@ class CoordinatorState:
     global_model: GlobalModel | None = None
     history: list[RoundSummary] = field(default_factory=list)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    # zeroth-order federations: the global is the base checkpoint + this seed ledger (rounds 1..N)
+    zo_ledger: list[ZoLedgerRound] = field(default_factory=list)
 
     @property
     def global_version(self) -> int:
@@ -88,6 +91,7 @@ class InMemoryStateStore(StateStore):
             global_model=state.global_model,
             history=list(state.history),
             devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
+            zo_ledger=list(state.zo_ledger),
         )
 
 
@@ -137,11 +141,20 @@ class FileStateStore(StateStore):
         gm = None
         if obj.get("global_file"):
             gm = GlobalModel.from_msgpack((self.dir / obj["global_file"]).read_bytes())
+        round_completed = int(obj["round_completed"])
+        ledger: list[ZoLedgerRound] = []
+        if obj.get("zo_ledger_file"):
+            import msgpack
+
+            raw = msgpack.unpackb((self.dir / obj["zo_ledger_file"]).read_bytes(), raw=False)
+            # written before state.json: a crash in between may leave one round too many
+            ledger = [e for e in (ZoLedgerRound.model_validate(x) for x in raw) if e.round <= round_completed]
         return CoordinatorState(
-            round_completed=int(obj["round_completed"]),
+            round_completed=round_completed,
             global_model=gm,
             history=[RoundSummary.from_obj(h) for h in obj.get("history", [])],
             devices={k: DeviceRecord.from_json(v) for k, v in obj.get("devices", {}).items()},
+            zo_ledger=ledger,
         )
 
     def save(self, state: CoordinatorState) -> None:
@@ -151,8 +164,16 @@ class FileStateStore(StateStore):
             global_file = f"global-v{state.global_model.version}.msgpack"
             if not (self.dir / global_file).exists():
                 atomic_write(self.dir / global_file, state.global_model.to_msgpack())
+        ledger_file = None
+        if state.zo_ledger:
+            import msgpack
+
+            ledger_file = "zo-ledger.msgpack"
+            atomic_write(self.dir / ledger_file, msgpack.packb(
+                [e.model_dump(by_alias=True, mode="python") for e in state.zo_ledger], use_bin_type=True))
         doc = {
             "format": STATE_FORMAT,
+            "zo_ledger_file": ledger_file,
             "round_completed": state.round_completed,
             "global_version": state.global_version,
             "global_file": global_file,

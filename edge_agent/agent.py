@@ -190,8 +190,13 @@ class EdgeAgent:
                 self._on_global(payload, arrived_at)
             elif kind == "task":
                 self._on_task(payload)
+            else:
+                self._on_other_event(kind, topic, payload)
         except ProtocolError as exc:
             log.warning("rejected %s on %s: %s", kind, topic, exc)
+
+    def _on_other_event(self, kind: str, topic: str, payload: bytes) -> None:
+        """Events of extra subscriptions made by subclasses."""
 
     def _on_global(self, payload: bytes, received_at: float) -> None:
         t0 = time.perf_counter()
@@ -331,13 +336,13 @@ class EdgeAgent:
 
     def _send(
         self, task: m.Task, base_version: int, num_samples: int, metrics: dict[str, float],
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, np.ndarray], **extra: Any,
     ) -> None:
         t0 = time.perf_counter()
         upd = m.Update(
             kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
             base_version=base_version, num_samples=num_samples, metrics=metrics,
-            tensors={k: WireTensor.from_numpy(v) for k, v in arrays.items()},
+            tensors={k: WireTensor.from_numpy(v) for k, v in arrays.items()}, **extra,
         )
         obj = upd.to_obj()
         msgpack.packb(obj, use_bin_type=True)
@@ -348,3 +353,12 @@ class EdgeAgent:
         payload = msgpack.packb(obj, use_bin_type=True)
         n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True)
         log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)
+
+
+def create_agent(config: AgentConfig, **kwargs: Any) -> EdgeAgent:
+    """The agent runtime for ``config.method`` (zo federations replay a seed ledger)."""
+    if config.method == "zo":
+        from edge_agent.zo_agent import ZoEdgeAgent
+
+        return ZoEdgeAgent(config, **kwargs)
+    return EdgeAgent(config, **kwargs)

@@ -34,9 +34,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedmq.configfile import load_config
 
     cfg = load_config(args.config, AgentConfig)
-    from edge_agent.agent import EdgeAgent
+    from edge_agent.agent import create_agent
 
-    agent = EdgeAgent(cfg)
+    agent = create_agent(cfg)
     _on_sigterm(agent.stop_event)
     agent.run()
     return 0

@@ -160,7 +160,7 @@ class ZoMethod(TrainingMethod):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
-        self.fingerprint = model_fingerprint(model_path) + (":lora" if target == "lora" else ":full")
+        self.fingerprint = model_fingerprint(model_path)
         if workers is None:
             workers = min(4, torch.get_num_threads())
         self._perturb = _Perturber(list(self._params.values()), workers)
@@ -286,6 +286,19 @@ class ZoMethod(TrainingMethod):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return dict(self._params)
+
+    def param_digest(self) -> str:
+        """blake2b of the trainable parameters' bytes, in order: equal digests, equal weights."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for p in self._params.values():
+            t = p.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            h.update(t.contiguous().view(torch.uint8).numpy().data if t.dtype != torch.bfloat16
+                     else t.contiguous().view(torch.int16).numpy().tobytes())
+        return h.hexdigest()
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         # The global of a zo federation is base + ledger: no tensors travel.
