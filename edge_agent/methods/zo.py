@@ -182,6 +182,20 @@ class ZoMethod(TrainingMethod):
     def _loss(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.model(**batch).loss)
 
+    def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
+        """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses)."""
+        eps, lr = spec.eps, spec.lr
+        self.perturb(seed, eps, spec.direction)
+        l_plus = self._loss(batch)
+        self.perturb(seed, -2.0 * eps, spec.direction)
+        l_minus = self._loss(batch)
+        if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
+            self.perturb(seed, eps, spec.direction)
+            raise FloatingPointError("non-finite zo loss")
+        g = (l_plus - l_minus) / (2.0 * eps)
+        self.perturb(seed, eps - lr * g, spec.direction)  # restore + update fused: one pass
+        return g, 0.5 * (l_plus + l_minus)
+
     def fit(
         self,
         examples: Sequence[Example],
@@ -207,7 +221,6 @@ class ZoMethod(TrainingMethod):
         pool: dict[int, float] = {}
         losses: list[float] = []
         tokens = 0
-        eps, lr = spec.eps, spec.lr
         t0 = time.perf_counter()
         self.model.eval()
         try:
@@ -223,18 +236,11 @@ class ZoMethod(TrainingMethod):
                 batch = self._collate([encoded[i] for i in idx])
                 k = (seed_rng.randrange(spec.num_seeds) if weights is None
                      else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
-                s = seeds[k]
-                self.perturb(s, eps, spec.direction)
-                l_plus = self._loss(batch)
-                self.perturb(s, -2.0 * eps, spec.direction)
-                l_minus = self._loss(batch)
-                if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
-                    self.perturb(s, eps, spec.direction)
-                    raise FloatingPointError(f"non-finite zo loss at step {step + 1}")
-                g = (l_plus - l_minus) / (2.0 * eps)
-                self.perturb(s, eps - lr * g, spec.direction)  # restore + update, one pass
+                try:
+                    g, lv = self.step(batch, seeds[k], spec)
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"{exc} at step {step + 1}") from None
                 pool[k] = pool.get(k, 0.0) + g
-                lv = 0.5 * (l_plus + l_minus)
                 losses.append(lv)
                 tokens += 2 * int(batch["attention_mask"].sum())
                 if progress is not None:
