@@ -35,15 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import command_line, machine, md_table, update_doc_section, write_json  # noqa: E402
 
 VARIANTS = {
-    # lr/eps per MeZO's recommendations (field notes): full-param lr ~1e-6, eps 1e-3; LoRA lr ~1e-4..1e-3, eps 1e-2
-    "full": {"target": "full", "eps": 1e-3, "lr": 2e-6},
-    "lora": {"target": "lora", "eps": 1e-2, "lr": 1e-3},
+    # lr/eps per MeZO's recommendations (field notes): full-param lr ~1e-6, eps 1e-3; LoRA lr ~1e-4..1e-3, eps 1e-2.
+    # direction: what the federation run uses (full: the pool, as i.i.d. draws cost 3 passes of RNG per step).
+    "full": {"target": "full", "eps": 1e-3, "lr": 2e-6, "direction": "gaussian_pool"},
+    "lora": {"target": "lora", "eps": 1e-2, "lr": 1e-3, "direction": "gaussian"},
 }
+DIRECTIONS = ("gaussian", "rademacher", "gaussian_pool")
 BATCH = 4
 SEQ = 96
 
 
-def _setup(variant: str, threads: int):
+def _setup(variant: str, threads: int, direction: str | None = None):
     import torch
 
     torch.set_num_threads(threads)
@@ -58,7 +60,8 @@ def _setup(variant: str, threads: int):
         synthesize(data, num_devices=2, samples_per_device=120, eval_samples=24, seed=11)
     v = VARIANTS[variant]
     method = ZoMethod(resolve_model("smollm2-135m"), AdapterSpec(), device="cpu", target=v["target"])
-    spec = ZoSpec(seed=2024, num_seeds=4096, eps=v["eps"], lr=v["lr"], target=v["target"], direction="gaussian")
+    spec = ZoSpec(seed=2024, num_seeds=4096, eps=v["eps"], lr=v["lr"], target=v["target"],
+                  direction=direction or v["direction"])
     examples = load_jsonl(data / "device_0.jsonl")
     batch = method._collate([method._encode(ex, SEQ) for ex in examples[:BATCH]])
     fit = FitConfig(local_steps=1, batch_size=BATCH, max_seq_len=SEQ)
@@ -77,7 +80,7 @@ def _sampler(stop: threading.Event, out: list[int]) -> None:
 def phase_memory(variant: str, what: str, threads: int) -> dict:
     import torch
 
-    method, spec, batch, _, _ = _setup(variant, threads)
+    method, spec, batch, _, _ = _setup(variant, threads, None if what in ("infer", "zo") else what)
     with torch.no_grad():
         method._loss(batch)  # warm-up: allocator and caches in place for both measurements
     seeds = method.candidate_seeds(spec)
@@ -122,15 +125,19 @@ def phase_timing(variant: str, threads: int, reps: int) -> dict:
     method, spec, batch, _, _ = _setup(variant, threads)
     seeds = method.candidate_seeds(spec)
     method._loss(batch)
-    fwd2, zo, naive = [], [], []
+    method.step(batch, seeds[0], spec.model_copy(update={"direction": "gaussian_pool"}))  # builds the pool
+    fwd2: list[float] = []
+    zo: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
+    naive: list[float] = []
     for i in range(reps):
         t0 = time.perf_counter()
         method._loss(batch)
         method._loss(batch)
         fwd2.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        method.step(batch, seeds[i], spec)
-        zo.append(time.perf_counter() - t0)
+        for d in DIRECTIONS:
+            t0 = time.perf_counter()
+            method.step(batch, seeds[i], spec.model_copy(update={"direction": d}))
+            zo[d].append(time.perf_counter() - t0)
         if i < 2:
             t0 = time.perf_counter()
             _naive_step(method, batch, seeds[100 + i], spec)
@@ -209,7 +216,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timing-reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--full-steps", type=int, default=40, help="local steps per round, full-parameter variant")
+    ap.add_argument("--full-steps", type=int, default=60, help="local steps per round, full-parameter variant")
     ap.add_argument("--lora-steps", type=int, default=200, help="local steps per round, LoRA-on-NF4 variant")
     ap.add_argument("--fed-batch", type=int, default=2)
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -241,6 +248,8 @@ def main() -> int:
         r: dict = {"hyper": VARIANTS[variant]}
         r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
         r["memory_zo"] = _child(["--phase", "memory", "--variant", variant, "--what", "zo", *common])
+        if VARIANTS[variant]["direction"] != "gaussian":
+            r["memory_zo_gaussian"] = _child(["--phase", "memory", "--variant", variant, "--what", "gaussian", *common])
         r["timing"] = _child(["--phase", "timing", "--variant", variant, *common])
         steps = a.full_steps if variant == "full" else a.lora_steps
         r["local_steps"] = steps
@@ -266,7 +275,10 @@ def render(res: dict) -> str:
     for variant, r in res["variants"].items():
         mem = r["memory_zo"]["peak_rss"] / r["memory_infer"]["peak_rss"]
         t = r["timing"]
-        step_ratio = med(t["zo_step_s"]) / med(t["two_forward_s"])
+        d = r["hyper"]["direction"]
+        step_ratio = med(t["zo_step_s"][d]) / med(t["two_forward_s"])
+        ratios = {k: med(v) / med(t["two_forward_s"]) for k, v in t["zo_step_s"].items()}
+        mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]) if "memory_zo_gaussian" in r else mem
         naive_ratio = med(t["naive_step_s"]) / med(t["two_forward_s"])
         f = r["federation"]["rounds"]
         up = max(max(x["uplink_bytes"]) for x in f)
@@ -274,11 +286,13 @@ def render(res: dict) -> str:
         replay = med([x["replay_s"] / max(x["train_s"]) for x in f])
         losses = r["federation"]["eval_loss"]
         r["summary"] = {"uplink_bytes_max": up, "downlink_bytes_max": down, "memory_ratio": mem,
-                        "step_ratio": step_ratio, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
+                        "memory_ratio_gaussian": mem_g, "step_ratio": step_ratio, "step_ratio_by_direction": ratios, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
                         "eval_loss_first_last": [losses[0], losses[-1]]}
-        rows.append([variant, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
-                     f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)",
-                     f"{step_ratio:.2f} ({med(t['zo_step_s']):.2f} / {med(t['two_forward_s']):.2f} s)",
+        rows.append([variant, d, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
+                     f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)"
+                     + ("" if mem_g == mem else f"; gaussian {mem_g:.3f}"),
+                     f"{step_ratio:.2f} ({med(t['zo_step_s'][d]):.2f} / {med(t['two_forward_s']):.2f} s)",
+                     ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
                      f"{naive_ratio:.2f}", f"{replay:.3f}"])
         for x in f:
             fed_rows.append([variant, x["round"], f"{x['uplink_bytes']}", x["distinct_seeds"], x["downlink_bytes"],
@@ -293,20 +307,23 @@ def render(res: dict) -> str:
         targets.append(f"- **{variant}**: uplink {sm['uplink_bytes_max']:,} B at {r['local_steps']} local steps "
                        f"({'meets' if sm['uplink_bytes_max'] <= 2048 else 'misses'} ≤ 2 KB); peak memory "
                        f"{sm['memory_ratio']:.3f}× inference ({'meets' if sm['memory_ratio'] <= 1.1 else 'misses'} ≤ 1.1×); "
-                       f"step {sm['step_ratio']:.2f}× two forwards ({'meets' if sm['step_ratio'] <= 1.3 else 'misses'} ≤ 1.3×; "
+                       f"step {sm['step_ratio']:.2f}× two forwards with {r['hyper']['direction']} "
+                       f"({'meets' if sm['step_ratio'] <= 1.3 else 'misses'} ≤ 1.3×; "
+                       + ", ".join(f"{k} {v:.2f}×" for k, v in sm["step_ratio_by_direction"].items()) + "; "
                        f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {sm['eval_loss_first_last'][0]:.4f} → "
                        f"{sm['eval_loss_first_last'][1]:.4f} ({'down' if sm['eval_loss_first_last'][1] < sm['eval_loss_first_last'][0] else 'NOT down'}).")
     return "\n".join([
         f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch {res['batch'][0]} × ≤{res['batch'][1]} tokens "
         "for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
-        "message → restore → coordinator aggregation → ledger replay), Gaussian directions, K = 4096 seeds.",
+        "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; directions per variant "
+        "(gaussian_pool: slices of one shared 64 MiB Gaussian pool, not i.i.d.; gaussian: the paper's).",
         "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward), each in a fresh process. "
         "Step time: medians, ZO step and two forwards alternated in one process.",
         "",
         f"Command: `{res['command']}` ({res['bench_s'] / 60:.1f} min). Machine: {res['machine']}",
         "",
-        md_table(["variant", "trainable", "local steps", "uplink B/client (max)", "downlink B/client (max)",
-                  "ZO step / inference peak RSS", "ZO step / two forwards", "naive / two forwards",
+        md_table(["variant", "direction", "trainable", "local steps", "uplink B/client (max)", "downlink B/client (max)",
+                  "ZO step / inference peak RSS", "ZO step / two forwards", "by direction", "naive / two forwards",
                   "replay / local training"], rows),
         "",
         md_table(["variant", "round", "uplink B per client", "distinct seeds", "downlink B", "seeds replayed",

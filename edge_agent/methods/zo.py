@@ -34,9 +34,27 @@ from edge_agent.data import Example
 from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
 from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from fedmq_protocol.zo import Z_CHUNK, ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
+from fedmq_protocol.zo import (
+    POOL_SEED, POOL_SIZE, Z_CHUNK, ZoLedgerRound, ZoSpec, candidate_seeds, param_seed, pool_slice,
+)
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+_POOL: torch.Tensor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def gaussian_pool() -> torch.Tensor:
+    """The shared float32 Gaussian pool of ``gaussian_pool`` directions (built once per process)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(POOL_SEED)
+            pool = torch.empty(POOL_SIZE, dtype=torch.float32)
+            for off in range(0, POOL_SIZE, Z_CHUNK):
+                pool[off:off + Z_CHUNK].normal_(generator=gen)
+            _POOL = pool
+        return _POOL
 
 
 def fill_direction(out: torch.Tensor, gen: torch.Generator, direction: str, scratch: torch.Tensor) -> None:
@@ -55,6 +73,13 @@ def fill_direction(out: torch.Tensor, gen: torch.Generator, direction: str, scra
 
 def draw_direction(seed: int, param_index: int, numel: int, direction: str) -> torch.Tensor:
     """The whole z of one parameter (float32, CPU), for tests and references."""
+    if direction == "gaussian_pool":
+        pool, ps = gaussian_pool(), param_seed(seed, param_index)
+        parts = []
+        for c, off in enumerate(range(0, numel, Z_CHUNK)):
+            start, sign = pool_slice(ps, c)
+            parts.append(pool[start:start + min(Z_CHUNK, numel - off)] * sign)
+        return torch.cat(parts)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(param_seed(seed, param_index))
     z = torch.empty(numel, dtype=torch.float32)
@@ -88,29 +113,39 @@ class _Perturber:
             loc.gen = torch.Generator(device="cpu")
         return loc.buf, loc.scratch, loc.gen
 
-    def _run_group(self, group: Iterable[int], seed: int, coef: float, direction: str) -> None:
+    def _run_group(self, group: Iterable[int], seed: int, coef: float, direction: str, exact: bool) -> None:
         buf, scratch, gen = self._buffers()
+        pool = gaussian_pool() if direction == "gaussian_pool" else None
         for i in group:
             p = self.params[i]
             flat = p.view(-1)
-            gen.manual_seed(param_seed(seed, i))
+            ps = param_seed(seed, i)
+            gen.manual_seed(ps)
             n = flat.numel()
-            for off in range(0, n, Z_CHUNK):
+            for c, off in enumerate(range(0, n, Z_CHUNK)):
                 m = min(Z_CHUNK, n - off)
-                z = buf[:m]
-                fill_direction(z, gen, direction, scratch)
-                z.mul_(coef)
-                if p.dtype != torch.float32 or p.device.type != "cpu":
-                    flat[off:off + m].add_(z.to(p.device, p.dtype))
+                if pool is not None:
+                    start, sign = pool_slice(ps, c)
+                    z, scale = pool[start:start + m], coef * sign
                 else:
-                    flat[off:off + m].add_(z)
+                    z, scale = buf[:m], coef
+                    fill_direction(z, gen, direction, scratch)
+                dst = flat[off:off + m]
+                if exact or p.dtype != torch.float32 or p.device.type != "cpu":
+                    # two exactly rounded element-wise ops: bitwise the same on every device
+                    # and for every thread count (a fused a + alpha*b may or may not use FMA)
+                    zs = torch.mul(z, scale, out=buf[:m])
+                    dst.add_(zs.to(p.device, p.dtype) if p.dtype != torch.float32 or p.device.type != "cpu" else zs)
+                else:
+                    dst.add_(z, alpha=scale)
 
-    def add(self, seed: int, coef: float, direction: str) -> None:
+    def add(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
         with torch.no_grad():
-            if self.pool is None:
-                self._run_group(range(len(self.params)), seed, coef, direction)
+            # the pool needs no drawing: memory-bound adds, parallel inside torch's own ops
+            if self.pool is None or direction == "gaussian_pool":
+                self._run_group(range(len(self.params)), seed, coef, direction, exact)
                 return
-            futures = [self.pool.submit(self._run_group, g, seed, coef, direction) for g in self.groups]
+            futures = [self.pool.submit(self._run_group, g, seed, coef, direction, exact) for g in self.groups]
             for f in futures:
                 f.result()
 
@@ -173,9 +208,10 @@ class ZoMethod(TrainingMethod):
             self._seeds_cache = (key, candidate_seeds(spec.seed, spec.num_seeds))
         return self._seeds_cache[1]
 
-    def perturb(self, seed: int, coef: float, direction: str) -> None:
-        """theta += coef * z(seed) over every trainable parameter."""
-        self._perturb.add(seed, coef, direction)
+    def perturb(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
+        """theta += coef * z(seed) over every trainable parameter. ``exact=False`` (local steps,
+        undone by the pre-round snapshot) fuses scale and add into one pass."""
+        self._perturb.add(seed, coef, direction, exact)
 
     # -- local training -------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,15 +221,15 @@ class ZoMethod(TrainingMethod):
     def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
         """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses)."""
         eps, lr = spec.eps, spec.lr
-        self.perturb(seed, eps, spec.direction)
+        self.perturb(seed, eps, spec.direction, exact=False)
         l_plus = self._loss(batch)
-        self.perturb(seed, -2.0 * eps, spec.direction)
+        self.perturb(seed, -2.0 * eps, spec.direction, exact=False)
         l_minus = self._loss(batch)
         if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
-            self.perturb(seed, eps, spec.direction)
+            self.perturb(seed, eps, spec.direction, exact=False)
             raise FloatingPointError("non-finite zo loss")
         g = (l_plus - l_minus) / (2.0 * eps)
-        self.perturb(seed, eps - lr * g, spec.direction)  # restore + update fused: one pass
+        self.perturb(seed, eps - lr * g, spec.direction, exact=False)  # restore + update: one pass
         return g, 0.5 * (l_plus + l_minus)
 
     def fit(
