@@ -6,7 +6,8 @@ NF4 base). For each:
 - memory: peak RSS of one ZO step over peak RSS of inference (two forward passes) on the same batch,
   each in its own fresh process, sampled with psutil every millisecond after the model is loaded
   and one warm-up forward has run (ru_maxrss is reported too; it includes loading).
-- time: one ZO step over two forward passes on the same batch, alternated in one process, medians;
+- time: one steady-state ZO step (the previous step's deferred pass folded in, as in a running fit)
+  over two forward passes on the same batch, alternated in one process, medians, per direction;
   a naive step (4 full-tensor draws of z per step, one thread) is timed alongside for reference.
 - federation: 2 clients x R rounds in one process, exactly as agents run it: snapshot, local ZO fit,
   the real Update message (msgpack) is encoded, restore, the coordinator's aggregation into a ledger
@@ -135,9 +136,13 @@ def phase_timing(variant: str, threads: int, reps: int) -> dict:
         method._loss(batch)
         fwd2.append(time.perf_counter() - t0)
         for d in DIRECTIONS:
+            sd = spec.model_copy(update={"direction": d})
+            method.flush()
+            method.step(batch, seeds[2 * i], sd)  # leaves its deferred pass, as in a running fit
             t0 = time.perf_counter()
-            method.step(batch, seeds[i], spec.model_copy(update={"direction": d}))
+            method.step(batch, seeds[2 * i + 1], sd)  # steady state: folds the previous pass in
             zo[d].append(time.perf_counter() - t0)
+        method.flush()
         if i < 2:
             t0 = time.perf_counter()
             _naive_step(method, batch, seeds[100 + i], spec)

@@ -11,8 +11,9 @@ of random bytes), chunk after chunk, then cast/moved to the parameter. The globa
 touched, and parameters are independent, so they are processed by a few worker threads.
 
 One step, seed s drawn from the K candidates: theta += eps z; L+; theta -= 2 eps z; L-;
-g = (L+ - L-) / (2 eps); theta += (eps - lr g) z (restore and SGD update fused in one pass: three
-draws of z per step instead of four). A ledger round is replayed as theta += (-lr g_sum) z(s) in
+g = (L+ - L-) / (2 eps); theta += (eps - lr g) z (restore and SGD update fused in one pass, itself
+folded chunk by chunk into the next step's +eps pass: theta streams through memory twice per step,
+not four times). A ledger round is replayed as theta += (-lr g_sum) z(s) in
 ascending index order; scaling z first and adding it second are two exactly rounded element-wise
 ops, so the result does not depend on vectorisation or thread counts.
 """
@@ -105,47 +106,55 @@ class _Perturber:
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zo") if self.workers > 1 else None
 
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    def _buffers(self, n: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Generator]]:
         loc = self._local
-        if not hasattr(loc, "buf"):
-            loc.buf = torch.empty(Z_CHUNK, dtype=torch.float32)
+        if not hasattr(loc, "bufs"):
+            loc.bufs, loc.gens = [], []
             loc.scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
-            loc.gen = torch.Generator(device="cpu")
-        return loc.buf, loc.scratch, loc.gen
+        while len(loc.bufs) < n:
+            loc.bufs.append(torch.empty(Z_CHUNK, dtype=torch.float32))
+            loc.gens.append(torch.Generator(device="cpu"))
+        return loc.bufs, loc.scratch, loc.gens
 
-    def _run_group(self, group: Iterable[int], seed: int, coef: float, direction: str, exact: bool) -> None:
-        buf, scratch, gen = self._buffers()
+    def _run_group(self, group: Iterable[int], terms: Sequence[tuple[int, float]], direction: str, exact: bool) -> None:
+        bufs, scratch, gens = self._buffers(len(terms) + 1)
+        out = bufs[-1]
         pool = gaussian_pool() if direction == "gaussian_pool" else None
         for i in group:
             p = self.params[i]
             flat = p.view(-1)
-            ps = param_seed(seed, i)
-            gen.manual_seed(ps)
+            pseeds = [param_seed(seed, i) for seed, _ in terms]
+            for gen, ps in zip(gens, pseeds):
+                gen.manual_seed(ps)
             n = flat.numel()
+            cast = p.dtype != torch.float32 or p.device.type != "cpu"
             for c, off in enumerate(range(0, n, Z_CHUNK)):
                 m = min(Z_CHUNK, n - off)
-                if pool is not None:
-                    start, sign = pool_slice(ps, c)
-                    z, scale = pool[start:start + m], coef * sign
-                else:
-                    z, scale = buf[:m], coef
-                    fill_direction(z, gen, direction, scratch)
                 dst = flat[off:off + m]
-                if exact or p.dtype != torch.float32 or p.device.type != "cpu":
-                    # two exactly rounded element-wise ops: bitwise the same on every device
-                    # and for every thread count (a fused a + alpha*b may or may not use FMA)
-                    zs = torch.mul(z, scale, out=buf[:m])
-                    dst.add_(zs.to(p.device, p.dtype) if p.dtype != torch.float32 or p.device.type != "cpu" else zs)
-                else:
-                    dst.add_(z, alpha=scale)
+                # every term of this chunk while it is in cache: one trip to memory for theta
+                for t, (_, coef) in enumerate(terms):
+                    if pool is not None:
+                        start, sign = pool_slice(pseeds[t], c)
+                        z, scale = pool[start:start + m], coef * sign
+                    else:
+                        z, scale = bufs[t][:m], coef
+                        fill_direction(z, gens[t], direction, scratch)
+                    if exact or cast:
+                        # two exactly rounded element-wise ops: bitwise the same on every device
+                        # and for every thread count (a fused a + alpha*b may or may not use FMA)
+                        zs = torch.mul(z, scale, out=out[:m])
+                        dst.add_(zs.to(p.device, p.dtype) if cast else zs)
+                    else:
+                        dst.add_(z, alpha=scale)
 
-    def add(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
+    def add(self, terms: Sequence[tuple[int, float]], direction: str, exact: bool = True) -> None:
+        """theta += sum over terms (seed, coef) of coef * z(seed), terms applied in order."""
         with torch.no_grad():
             # the pool needs no drawing: memory-bound adds, parallel inside torch's own ops
             if self.pool is None or direction == "gaussian_pool":
-                self._run_group(range(len(self.params)), seed, coef, direction, exact)
+                self._run_group(range(len(self.params)), terms, direction, exact)
                 return
-            futures = [self.pool.submit(self._run_group, g, seed, coef, direction, exact) for g in self.groups]
+            futures = [self.pool.submit(self._run_group, g, terms, direction, exact) for g in self.groups]
             for f in futures:
                 f.result()
 
@@ -200,6 +209,8 @@ class ZoMethod(TrainingMethod):
             workers = min(4, torch.get_num_threads())
         self._perturb = _Perturber(list(self._params.values()), workers)
         self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
+        self._pending: list[tuple[int, float]] = []
+        self._pending_direction = "gaussian"
 
     # -- seeds ----------------------------------------------------------------------------------
     def candidate_seeds(self, spec: ZoSpec) -> list[int]:
@@ -211,7 +222,7 @@ class ZoMethod(TrainingMethod):
     def perturb(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
         """theta += coef * z(seed) over every trainable parameter. ``exact=False`` (local steps,
         undone by the pre-round snapshot) fuses scale and add into one pass."""
-        self._perturb.add(seed, coef, direction, exact)
+        self._perturb.add([(seed, coef)], direction, exact)
 
     # -- local training -------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,9 +230,16 @@ class ZoMethod(TrainingMethod):
         return float(self.model(**batch).loss)
 
     def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
-        """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses)."""
+        """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses).
+
+        The step's last pass (restore + update, theta += (eps - lr g) z) is deferred and folded into
+        the next step's +eps pass, chunk by chunk, so theta streams through memory twice per step;
+        ``flush()`` applies a deferred pass (``fit`` does at its end)."""
         eps, lr = spec.eps, spec.lr
-        self.perturb(seed, eps, spec.direction, exact=False)
+        if self._pending and self._pending_direction != spec.direction:
+            self.flush()
+        self._perturb.add([*self._pending, (seed, eps)], spec.direction, exact=False)
+        self._pending = []
         l_plus = self._loss(batch)
         self.perturb(seed, -2.0 * eps, spec.direction, exact=False)
         l_minus = self._loss(batch)
@@ -229,8 +247,15 @@ class ZoMethod(TrainingMethod):
             self.perturb(seed, eps, spec.direction, exact=False)
             raise FloatingPointError("non-finite zo loss")
         g = (l_plus - l_minus) / (2.0 * eps)
-        self.perturb(seed, eps - lr * g, spec.direction, exact=False)  # restore + update: one pass
+        self._pending = [(seed, eps - lr * g)]
+        self._pending_direction = spec.direction
         return g, 0.5 * (l_plus + l_minus)
+
+    def flush(self) -> None:
+        """Apply a deferred restore + update pass of the last ``step``."""
+        if self._pending:
+            self._perturb.add(self._pending, self._pending_direction, exact=False)
+            self._pending = []
 
     def fit(
         self,
@@ -282,6 +307,7 @@ class ZoMethod(TrainingMethod):
                 if progress is not None:
                     progress(step + 1, lv)
         finally:
+            self.flush()
             _release_memory()
         self.last_pool = pool
         return FitResult(
@@ -302,6 +328,7 @@ class ZoMethod(TrainingMethod):
     def apply_round(self, entry: ZoLedgerRound) -> int:
         """Replay one ledger round; returns the number of seeds applied."""
         self.check_spec(entry.spec)
+        self.flush()
         seeds = self.candidate_seeds(entry.spec)
         n = 0
         for k, g in entry.entries():  # ascending index: canonical order
@@ -313,6 +340,7 @@ class ZoMethod(TrainingMethod):
     # -- exact return to the pre-round weights ---------------------------------------------------
     def snapshot(self, path: str | Path) -> None:
         """Write the trainable parameters to ``path`` (restored bit for bit by ``restore``)."""
+        self.flush()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -320,6 +348,7 @@ class ZoMethod(TrainingMethod):
         os.replace(tmp, path)
 
     def restore(self, path: str | Path) -> None:
+        self._pending = []  # a deferred local pass is moot: the snapshot replaces theta
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         with torch.no_grad():
             for i, p in enumerate(self._params.values()):
@@ -333,6 +362,7 @@ class ZoMethod(TrainingMethod):
         """blake2b of the trainable parameters' bytes, in order: equal digests, equal weights."""
         import hashlib
 
+        self.flush()
         h = hashlib.blake2b(digest_size=16)
         for p in self._params.values():
             t = p.detach()
