@@ -297,3 +297,12 @@ def test_zo_payloads_round_trip_through_msgpack_and_stay_small():
     task = m.Task(kind="fit", task_id="t", round=1, device_id="d", global_version=0, deadline_s=5,
                   adapter=m.AdapterSpec(), zo=ZoTask(seed=9, num_seeds=4096))
     assert m.Task.from_msgpack(task.to_msgpack()) == task and len(task.to_msgpack()) < 600
+
+
+def test_zo_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="num_seed"):
+        CoordinatorConfig(zo={"num_seed": 4})
+    with pytest.raises(ValueError, match="direction"):
+        CoordinatorConfig(zo={"direction": "uniform"})
+    with pytest.raises(ValueError, match="num_seeds"):
+        CoordinatorConfig(zo={"num_seeds": 70000})

@@ -69,6 +69,17 @@ def test_agent_joining_at_round_5_replays_the_ledger_and_ends_bitwise_equal_to_t
     ledger = [ZoLedgerRound.model_validate(x) for x in
               msgpack.unpackb((tmp_path / "coordinator" / "zo-ledger.msgpack").read_bytes(), raw=False)]
     assert [e.round for e in ledger] == [1, 2, 3, 4, 5, 6]
+    # The global is "base + ledger": replaying the coordinator's persisted ledger on a fresh base
+    # gives the agents' weights bit for bit.
+    from edge_agent.methods.zo import ZoMethod
+    from edge_agent.models import resolve_model
+    from fedmq_protocol.messages import AdapterSpec
+
+    fresh = ZoMethod(resolve_model("tiny-llama"), AdapterSpec(), device="cpu", target="full")
+    assert all(e.spec.base_fingerprint == fresh.fingerprint for e in ledger)
+    for e in ledger:
+        fresh.apply_round(e)
+    assert fresh.param_digest() == digests[0]
     # Updates are seeds and scalars: 20 steps -> at most 20 (index, g) pairs.
     fits = [u for u in capture.updates if u.kind == "fit"]
     assert fits and all(u.zo is not None and not u.tensors and len(u.zo.indices) <= 40 for u in fits)
