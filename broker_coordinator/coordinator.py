@@ -277,16 +277,19 @@ class Coordinator:
         raise RoundFailed("stopped")
 
     # ------------------------------------------------------------------ phases
+    def _publish_strategy_retained(self) -> int:
+        """The mode's retained messages (zo: ledger rounds), published before the global they back."""
+        return sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+                   for topic, payload in self.strategy.retained_messages(self.state, self.topics.base))
+
     def _publish_global(self) -> tuple[int, float]:
+        extra_bytes = self._publish_strategy_retained()
         gm = self.state.global_model
         assert gm is not None
         t0 = time.perf_counter()
-        n = 0
-        for topic, extra in self.strategy.retained_messages(self.state, self.topics.base):
-            n += self.transport.publish(topic, extra, qos=QOS_GLOBAL, retain=True, framed=True)
         payload = gm.to_msgpack()
-        n += self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
-        return n, time.perf_counter() - t0
+        n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        return n + extra_bytes, time.perf_counter() - t0
 
     def _initialize_global(self) -> None:
         """No global yet: ask one ready device for its freshly initialised adapter (version 0)."""
