@@ -38,7 +38,7 @@ from bench.report import command_line, machine, md_table, update_doc_section, wr
 VARIANTS = {
     # lr/eps per MeZO's recommendations (field notes): full-param lr ~1e-6, eps 1e-3; LoRA lr ~1e-4..1e-3, eps 1e-2.
     # direction: what the federation run uses (full: the pool, as i.i.d. draws cost 3 passes of RNG per step).
-    "full": {"target": "full", "eps": 1e-3, "lr": 2e-6, "direction": "gaussian_pool"},
+    "full": {"target": "full", "eps": 1e-3, "lr": 3e-6, "direction": "gaussian_pool"},
     "lora": {"target": "lora", "eps": 1e-2, "lr": 1e-3, "direction": "gaussian"},
 }
 DIRECTIONS = ("gaussian", "rademacher", "gaussian_pool")
@@ -222,10 +222,12 @@ def main() -> int:
     ap.add_argument("--variants", default="full,lora")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timing-reps", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--full-steps", type=int, default=60, help="local steps per round, full-parameter variant")
+    ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--full-rounds", type=int, default=3)
+    ap.add_argument("--lora-rounds", type=int, default=2)
+    ap.add_argument("--full-steps", type=int, default=30, help="local steps per round, full-parameter variant")
     ap.add_argument("--lora-steps", type=int, default=200, help="local steps per round, LoRA-on-NF4 variant")
-    ap.add_argument("--fed-batch", type=int, default=2)
+    ap.add_argument("--fed-batch", type=int, default=1)
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--what", help=argparse.SUPPRESS)
@@ -257,8 +259,7 @@ def main() -> int:
     t_start = time.time()
     results: dict = {"machine": machine(), "command": command_line(), "batch": [BATCH, SEQ],
                      "threads": a.threads, "variants": {}}
-    common = ["--threads", str(a.threads), "--timing-reps", str(a.timing_reps), "--rounds", str(a.rounds),
-              "--fed-batch", str(a.fed_batch)]
+    common = ["--threads", str(a.threads), "--timing-reps", str(a.timing_reps), "--fed-batch", str(a.fed_batch)]
     for variant in a.variants.split(","):
         r: dict = {"hyper": VARIANTS[variant]}
         r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
@@ -268,7 +269,9 @@ def main() -> int:
         r["timing"] = _child(["--phase", "timing", "--variant", variant, *common])
         steps = a.full_steps if variant == "full" else a.lora_steps
         r["local_steps"] = steps
-        r["federation"] = _child(["--phase", "federation", "--variant", variant, "--steps", str(steps), *common])
+        rounds = a.full_rounds if variant == "full" else a.lora_rounds
+        r["federation"] = _child(["--phase", "federation", "--variant", variant, "--steps", str(steps),
+                                  "--rounds", str(rounds), *common])
         results["variants"][variant] = r
         print(json.dumps({variant: {k: r[k] for k in ("memory_infer", "memory_zo", "timing")}}), flush=True)
         Path(tempfile.gettempdir(), "fedmq-zo-bench-raw.json").write_text(json.dumps(results))
