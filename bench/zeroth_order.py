@@ -46,7 +46,7 @@ BATCH = 4
 SEQ = 96
 
 
-def _setup(variant: str, threads: int, direction: str | None = None):
+def _setup(variant: str, threads: int, direction: str | None = None, pack: int = 1):
     import torch
 
     torch.set_num_threads(threads)
@@ -64,6 +64,12 @@ def _setup(variant: str, threads: int, direction: str | None = None):
     spec = ZoSpec(seed=2024, num_seeds=4096, eps=v["eps"], lr=v["lr"], target=v["target"],
                   direction=direction or v["direction"])
     examples = load_jsonl(data / "device_0.jsonl")
+    if pack > 1:  # longer sequences: ``pack`` consecutive examples joined into one
+        from edge_agent.data import Example
+
+        examples = [Example(prompt=" ".join(e.prompt for e in examples[i:i + pack]),
+                            response=" ".join(e.response for e in examples[i:i + pack]))
+                    for i in range(0, pack * BATCH, pack)]
     batch = method._collate([method._encode(ex, SEQ) for ex in examples[:BATCH]])
     fit = FitConfig(local_steps=1, batch_size=BATCH, max_seq_len=SEQ)
     return method, spec, batch, data, fit
@@ -122,8 +128,8 @@ def _naive_step(method, batch, seed: int, spec) -> None:
     perturb(-spec.lr * g)
 
 
-def phase_timing(variant: str, threads: int, reps: int) -> dict:
-    method, spec, batch, _, _ = _setup(variant, threads)
+def phase_timing(variant: str, threads: int, reps: int, pack: int = 1) -> dict:
+    method, spec, batch, _, _ = _setup(variant, threads, pack=pack)
     seeds = method.candidate_seeds(spec)
     method._loss(batch)
     method.step(batch, seeds[0], spec.model_copy(update={"direction": "gaussian_pool"}))  # builds the pool
@@ -149,7 +155,8 @@ def phase_timing(variant: str, threads: int, reps: int) -> dict:
             t0 = time.perf_counter()
             _naive_step(method, batch, seeds[100 + i], spec)
             naive.append(time.perf_counter() - t0)
-    return {"two_forward_s": fwd2, "zo_step_s": zo, "naive_step_s": naive,
+    return {"two_forward_s": fwd2, "zo_step_s": zo, "naive_step_s": naive, "batch_shape": list(batch["input_ids"].shape),
+            "tokens": int(batch["attention_mask"].sum()),
             "trainable_params": method.num_trainable_params(), "workers": method._perturb.workers}
 
 
@@ -234,15 +241,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--render-only", help=argparse.SUPPRESS)
+    ap.add_argument("--pack", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--retime", metavar="RESULTS_JSON", help="re-run only the timing phase on a results file")
     a = ap.parse_args()
     if a.render_only:
         return _finish(json.loads(Path(a.render_only).read_text()))
-    if a.retime:  # re-measure only the step-time ratios (e.g. the machine was busy), keep the rest
+    if a.retime:  # step time on longer sequences (4 examples packed per row: the field notes' 4 x ~80 tokens)
         results = json.loads(Path(a.retime).read_text())
         for variant in results["variants"]:
-            results["variants"][variant]["timing"] = _child(
-                ["--phase", "timing", "--variant", variant, "--threads", str(a.threads), "--timing-reps", str(a.timing_reps)])
+            results["variants"][variant]["timing_packed"] = _child(
+                ["--phase", "timing", "--variant", variant, "--threads", str(a.threads), "--timing-reps",
+                 str(a.timing_reps), "--pack", "4"])
         results["command"] += f" ; {command_line()}"
         return _finish(results)
 
@@ -250,7 +259,7 @@ def main() -> int:
         if a.phase == "memory":
             res = phase_memory(a.variant, a.what, a.threads)
         elif a.phase == "timing":
-            res = phase_timing(a.variant, a.threads, a.timing_reps)
+            res = phase_timing(a.variant, a.threads, a.timing_reps, a.pack)
         else:
             res = phase_federation(a.variant, a.threads, a.rounds, a.steps, a.fed_batch)
         Path(a.child_out).write_text(json.dumps(res))
@@ -289,13 +298,16 @@ def _finish(results: dict) -> int:
 
 def render(res: dict) -> str:
     med = statistics.median
-    rows, fed_rows, loss_rows = [], [], []
+    rows, fed_rows, loss_rows, packed_rows = [], [], [], []
     for variant, r in res["variants"].items():
         mem = r["memory_zo"]["peak_rss"] / r["memory_infer"]["peak_rss"]
         t = r["timing"]
         d = r["hyper"]["direction"]
         step_ratio = med(t["zo_step_s"][d]) / med(t["two_forward_s"])
         ratios = {k: med(v) / med(t["two_forward_s"]) for k, v in t["zo_step_s"].items()}
+        tp = r.get("timing_packed")
+        ratios_packed = {k: med(v) / med(tp["two_forward_s"]) for k, v in tp["zo_step_s"].items()} if tp else {}
+        naive_packed = med(tp["naive_step_s"]) / med(tp["two_forward_s"]) if tp else None
         mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]) if "memory_zo_gaussian" in r else mem
         naive_ratio = med(t["naive_step_s"]) / med(t["two_forward_s"])
         f = r["federation"]["rounds"]
@@ -304,7 +316,8 @@ def render(res: dict) -> str:
         replay = med([x["replay_s"] / max(x["train_s"]) for x in f])
         losses = r["federation"]["eval_loss"]
         r["summary"] = {"uplink_bytes_max": up, "downlink_bytes_max": down, "memory_ratio": mem,
-                        "memory_ratio_gaussian": mem_g, "step_ratio": step_ratio, "step_ratio_by_direction": ratios, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
+                        "memory_ratio_gaussian": mem_g, "step_ratio": step_ratio, "step_ratio_by_direction": ratios,
+                        "step_ratio_packed_by_direction": ratios_packed, "naive_step_ratio_packed": naive_packed, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
                         "eval_loss_first_last": [losses[0], losses[-1]]}
         rows.append([variant, d, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
                      f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)"
@@ -312,6 +325,10 @@ def render(res: dict) -> str:
                      f"{step_ratio:.2f} ({med(t['zo_step_s'][d]):.2f} / {med(t['two_forward_s']):.2f} s)",
                      ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
                      f"{naive_ratio:.2f}", f"{replay:.3f}"])
+        if tp:
+            packed_rows.append([variant, f"{tp['batch_shape'][0]} × {tp['batch_shape'][1]} ({tp['tokens']} tokens)",
+                                f"{med(tp['two_forward_s']):.2f}",
+                                ", ".join(f"{k} {v:.2f}" for k, v in ratios_packed.items()), f"{naive_packed:.2f}"])
         for x in f:
             fed_rows.append([variant, x["round"], f"{x['uplink_bytes']}", x["distinct_seeds"], x["downlink_bytes"],
                              x["seeds_replayed"], f"{max(x['train_s']):.1f}", f"{x['replay_s']:.2f}",
@@ -327,12 +344,14 @@ def render(res: dict) -> str:
                        f"{sm['memory_ratio']:.3f}× inference ({'meets' if sm['memory_ratio'] <= 1.1 else 'misses'} ≤ 1.1×); "
                        f"step {sm['step_ratio']:.2f}× two forwards with {r['hyper']['direction']} "
                        f"({'meets' if sm['step_ratio'] <= 1.3 else 'misses'} ≤ 1.3×; "
-                       + ", ".join(f"{k} {v:.2f}×" for k, v in sm["step_ratio_by_direction"].items()) + "; "
+                       + ", ".join(f"{k} {v:.2f}×" for k, v in sm["step_ratio_by_direction"].items())
+                       + ("" if not sm["step_ratio_packed_by_direction"] else "; on 4 × ~80-token rows: " + ", ".join(
+                           f"{k} {v:.2f}×" for k, v in sm["step_ratio_packed_by_direction"].items())) + "; "
                        f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {sm['eval_loss_first_last'][0]:.4f} → "
                        f"{sm['eval_loss_first_last'][1]:.4f} ({'down' if sm['eval_loss_first_last'][1] < sm['eval_loss_first_last'][0] else 'NOT down'}).")
     return "\n".join([
-        f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch {res['batch'][0]} × ≤{res['batch'][1]} tokens "
-        "for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
+        f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch of {res['batch'][0]} synthetic examples "
+        "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
         "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; directions per variant "
         "(gaussian_pool: slices of one shared 64 MiB Gaussian pool, not i.i.d.; gaussian: the paper's).",
         "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward), each in a fresh process. "
@@ -344,6 +363,9 @@ def render(res: dict) -> str:
                   "ZO step / inference peak RSS", "ZO step / two forwards", "by direction", "naive / two forwards",
                   "replay / local training"], rows),
         "",
+        *(["Step time on longer rows (4 examples packed per row, the field notes' 4 × ~80-token batch), same method:", "",
+           md_table(["variant", "batch", "two forwards s", "ZO step / two forwards", "naive / two forwards"], packed_rows), ""]
+          if packed_rows else []),
         md_table(["variant", "round", "uplink B per client", "distinct seeds", "downlink B", "seeds replayed",
                   "train s (slowest)", "replay s", "snapshot+restore s", "held-out loss"], fed_rows),
         "",
