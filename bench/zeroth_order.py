@@ -242,8 +242,17 @@ def main() -> int:
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--render-only", help=argparse.SUPPRESS)
     ap.add_argument("--pack", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--raw-out", help="write raw results here instead of bench/results and the doc")
+    ap.add_argument("--merge", nargs="+", metavar="RAW_JSON", help="combine raw results of partial runs and render")
     ap.add_argument("--retime", metavar="RESULTS_JSON", help="re-run only the timing phase on a results file")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        merged = dict(parts[0])
+        merged["variants"] = {k: v for p in parts for k, v in p["variants"].items()}
+        merged["command"] = " ; ".join(p["command"] for p in parts)
+        merged["bench_s"] = sum(p.get("bench_s", 0.0) for p in parts)
+        return _finish(merged)
     if a.render_only:
         return _finish(json.loads(Path(a.render_only).read_text()))
     if a.retime:  # step time on longer sequences (4 examples packed per row: the field notes' 4 x ~80 tokens)
@@ -283,8 +292,11 @@ def main() -> int:
                                   "--rounds", str(rounds), *common])
         results["variants"][variant] = r
         print(json.dumps({variant: {k: r[k] for k in ("memory_infer", "memory_zo", "timing")}}), flush=True)
-        Path(tempfile.gettempdir(), "fedmq-zo-bench-raw.json").write_text(json.dumps(results))
+        Path(a.raw_out or Path(tempfile.gettempdir(), "fedmq-zo-bench-raw.json")).write_text(json.dumps(results))
     results["bench_s"] = time.time() - t_start
+    if a.raw_out:  # partial run (e.g. one variant at a time); combine with --merge
+        Path(a.raw_out).write_text(json.dumps(results))
+        return 0
     return _finish(results)
 
 
