@@ -32,7 +32,7 @@ def _assert_same_rng(before):
 
 
 def test_registry():
-    assert method_names() == ["lora", "qlora"]
+    assert method_names() == ["lora", "qlora", "zo"]
     assert get_method("lora").name == "lora" and get_method("qlora").name == "qlora"
     assert issubclass(get_method("qlora"), get_method("lora"))
     with pytest.raises(ValueError, match="valid: lora, qlora"):
