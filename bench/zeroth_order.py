@@ -300,7 +300,36 @@ def main() -> int:
     return _finish(results)
 
 
+def measure_uplink_200(steps: int = 200) -> dict:
+    """A real 200-step ZO fit and its real Update message. The message holds one (uint16, float32)
+    pair per distinct seed plus the envelope, independent of the model's size, so this uses the
+    tiny test model (the SmolLM2 runs above have fewer local steps to fit the time budget)."""
+    import torch
+
+    from edge_agent.data import load_jsonl
+    from edge_agent.methods.zo import ZoMethod
+    from edge_agent.models import resolve_model
+    from fedmq_protocol import messages as m
+    from fedmq_protocol.zo import ZoSpec, ZoUpdate, pack_pool
+
+    torch.set_num_threads(1)
+    data = Path(tempfile.gettempdir()) / "fedmq-bench-zo-data"
+    method = ZoMethod(resolve_model("tiny-llama"), m.AdapterSpec(), device="cpu", target="full")
+    spec = ZoSpec(seed=2024, num_seeds=4096, eps=1e-3, lr=1e-5)
+    res = method.fit(load_jsonl(data / "device_0.jsonl"), m.FitConfig(local_steps=steps, batch_size=1, max_seq_len=SEQ), spec=spec)
+    idx, g = pack_pool(method.last_pool)
+    upd = m.Update(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id="dev-0", base_version=0,
+                   num_samples=res.num_samples,
+                   metrics={"train_loss": res.train_loss, "steps": float(res.steps), "train_s": res.seconds,
+                            "snapshot_s": 0.0, "global_receive_s": 0.0, "global_decode_s": 0.0,
+                            "global_apply_s": 0.0, "encode_s": 0.0, "sent_at": time.time()},
+                   zo=ZoUpdate(base_fingerprint=method.fingerprint, indices=idx, g=g))
+    return {"steps": steps, "distinct_seeds": len(method.last_pool), "update_bytes": len(upd.to_msgpack())}
+
+
 def _finish(results: dict) -> int:
+    if "uplink_200" not in results:
+        results["uplink_200"] = measure_uplink_200()
     doc = render(results)
     write_json("zeroth_order", results)
     update_doc_section("zeroth_order", doc)
@@ -348,7 +377,10 @@ def render(res: dict) -> str:
         loss_rows.append([variant, " → ".join(f"{v:.4f}" for v in losses)])
     s = res["variants"]
     lora_up = s.get("lora", {}).get("summary", {}).get("uplink_bytes_max")
-    targets = []
+    u2 = res["uplink_200"]
+    targets = [f"- **uplink at 200 local steps**: {u2['update_bytes']:,} B per client per round "
+               f"({u2['distinct_seeds']} distinct seeds of K = 4096; {'meets' if u2['update_bytes'] <= 2048 else 'misses'} ≤ 2 KB) — "
+               "a real 200-step fit and its Update message, run on the tiny model: the message does not depend on model size."]
     for variant, r in s.items():
         sm = r["summary"]
         targets.append(f"- **{variant}**: uplink {sm['uplink_bytes_max']:,} B at {r['local_steps']} local steps "
