@@ -306,3 +306,16 @@ def test_zo_config_errors_name_the_key():
         CoordinatorConfig(zo={"direction": "uniform"})
     with pytest.raises(ValueError, match="num_seeds"):
         CoordinatorConfig(zo={"num_seeds": 70000})
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "gaussian_pool"])
+def test_grouped_replay_is_bitwise_one_pass_per_seed_in_index_order(tiny, direction):
+    spec = ZoSpec(seed=8, num_seeds=256, eps=1e-3, lr=1e-3, direction=direction)
+    pool = {k: (k % 7 - 3) * 0.37 for k in range(0, 256, 9)}  # 29 seeds: several groups
+    entry = _ledger_round(1, spec, [pool], [1])
+    grouped, sequential = _method(tiny), _method(tiny)
+    grouped.apply_round(entry)
+    seeds = candidate_seeds(spec.seed, spec.num_seeds)
+    for k, g in entry.entries():
+        sequential.perturb(seeds[k], -spec.lr * g, direction)
+    assert grouped.param_digest() == sequential.param_digest()

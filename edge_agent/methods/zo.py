@@ -117,9 +117,9 @@ class _Perturber:
         return loc.bufs, loc.scratch, loc.gens
 
     def _run_group(self, group: Iterable[int], terms: Sequence[tuple[int, float]], direction: str, exact: bool) -> None:
-        bufs, scratch, gens = self._buffers(len(terms) + 1)
-        out = bufs[-1]
         pool = gaussian_pool() if direction == "gaussian_pool" else None
+        bufs, scratch, gens = self._buffers(1 if pool is not None else len(terms) + 1)
+        out = bufs[-1]  # never one of the terms' buffers
         for i in group:
             p = self.params[i]
             flat = p.view(-1)
@@ -330,12 +330,14 @@ class ZoMethod(TrainingMethod):
         self.check_spec(entry.spec)
         self.flush()
         seeds = self.candidate_seeds(entry.spec)
-        n = 0
-        for k, g in entry.entries():  # ascending index: canonical order
-            if g != 0.0:
-                self.perturb(seeds[k], -entry.spec.lr * g, entry.spec.direction)
-                n += 1
-        return n
+        terms = [(seeds[k], -entry.spec.lr * g) for k, g in entry.entries() if g != 0.0]  # ascending index
+        # Several terms per trip over theta, each chunk updated term after term in canonical order:
+        # every element sees the same sequence of rounded ops as one pass per term, so the bits are
+        # the same; pool slices need no buffer, drawn directions one buffer per term of a group.
+        group = 64 if entry.spec.direction == "gaussian_pool" else 8
+        for i in range(0, len(terms), group):
+            self._perturb.add(terms[i:i + group], entry.spec.direction, exact=True)
+        return len(terms)
 
     # -- exact return to the pre-round weights ---------------------------------------------------
     def snapshot(self, path: str | Path) -> None:
