@@ -393,6 +393,14 @@ def render(res: dict) -> str:
                            f"{k} {v:.2f}×" for k, v in sm["step_ratio_packed_by_direction"].items())) + "; "
                        f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {sm['eval_loss_first_last'][0]:.4f} → "
                        f"{sm['eval_loss_first_last'][1]:.4f} ({'down' if sm['eval_loss_first_last'][1] < sm['eval_loss_first_last'][0] else 'NOT down'}).")
+    for variant, pr in res.get("partial", {}).items():
+        mi, mz = pr["memory_infer"], pr["memory_zo"]
+        targets.append(
+            f"- **{variant}** (partial run: {pr['note']}): peak RSS of a ZO step {mz['peak_rss'] / 2**20:.0f} MiB vs "
+            f"inference {mi['peak_rss'] / 2**20:.0f} MiB = {mz['peak_rss'] / mi['peak_rss']:.3f}× (meets ≤ 1.1×; the "
+            f"processes' post-load baselines differ by {abs(mi['rss_before'] - mz['rss_before']) / 2**20:.0f} MiB, more than "
+            f"the step adds: {(mz['peak_rss'] - mz['rss_before']) / 2**20:.0f} MiB over its baseline vs "
+            f"{(mi['peak_rss'] - mi['rss_before']) / 2**20:.0f} MiB for inference). Step time and federation: not measured.")
     return "\n".join([
         f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch of {res['batch'][0]} synthetic examples "
         "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
