@@ -10,6 +10,7 @@ from broker_coordinator.downlink import DownlinkConfig, ServerOptimizerConfig
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
+from fedmq_protocol.zo import ZoSpec
 
 
 class CoordinatorConfig(BaseModel):
@@ -37,6 +38,7 @@ class CoordinatorConfig(BaseModel):
     selection_seed: int = 0
     downlink: DownlinkConfig = DownlinkConfig()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+    zo: ZoSpec | None = Field(None, description="zeroth-order federation (FedKSeed): devices train with method zo")
 
     @model_validator(mode="after")
     def _check(self) -> "CoordinatorConfig":

@@ -19,7 +19,7 @@ import numpy as np
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.downlink import ServerModel
 from broker_coordinator.state import CoordinatorState, DeviceRecord, FileStateStore, StateStore
-from broker_coordinator.strategy import FedAvg, Strategy, validate_update_tensors
+from broker_coordinator.strategy import FedAvg, Strategy
 from fedmq_protocol import messages as m
 from fedmq_protocol.chunking import chunk_topic, frame_payload
 from fedmq_protocol.codec import DecodedTensor
@@ -71,9 +71,7 @@ class Coordinator:
     ) -> None:
         self.cfg = config
         self.topics = Topics(config.topic_root, config.federation)
-        self.strategy = strategy or FedAvg(
-            config.min_clients, config.fraction, config.max_clients, config.selection_seed
-        )
+        self.strategy = strategy or _default_strategy(config)
         self.store = store or FileStateStore(config.state_dir)
         self.state = self.store.load() or CoordinatorState()
         self.counters = CoordinatorCounters()
@@ -207,7 +205,7 @@ class Coordinator:
                 f"task {c.task_id} (kind {c.kind}, round {c.round_no}, base v{c.base_version})"
             )
         if upd.kind == "fit":
-            c.decoded[device_id] = validate_update_tensors(self._global_arrays(), upd)
+            c.decoded[device_id] = self.strategy.validate_fit(self._global_arrays(), upd)
             if upd.num_samples <= 0:
                 raise ProtocolError("fit update reports no samples")
         elif upd.kind == "evaluate":
@@ -273,6 +271,7 @@ class Coordinator:
                 adapter=self.cfg.adapter,
                 fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + round_no * 7919 + attempt}),
                 model=self.cfg.model,
+                **self.strategy.task_fields(kind, round_no, self.state),
             )
             n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
             self._count_bytes("down", dev, n)
@@ -292,9 +291,16 @@ class Coordinator:
         raise RoundFailed("stopped")
 
     # ------------------------------------------------------------------ phases
+    def _publish_strategy_retained(self) -> int:
+        """The mode's retained messages (zo: ledger rounds), published before the global they back."""
+        return sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+                   for topic, payload in self.strategy.retained_messages(self.state, self.topics.base))
+
     def _publish_global(self, msg: m.GlobalModel | None = None) -> tuple[int, float]:
         """Publish a difference on its own retained topic, or a snapshot (default: the current
-        global) on the global topic, which makes every retained difference obsolete."""
+        global) on the global topic, which makes every retained difference obsolete. The mode's
+        retained messages go first."""
+        extra_bytes = self._publish_strategy_retained()
         gm = msg or self.state.global_model
         assert gm is not None
         server = self._server()
@@ -310,7 +316,7 @@ class Coordinator:
             n = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
             server.retained_diffs[gm.version] = len(frame_payload(payload, self.transport.effective_chunk_size(topic))) - 1
         self.state.server = server.to_blob()
-        return n, time.perf_counter() - t0
+        return n + extra_bytes, time.perf_counter() - t0
 
     def _clear_retained(self, topic: str, chunks: int) -> None:
         try:
@@ -322,6 +328,10 @@ class Coordinator:
 
     def _initialize_global(self) -> None:
         """No global yet: ask one ready device for its freshly initialised adapter (version 0)."""
+        initial = self.strategy.initial_tensors()
+        if initial is not None:  # the mode defines version 0 itself (zo: the base checkpoint)
+            self._adopt_initial_global(initial)
+            return
         for attempt in range(self.cfg.round_retries + 1):
             self._wait_for_devices(1, self.cfg.wait_for_devices_s)
             ready = sorted(self.ready_devices(), key=lambda d: d.device_id)
@@ -331,14 +341,16 @@ class Coordinator:
             self._collect_until(c, self.cfg.round_deadline_s, 1)
             self._collect = None
             if c.accepted:
-                arrays = {k: t.dense() for k, t in c.decoded[device].items()}
-                self._server_model = ServerModel(arrays, self.cfg.downlink, self.cfg.server_optimizer)
-                self.state.global_model = self._server_model.snapshot(0, 0, self.cfg.adapter, self.cfg.model)
-                self.state.server = self._server_model.to_blob()
-                self.store.save(self.state)
-                self._publish_global()
+                self._adopt_initial_global({k: t.dense() for k, t in c.decoded[device].items()})
                 return
         raise RoundFailed("no device answered the init task")
+
+    def _adopt_initial_global(self, arrays: dict[str, np.ndarray]) -> None:
+        self._server_model = ServerModel(arrays, self.cfg.downlink, self.cfg.server_optimizer)
+        self.state.global_model = self._server_model.snapshot(0, 0, self.cfg.adapter, self.cfg.model)
+        self.state.server = self._server_model.to_blob()
+        self.store.save(self.state)
+        self._publish_global()
 
     def _evaluate(self, round_no: int) -> tuple[float | None, int, int, int]:
         """(eval_loss, devices, bytes up, bytes down) for the current global."""
@@ -396,11 +408,15 @@ class Coordinator:
         t0 = time.perf_counter()
         server.step(self.strategy.aggregate_deltas(server.published, updates, [c.decoded[d] for d in sorted(c.accepted)]))
         version = self.state.global_version + 1
-        message = server.advance(version, round_no, self.cfg.adapter, self.cfg.model)
+        if self.strategy.snapshot_every_version:
+            message = server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model)
+        else:
+            message = server.advance(version, round_no, self.cfg.adapter, self.cfg.model)
         aggregate_s = time.perf_counter() - t0
         self.state.global_model = server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model)
         self.state.server = server.to_blob()
         self.state.round_completed = round_no
+        self.strategy.commit_round(self.state, round_no)
         for d in selected:
             rec = self.state.devices.get(d)
             if rec:
@@ -468,6 +484,14 @@ class Coordinator:
         finally:
             self._collect = None
         return self.state
+
+
+def _default_strategy(config: CoordinatorConfig) -> Strategy:
+    if config.zo is not None:
+        from broker_coordinator.zo_strategy import FedKSeed
+
+        return FedKSeed(config)
+    return FedAvg(config.min_clients, config.fraction, config.max_clients, config.selection_seed)
 
 
 def _protocol_timings(updates: list[m.Update], c: _Collect, aggregate_s: float, publish_s: float) -> dict[str, float]:

@@ -17,6 +17,7 @@ import msgpack
 
 from fedmq_protocol.messages import GlobalModel, RoundSummary, unpack_limited
 from fedmq_protocol.storage import atomic_write  # noqa: F401  (re-exported: older imports)
+from fedmq_protocol.zo import ZoLedgerRound
 
 STATE_FORMAT = 1
 
@@ -62,6 +63,8 @@ class CoordinatorState:
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
     # exact (optimizer) weights, optimizer moments, retained differences: broker_coordinator.downlink
     server: dict[str, Any] | None = None
+    # zeroth-order federations: the global is the base checkpoint + this seed ledger (rounds 1..N)
+    zo_ledger: list[ZoLedgerRound] = field(default_factory=list)
 
     @property
     def global_version(self) -> int:
@@ -92,6 +95,7 @@ class InMemoryStateStore(StateStore):
             history=list(state.history),
             devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
             server=state.server,
+            zo_ledger=list(state.zo_ledger),
         )
 
 
@@ -120,13 +124,20 @@ class FileStateStore(StateStore):
         gm = None
         if obj.get("global_file"):
             gm = GlobalModel.from_msgpack((self.dir / obj["global_file"]).read_bytes())
+        round_completed = int(obj["round_completed"])
+        ledger: list[ZoLedgerRound] = []
+        if obj.get("zo_ledger_file"):
+            raw = msgpack.unpackb((self.dir / obj["zo_ledger_file"]).read_bytes(), raw=False)
+            # written before state.json: a crash in between may leave one round too many
+            ledger = [e for e in (ZoLedgerRound.model_validate(x) for x in raw) if e.round <= round_completed]
         return CoordinatorState(
-            round_completed=int(obj["round_completed"]),
+            round_completed=round_completed,
             global_model=gm,
             history=[RoundSummary.from_obj(h) for h in obj.get("history", [])],
             devices={k: DeviceRecord.from_json(v) for k, v in obj.get("devices", {}).items()},
             server=unpack_limited((self.dir / obj["server_file"]).read_bytes(), 1 << 34, "server state")
             if obj.get("server_file") else None,
+            zo_ledger=ledger,
         )
 
     def save(self, state: CoordinatorState) -> None:
@@ -141,8 +152,14 @@ class FileStateStore(StateStore):
             # rewritten every save: it also records which differences are retained on the broker
             server_file = f"server-v{state.global_model.version}.msgpack"
             atomic_write(self.dir / server_file, msgpack.packb(state.server, use_bin_type=True))
+        ledger_file = None
+        if state.zo_ledger:
+            ledger_file = "zo-ledger.msgpack"
+            atomic_write(self.dir / ledger_file, msgpack.packb(
+                [e.model_dump(by_alias=True, mode="python") for e in state.zo_ledger], use_bin_type=True))
         doc = {
             "format": STATE_FORMAT,
+            "zo_ledger_file": ledger_file,
             "round_completed": state.round_completed,
             "global_version": state.global_version,
             "global_file": global_file,

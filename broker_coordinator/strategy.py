@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import Update
 
 Decoded = Mapping[str, DecodedTensor]
+if TYPE_CHECKING:
+    from broker_coordinator.state import CoordinatorState
 
 
 class Strategy(ABC):
@@ -39,6 +41,30 @@ class Strategy(ABC):
 
     def configure_evaluate(self, round_no: int, available: Sequence[DeviceRecord]) -> list[str]:
         return [d.device_id for d in available if d.eval_samples > 0]
+
+    # -- mode hooks: defaults are FedAvg of adapter tensors; other federation modes override ----
+    def initial_tensors(self) -> dict[str, np.ndarray] | None:
+        """The version-0 global tensors, or None to ask a device for its initial adapter."""
+        return None
+
+    def task_fields(self, kind: str, round_no: int, state: "CoordinatorState") -> dict[str, Any]:
+        """Extra fields of the tasks sent for ``kind`` in ``round_no``."""
+        return {}
+
+    # The global of this mode is tiny (zo: tensor-less, the ledger carries it): publish every
+    # version as a snapshot rather than as a difference.
+    snapshot_every_version: bool = False
+
+    def validate_fit(self, global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, DecodedTensor]:
+        """The update's tensors decoded; raise ProtocolError when it cannot be aggregated."""
+        return validate_update_tensors(global_tensors, update)
+
+    def commit_round(self, state: "CoordinatorState", round_no: int) -> None:
+        """Record mode-specific results of the round just aggregated into ``state`` (persisted)."""
+
+    def retained_messages(self, state: "CoordinatorState", base_topic: str) -> list[tuple[str, bytes]]:
+        """(topic, payload) published retained before each global (kept small and idempotent)."""
+        return []
 
     def aggregate_evaluate(self, results: Sequence[Update]) -> float | None:
         """Sample-weighted mean eval loss."""

@@ -202,8 +202,13 @@ class EdgeAgent:
                 self._on_global(payload, arrived_at)
             elif kind == "task":
                 self._on_task(payload)
+            else:
+                self._on_other_event(kind, topic, payload)
         except ProtocolError as exc:
             log.warning("rejected %s on %s: %s", kind, topic, exc)
+
+    def _on_other_event(self, kind: str, topic: str, payload: bytes) -> None:
+        """Events of extra subscriptions made by subclasses."""
 
     def _on_global(self, payload: bytes, received_at: float) -> None:
         t0 = time.perf_counter()
@@ -346,21 +351,21 @@ class EdgeAgent:
 
     def _send(
         self, task: m.Task, base_version: int, num_samples: int, metrics: dict[str, float],
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, np.ndarray], **extra: Any,
     ) -> None:
         t0 = time.perf_counter()
         base = dict(kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
                     base_version=base_version, num_samples=num_samples)
-        if task.kind == "fit":
+        if task.kind == "fit" and arrays:
             # the budget covers the whole msgpack Update, metrics included (placeholders: floats
             # always pack as 9 bytes, so the final message has exactly the measured size)
             final = {**metrics, **{k: 0.0 for k in UPLINK_KEYS}, "encode_s": 0.0, "sent_at": 0.0}
-            size_of = lambda enc: len(m.Update(**base, metrics=final, tensors=enc).to_msgpack())  # noqa: E731
+            size_of = lambda enc: len(m.Update(**base, metrics=final, tensors=enc, **extra).to_msgpack())  # noqa: E731
             tensors, uplink_metrics = self.uplink.encode(arrays, size_of)
             metrics = {**metrics, **uplink_metrics}
         else:
-            tensors = encode(arrays)  # init: the starting adapter travels exactly
-        obj = m.Update(**base, metrics=metrics, tensors=tensors).to_obj()
+            tensors = encode(arrays)  # init: the starting adapter travels exactly; zo: no tensors
+        obj = m.Update(**base, metrics=metrics, tensors=tensors, **extra).to_obj()
         msgpack.packb(obj, use_bin_type=True)
         encode_s = time.perf_counter() - t0
         # The measured encode time and the send instant ride in the message itself; re-packing the
@@ -369,3 +374,12 @@ class EdgeAgent:
         payload = msgpack.packb(obj, use_bin_type=True)
         n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True)
         log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)
+
+
+def create_agent(config: AgentConfig, **kwargs: Any) -> EdgeAgent:
+    """The agent runtime for ``config.method`` (zo federations replay a seed ledger)."""
+    if config.method == "zo":
+        from edge_agent.zo_agent import ZoEdgeAgent
+
+        return ZoEdgeAgent(config, **kwargs)
+    return EdgeAgent(config, **kwargs)

@@ -43,7 +43,7 @@ class AgentConfig(BaseModel):
     topic_root: str = "fedmq"
     broker: BrokerConfig = BrokerConfig()
     model: str = Field(description="model name (smollm2-135m, tiny-llama), HF directory, .gguf file or hub id")
-    method: Literal["lora", "qlora"] = "lora"
+    method: Literal["lora", "qlora", "zo"] = "lora"  # zo: the coordinator's zo section picks the target
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig

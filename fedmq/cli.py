@@ -39,11 +39,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedmq.configfile import load_config
 
     cfg = load_config(args.config, AgentConfig)
-    from edge_agent.agent import EdgeAgent
+    from edge_agent.agent import create_agent
 
     from fedmq.sdnotify import Notifier, Watchdog
 
-    agent = EdgeAgent(cfg)
+    agent = create_agent(cfg)
     sd = Notifier()
     # Loading a model reports no progress; a multi-GB QLoRA load on a Jetson takes minutes.
     dog = Watchdog(sd, lambda: agent.alive_at, lambda: f"{agent.state}, global v{agent.global_version}",

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from fedmq_protocol import SCHEMA_VERSION
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.codec import EncodedTensors, encode
+from fedmq_protocol.zo import ZoTask, ZoUpdate
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a 7B-model LoRA at r=64 is a few hundred MB
 
@@ -264,6 +265,7 @@ class Task(Message):
     adapter: AdapterSpec
     fit: FitConfig = FitConfig()
     model: str | None = None  # the federation's model name, for a device-side sanity check
+    zo: ZoTask | None = None  # zeroth-order (FedKSeed) federations only
 
 
 class Update(Message):
@@ -283,6 +285,7 @@ class Update(Message):
     num_samples: int = Field(ge=0)
     metrics: dict[str, float] = {}
     tensors: EncodedTensors = EncodedTensors({"codec": 1, "tensors": {}})
+    zo: ZoUpdate | None = None  # zeroth-order fit: seeds drawn and their accumulated g
 
     _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
 

@@ -32,14 +32,14 @@ def _assert_same_rng(before):
 
 
 def test_registry():
-    assert method_names() == ["lora", "qlora"]
+    assert method_names() == ["lora", "qlora", "zo"]
     assert get_method("lora").name == "lora" and get_method("qlora").name == "qlora"
     assert issubclass(get_method("qlora"), get_method("lora"))
     with pytest.raises(ValueError, match="valid: lora, qlora"):
         get_method("sgd")
     from edge_agent.methods import METHODS
 
-    assert METHODS == {"lora": get_method("lora"), "qlora": get_method("qlora")}
+    assert METHODS == {"lora": get_method("lora"), "qlora": get_method("qlora"), "zo": get_method("zo")}
 
 
 def test_adapter_names_and_params(lora):

@@ -14,7 +14,7 @@ from tests.tiny_model import tiny_llama  # noqa: F401  (fixture)
 
 def test_import_does_not_pull_ml_stack():
     code = ("import sys, edge_agent.models, edge_agent.data, edge_agent.methods as m; "
-            "assert m.method_names() == ['lora', 'qlora']; "
+            "assert m.method_names() == ['lora', 'qlora', 'zo']; "
             "bad = [x for x in ('torch', 'transformers', 'bitsandbytes', 'peft') if x in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -13,6 +13,7 @@ from typing import Any
 _REGISTRY: dict[str, str] = {
     "lora": "edge_agent.methods.lora:LoraMethod",
     "qlora": "edge_agent.methods.qlora:QLoraMethod",
+    "zo": "edge_agent.methods.zo:ZoMethod",
 }
 
 

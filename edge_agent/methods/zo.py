@@ -1,0 +1,382 @@
+"""Zeroth-order training (FedKSeed client rule with MeZO in-place perturbation).
+
+Two targets: every parameter of a full-precision model (``full``), or only the LoRA parameters on a
+4-bit NF4 base (``lora``). Memory stays at inference level: the model runs in eval mode under
+``torch.no_grad``, and z is never materialised for the whole model; it is drawn per parameter in
+chunks of ``Z_CHUNK`` elements into a small reusable buffer.
+
+z is defined on the CPU in float32: parameter number i under seed s is drawn by a private
+``torch.Generator`` seeded with ``param_seed(s, i)`` (Gaussian via ``normal_``, Rademacher as the bits
+of random bytes), chunk after chunk, then cast/moved to the parameter. The global RNG is never
+touched, and parameters are independent, so they are processed by a few worker threads.
+
+One step, seed s drawn from the K candidates: theta += eps z; L+; theta -= 2 eps z; L-;
+g = (L+ - L-) / (2 eps); theta += (eps - lr g) z (restore and SGD update fused in one pass, itself
+folded chunk by chunk into the next step's +eps pass: theta streams through memory twice per step,
+not four times). A ledger round is replayed as theta += (-lr g_sum) z(s) in
+ascending index order; scaling z first and adding it second are two exactly rounded element-wise
+ops, so the result does not depend on vectorisation or thread counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from edge_agent.data import Example
+from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
+from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
+from fedmq_protocol.messages import AdapterSpec, FitConfig
+from fedmq_protocol.zo import (
+    POOL_SEED, POOL_SIZE, Z_CHUNK, ZoLedgerRound, ZoSpec, candidate_seeds, param_seed, pool_slice,
+)
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_POOL: torch.Tensor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def gaussian_pool() -> torch.Tensor:
+    """The shared float32 Gaussian pool of ``gaussian_pool`` directions (built once per process)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(POOL_SEED)
+            pool = torch.empty(POOL_SIZE, dtype=torch.float32)
+            for off in range(0, POOL_SIZE, Z_CHUNK):
+                pool[off:off + Z_CHUNK].normal_(generator=gen)
+            _POOL = pool
+        return _POOL
+
+
+def fill_direction(out: torch.Tensor, gen: torch.Generator, direction: str, scratch: torch.Tensor) -> None:
+    """Fill float32 ``out`` with the next ``out.numel()`` direction values from ``gen``."""
+    if direction == "gaussian":
+        out.normal_(generator=gen)
+    elif direction == "rademacher":
+        m = out.numel()
+        nb = (m + 7) // 8
+        b = scratch[:nb].random_(0, 256, generator=gen)
+        bits = torch.bitwise_and(b.unsqueeze(1) >> _SHIFTS, 1).view(-1)[:m]
+        out.copy_(bits).mul_(-2.0).add_(1.0)  # bit 0 -> +1, bit 1 -> -1
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+
+
+def draw_direction(seed: int, param_index: int, numel: int, direction: str) -> torch.Tensor:
+    """The whole z of one parameter (float32, CPU), for tests and references."""
+    if direction == "gaussian_pool":
+        pool, ps = gaussian_pool(), param_seed(seed, param_index)
+        parts = []
+        for c, off in enumerate(range(0, numel, Z_CHUNK)):
+            start, sign = pool_slice(ps, c)
+            parts.append(pool[start:start + min(Z_CHUNK, numel - off)] * sign)
+        return torch.cat(parts)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(param_seed(seed, param_index))
+    z = torch.empty(numel, dtype=torch.float32)
+    scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
+    for off in range(0, numel, Z_CHUNK):
+        fill_direction(z[off:off + Z_CHUNK], gen, direction, scratch)
+    return z
+
+
+class _Perturber:
+    """theta_i += coef * z_i(seed) for every trainable parameter, chunked, over worker threads."""
+
+    def __init__(self, params: Sequence[torch.Tensor], workers: int) -> None:
+        self.params = list(params)
+        self.workers = max(1, min(workers, len(self.params)))
+        # Balance workers by element count (greedy, largest first); fixed for the model's life.
+        loads = [0] * self.workers
+        self.groups: list[list[int]] = [[] for _ in range(self.workers)]
+        for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].numel()):
+            w = loads.index(min(loads))
+            self.groups[w].append(i)
+            loads[w] += self.params[i].numel()
+        self._local = threading.local()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zo") if self.workers > 1 else None
+
+    def _buffers(self, n: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Generator]]:
+        loc = self._local
+        if not hasattr(loc, "bufs"):
+            loc.bufs, loc.gens = [], []
+            loc.scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
+        while len(loc.bufs) < n:
+            loc.bufs.append(torch.empty(Z_CHUNK, dtype=torch.float32))
+            loc.gens.append(torch.Generator(device="cpu"))
+        return loc.bufs, loc.scratch, loc.gens
+
+    def _run_group(self, group: Iterable[int], terms: Sequence[tuple[int, float]], direction: str, exact: bool) -> None:
+        pool = gaussian_pool() if direction == "gaussian_pool" else None
+        bufs, scratch, gens = self._buffers(1 if pool is not None else len(terms) + 1)
+        out = bufs[-1]  # never one of the terms' buffers
+        for i in group:
+            p = self.params[i]
+            flat = p.view(-1)
+            pseeds = [param_seed(seed, i) for seed, _ in terms]
+            for gen, ps in zip(gens, pseeds):
+                gen.manual_seed(ps)
+            n = flat.numel()
+            cast = p.dtype != torch.float32 or p.device.type != "cpu"
+            for c, off in enumerate(range(0, n, Z_CHUNK)):
+                m = min(Z_CHUNK, n - off)
+                dst = flat[off:off + m]
+                # every term of this chunk while it is in cache: one trip to memory for theta
+                for t, (_, coef) in enumerate(terms):
+                    if pool is not None:
+                        start, sign = pool_slice(pseeds[t], c)
+                        z, scale = pool[start:start + m], coef * sign
+                    else:
+                        z, scale = bufs[t][:m], coef
+                        fill_direction(z, gens[t], direction, scratch)
+                    if exact or cast:
+                        # two exactly rounded element-wise ops: bitwise the same on every device
+                        # and for every thread count (a fused a + alpha*b may or may not use FMA)
+                        zs = torch.mul(z, scale, out=out[:m])
+                        dst.add_(zs.to(p.device, p.dtype) if cast else zs)
+                    else:
+                        dst.add_(z, alpha=scale)
+
+    def add(self, terms: Sequence[tuple[int, float]], direction: str, exact: bool = True) -> None:
+        """theta += sum over terms (seed, coef) of coef * z(seed), terms applied in order."""
+        with torch.no_grad():
+            # the pool needs no drawing: memory-bound adds, parallel inside torch's own ops
+            if self.pool is None or direction == "gaussian_pool":
+                self._run_group(range(len(self.params)), terms, direction, exact)
+                return
+            futures = [self.pool.submit(self._run_group, g, terms, direction, exact) for g in self.groups]
+            for f in futures:
+                f.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class ZoMethod(TrainingMethod):
+    """FedKSeed client. ``target`` "full": all parameters of a float32 model; "lora": the LoRA
+    parameters of an NF4 base (QLoRA's loading)."""
+
+    name: ClassVar[str] = "zo"
+
+    def __init__(
+        self,
+        model_path: str,
+        adapter: AdapterSpec,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        seed: int = 0,
+        target: str = "full",
+        workers: int | None = None,
+        gradient_checkpointing: bool = False,  # accepted for interface parity; no backward here
+    ) -> None:
+        if target not in ("full", "lora"):
+            raise ValueError(f"zo target must be 'full' or 'lora', got {target!r}")
+        self.target = target
+        if target == "lora":
+            self.quantize_4bit = True  # type: ignore[misc]  # QLoRA's NF4 base
+            super().__init__(model_path, adapter, device=device, dtype=dtype, seed=seed)
+        else:
+            self.model_path, self.adapter_spec, self.seed = model_path, adapter, seed
+            self.device, self.dtype = resolve_device(device), dtype
+            self.model, self.tokenizer = load_causal_lm(model_path, quantize_4bit=False, dtype=dtype, device=self.device)
+            self.model.eval()
+            self._params = {}
+            seen: set[int] = set()
+            for pname, p in self.model.named_parameters():
+                if id(p) not in seen:  # tied weights (embeddings / lm_head) count once
+                    seen.add(id(p))
+                    self._params[pname] = p
+            self._token_cache = {}
+            self._eos = self.tokenizer.eos_token_id
+            self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.fingerprint = model_fingerprint(model_path)
+        if workers is None:
+            workers = min(4, torch.get_num_threads())
+        self._perturb = _Perturber(list(self._params.values()), workers)
+        self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
+        self._pending: list[tuple[int, float]] = []
+        self._pending_direction = "gaussian"
+
+    # -- seeds ----------------------------------------------------------------------------------
+    def candidate_seeds(self, spec: ZoSpec) -> list[int]:
+        key = (spec.seed, spec.num_seeds)
+        if self._seeds_cache is None or self._seeds_cache[0] != key:
+            self._seeds_cache = (key, candidate_seeds(spec.seed, spec.num_seeds))
+        return self._seeds_cache[1]
+
+    def perturb(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
+        """theta += coef * z(seed) over every trainable parameter. ``exact=False`` (local steps,
+        undone by the pre-round snapshot) fuses scale and add into one pass."""
+        self._perturb.add([(seed, coef)], direction, exact)
+
+    # -- local training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loss(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.model(**batch).loss)
+
+    def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
+        """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses).
+
+        The step's last pass (restore + update, theta += (eps - lr g) z) is deferred and folded into
+        the next step's +eps pass, chunk by chunk, so theta streams through memory twice per step;
+        ``flush()`` applies a deferred pass (``fit`` does at its end)."""
+        eps, lr = spec.eps, spec.lr
+        if self._pending and self._pending_direction != spec.direction:
+            self.flush()
+        self._perturb.add([*self._pending, (seed, eps)], spec.direction, exact=False)
+        self._pending = []
+        l_plus = self._loss(batch)
+        self.perturb(seed, -2.0 * eps, spec.direction, exact=False)
+        l_minus = self._loss(batch)
+        if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
+            self.perturb(seed, eps, spec.direction, exact=False)
+            raise FloatingPointError("non-finite zo loss")
+        g = (l_plus - l_minus) / (2.0 * eps)
+        self._pending = [(seed, eps - lr * g)]
+        self._pending_direction = spec.direction
+        return g, 0.5 * (l_plus + l_minus)
+
+    def flush(self) -> None:
+        """Apply a deferred restore + update pass of the last ``step``."""
+        if self._pending:
+            self._perturb.add(self._pending, self._pending_direction, exact=False)
+            self._pending = []
+
+    def fit(
+        self,
+        examples: Sequence[Example],
+        cfg: FitConfig,
+        *,
+        spec: ZoSpec | None = None,
+        probabilities: np.ndarray | None = None,
+        progress: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> FitResult:
+        """``cfg.local_steps`` ZO-SGD steps; the seed pool is left in ``self.last_pool``
+        (candidate index -> accumulated g)."""
+        if spec is None:
+            raise ValueError("zo fit needs the federation's ZoSpec")
+        if not examples:
+            raise ValueError("fit needs at least one example")
+        seeds = self.candidate_seeds(spec)
+        encoded = [self._encode(ex, cfg.max_seq_len) for ex in examples]
+        batch_rng = random.Random(cfg.seed)
+        seed_rng = random.Random(f"zo-seeds:{cfg.seed}")
+        weights = None if probabilities is None else probabilities.tolist()
+        order: list[int] = []
+        pool: dict[int, float] = {}
+        losses: list[float] = []
+        tokens = 0
+        t0 = time.perf_counter()
+        self.model.eval()
+        try:
+            for step in range(cfg.local_steps):
+                if should_stop is not None and should_stop():
+                    break
+                idx = []
+                while len(idx) < min(cfg.batch_size, len(encoded)):
+                    if not order:
+                        order = list(range(len(encoded)))
+                        batch_rng.shuffle(order)
+                    idx.append(order.pop())
+                batch = self._collate([encoded[i] for i in idx])
+                k = (seed_rng.randrange(spec.num_seeds) if weights is None
+                     else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
+                try:
+                    g, lv = self.step(batch, seeds[k], spec)
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"{exc} at step {step + 1}") from None
+                pool[k] = pool.get(k, 0.0) + g
+                losses.append(lv)
+                tokens += 2 * int(batch["attention_mask"].sum())
+                if progress is not None:
+                    progress(step + 1, lv)
+        finally:
+            self.flush()
+            _release_memory()
+        self.last_pool = pool
+        return FitResult(
+            num_samples=len(examples),
+            steps=len(losses),
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            seconds=time.perf_counter() - t0,
+            tokens=tokens,
+        )
+
+    # -- ledger replay --------------------------------------------------------------------------
+    def check_spec(self, spec: ZoSpec) -> None:
+        if spec.target != self.target:
+            raise ValueError(f"ledger trains target {spec.target!r}; this method holds {self.target!r}")
+        if spec.base_fingerprint is not None and spec.base_fingerprint != self.fingerprint:
+            raise ValueError(f"ledger base {spec.base_fingerprint} differs from this device's {self.fingerprint}")
+
+    def apply_round(self, entry: ZoLedgerRound) -> int:
+        """Replay one ledger round; returns the number of seeds applied."""
+        self.check_spec(entry.spec)
+        self.flush()
+        seeds = self.candidate_seeds(entry.spec)
+        terms = [(seeds[k], -entry.spec.lr * g) for k, g in entry.entries() if g != 0.0]  # ascending index
+        # Several terms per trip over theta, each chunk updated term after term in canonical order:
+        # every element sees the same sequence of rounded ops as one pass per term, so the bits are
+        # the same; pool slices need no buffer, drawn directions one buffer per term of a group.
+        group = 64 if entry.spec.direction == "gaussian_pool" else 8
+        for i in range(0, len(terms), group):
+            self._perturb.add(terms[i:i + group], entry.spec.direction, exact=True)
+        return len(terms)
+
+    # -- exact return to the pre-round weights ---------------------------------------------------
+    def snapshot(self, path: str | Path) -> None:
+        """Write the trainable parameters to ``path`` (restored bit for bit by ``restore``)."""
+        self.flush()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({str(i): p.detach() for i, p in enumerate(self._params.values())}, tmp)
+        os.replace(tmp, path)
+
+    def restore(self, path: str | Path) -> None:
+        self._pending = []  # a deferred local pass is moot: the snapshot replaces theta
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.no_grad():
+            for i, p in enumerate(self._params.values()):
+                p.copy_(state[str(i)])
+        del state
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return dict(self._params)
+
+    def param_digest(self) -> str:
+        """blake2b of the trainable parameters' bytes, in order: equal digests, equal weights."""
+        import hashlib
+
+        self.flush()
+        h = hashlib.blake2b(digest_size=16)
+        for p in self._params.values():
+            t = p.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            h.update(t.contiguous().view(torch.uint8).numpy().data if t.dtype != torch.bfloat16
+                     else t.contiguous().view(torch.int16).numpy().tobytes())
+        return h.hexdigest()
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        # The global of a zo federation is base + ledger: no tensors travel.
+        return {}
+
+    def __repr__(self) -> str:
+        return f"ZoMethod(model={self.model_path!r}, target={self.target}, trainable={self.num_trainable_params()})"

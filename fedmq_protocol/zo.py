@@ -1,0 +1,217 @@
+"""Zeroth-order federated fine-tuning (FedKSeed): seeds, task/update payloads, ledger entries.
+
+Torch-free so the coordinator can derive the K candidate seeds and keep the seed ledger itself.
+
+- The K candidate seeds of a federation derive from one 63-bit root seed (splitmix64 stream), so
+  a task carries one integer instead of K.
+- A device's update is the candidate indices it drew and the projected gradients g it accumulated
+  for each (uint16 index + float32 g, little endian): ~6 bytes per distinct seed.
+- The global model is "base checkpoint fingerprint + ledger"; one ``ZoLedgerRound`` per completed
+  round holds, per candidate index, the sample-weighted sum of g over the round's devices. Devices
+  replay rounds in canonical order (round, then index ascending): theta -= lr * g_sum * z(seed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedmq_protocol.errors import ProtocolError
+
+_M64 = (1 << 64) - 1
+MAX_SEEDS = 65536  # indices travel as uint16
+# z of one parameter is drawn in consecutive chunks of this many elements from the parameter's
+# own generator; part of the definition of z (a different chunking draws different numbers).
+Z_CHUNK = 1 << 20
+
+# gaussian_pool: z of a chunk is a slice of one shared Gaussian pool (POOL_SIZE float32 drawn once
+# from POOL_SEED) at a pseudo-random offset, with a random sign. Not the paper's i.i.d. z (slices
+# overlap, so coordinates repeat across chunks), but drawing costs nothing: a step is memory-bound.
+POOL_SIZE = 1 << 24
+POOL_SEED = 0x5A0F_EDC0
+
+Direction = Literal["gaussian", "rademacher", "gaussian_pool"]
+Target = Literal["full", "lora"]
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def candidate_seeds(root_seed: int, k: int) -> list[int]:
+    """The K candidate seeds (each in [1, 2**63)) derived from ``root_seed``."""
+    if not 1 <= k <= MAX_SEEDS:
+        raise ValueError(f"number of candidate seeds must be 1..{MAX_SEEDS}, got {k}")
+    out, state = [], root_seed & _M64
+    for _ in range(k):
+        state = (state + 0x9E3779B97F4A7C15) & _M64
+        out.append((splitmix64(state) >> 1) or 1)
+    return out
+
+
+def param_seed(seed: int, param_index: int) -> int:
+    """Seed of the generator that draws z for parameter number ``param_index`` under ``seed``."""
+    return splitmix64((seed ^ splitmix64(param_index + 0x5EED)) & _M64) >> 1
+
+
+def pool_slice(pseed: int, chunk_index: int) -> tuple[int, float]:
+    """(offset into the pool, sign) of chunk ``chunk_index`` of a parameter whose seed is ``pseed``."""
+    h = splitmix64((pseed + 0x9E3779B97F4A7C15 * (chunk_index + 1)) & _M64)
+    return (h >> 1) % (POOL_SIZE - Z_CHUNK + 1), (-1.0 if h & 1 else 1.0)
+
+
+def pro_probabilities(g_history: dict[int, list[float]], k: int, clip: float = 1000.0) -> np.ndarray:
+    """FedKSeed-Pro seed probabilities: softmax(minmax_norm(mean |clip(g, ±clip)|)) over the K
+    candidates; a candidate with no history scores 0 before normalisation."""
+    score = np.zeros(k, dtype=np.float64)
+    for i, hist in g_history.items():
+        if hist:
+            score[i] = float(np.mean(np.abs(np.clip(np.asarray(hist, dtype=np.float64), -clip, clip))))
+    lo, hi = float(score.min()), float(score.max())
+    norm = (score - lo) / (hi - lo) if hi > lo else np.zeros(k)
+    e = np.exp(norm - norm.max())
+    return e / e.sum()
+
+
+def pack_pool(pool: dict[int, float]) -> tuple[bytes, bytes]:
+    """(uint16 indices ascending, float32 g) little-endian byte strings."""
+    idx = sorted(pool)
+    return (np.asarray(idx, dtype="<u2").tobytes(), np.asarray([pool[i] for i in idx], dtype="<f4").tobytes())
+
+
+def unpack_pool(indices: bytes, g: bytes, k: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (indices, g): sizes match, indices strictly ascending and < k, g finite."""
+    if len(indices) % 2 or len(g) % 4 or len(indices) // 2 != len(g) // 4:
+        raise ProtocolError(f"{what}: {len(indices)} index bytes do not pair with {len(g)} g bytes")
+    idx = np.frombuffer(indices, dtype="<u2").astype(np.int64)
+    val = np.frombuffer(g, dtype="<f4")
+    if idx.size and (idx.max() >= k or np.any(np.diff(idx) <= 0)):
+        raise ProtocolError(f"{what}: seed indices must be strictly ascending and below {k}")
+    if not np.all(np.isfinite(val)):
+        raise ProtocolError(f"{what}: non-finite projected gradient")
+    return idx, val
+
+
+class ZoSpec(BaseModel):
+    """What every device of a zeroth-order federation must agree on (coordinator ``zo:`` section)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seed: int = Field(0, ge=0, lt=2**63, description="root seed of the K candidate seeds")
+    num_seeds: int = Field(4096, ge=1, le=MAX_SEEDS, description="K")
+    eps: float = Field(1e-3, gt=0, lt=1)
+    lr: float = Field(1e-6, gt=0, lt=1)
+    direction: Direction = "gaussian"
+    target: Target = "full"
+    pro: bool = Field(False, description="FedKSeed-Pro: sample seeds by importance")
+    base_fingerprint: str | None = Field(None, max_length=64, description="edge_agent.models.model_fingerprint of the base")
+
+
+class ZoTask(ZoSpec):
+    """The ``zo`` part of a task: the spec plus Pro probabilities (K float32) when enabled."""
+
+    probabilities: bytes | None = None
+
+    @model_validator(mode="after")
+    def _probs(self) -> "ZoTask":
+        if self.probabilities is not None:
+            p = np.frombuffer(self.probabilities, dtype="<f4") if len(self.probabilities) == 4 * self.num_seeds else None
+            if p is None or not np.all(np.isfinite(p)) or np.any(p < 0) or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-3):
+                raise ValueError(f"probabilities must be {self.num_seeds} finite non-negative float32 summing to 1")
+        return self
+
+    def probability_array(self) -> np.ndarray | None:
+        return None if self.probabilities is None else np.frombuffer(self.probabilities, dtype="<f4").astype(np.float64)
+
+
+class ZoUpdate(BaseModel):
+    """The ``zo`` part of a fit update: candidate indices drawn and their accumulated g."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    base_fingerprint: str = Field(max_length=64)
+    indices: bytes = Field(max_length=2 * MAX_SEEDS)
+    g: bytes = Field(max_length=4 * MAX_SEEDS)
+
+
+class ZoLedgerRound(BaseModel):
+    """One completed round of the seed ledger (msgpack, retained on ``{base}/zo/ledger/{round}``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = Field(1, alias="schema")
+    round: int = Field(ge=1)
+    spec: ZoSpec
+    adapter: dict | None = None  # AdapterSpec fields when target is lora
+    indices: bytes = Field(max_length=2 * MAX_SEEDS)
+    g: bytes = Field(max_length=4 * MAX_SEEDS)
+    num_clients: int = Field(0, ge=0)
+    num_samples: int = Field(0, ge=0)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _schema(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported ledger schema {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ZoLedgerRound":
+        try:
+            unpack_pool(self.indices, self.g, self.spec.num_seeds, f"ledger round {self.round}")
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def entries(self) -> list[tuple[int, float]]:
+        """(candidate index, g_sum) in canonical (ascending index) order."""
+        idx, val = unpack_pool(self.indices, self.g, self.spec.num_seeds, f"ledger round {self.round}")
+        return [(int(i), float(v)) for i, v in zip(idx, val)]
+
+    def to_msgpack(self) -> bytes:
+        import msgpack
+
+        return msgpack.packb(self.model_dump(by_alias=True, mode="python"), use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, data: bytes, max_bytes: int = 1 << 22) -> "ZoLedgerRound":
+        from pydantic import ValidationError
+
+        from fedmq_protocol.messages import _validation_summary, unpack_limited
+
+        obj = unpack_limited(data, max_bytes, what="ZoLedgerRound")
+        if not isinstance(obj, dict):
+            raise ProtocolError("invalid ZoLedgerRound: expected a map")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise ProtocolError(_validation_summary(exc, cls)) from None
+
+
+def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict | None,
+                    updates: list[tuple[int, ZoUpdate]]) -> ZoLedgerRound:
+    """FedKSeed server rule: per index, sum_i (n_i / sum n) * g_i (float64, stored float32).
+    ``updates``: (num_samples, update) pairs."""
+    total = float(sum(n for n, _ in updates))
+    if total <= 0:
+        raise ValueError("updates report zero samples in total")
+    acc: dict[int, float] = {}
+    for n, u in updates:
+        idx, val = unpack_pool(u.indices, u.g, spec.num_seeds, "update")
+        for i, v in zip(idx.tolist(), val.tolist()):
+            acc[i] = acc.get(i, 0.0) + (n / total) * v
+    indices, g = pack_pool(acc)
+    return ZoLedgerRound(round=round_no, spec=spec, adapter=adapter, indices=indices, g=g,
+                         num_clients=len(updates), num_samples=int(total))
+
+
+def ledger_topic(base: str, round_no: int) -> str:
+    return f"{base}/zo/ledger/{round_no}"
+
+
+def ledger_filter(base: str) -> str:
+    return f"{base}/zo/ledger/+"
