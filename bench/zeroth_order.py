@@ -330,7 +330,7 @@ def measure_uplink_200(steps: int = 200) -> dict:
 def _finish(results: dict) -> int:
     if "uplink_200" not in results:
         results["uplink_200"] = measure_uplink_200()
-    doc = render(results)
+    doc = "## Zeroth-order federated fine-tuning (`bench/zeroth_order.py`)\n\n" + render(results)
     write_json("zeroth_order", results)
     update_doc_section("zeroth_order", doc)
     print(doc)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
-from broker_coordinator.state import CoordinatorState
+from broker_coordinator.state import CoordinatorState, DeviceRecord
 from broker_coordinator.strategy import FedAvg
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import Update
@@ -27,6 +27,11 @@ class FedKSeed(FedAvg):
     """Device selection as FedAvg; aggregation into the seed ledger (FedKSeed server rule)."""
 
     snapshot_every_version = True
+
+    def accepts(self, device: DeviceRecord) -> bool:
+        """Zeroth-order devices only (a device plans its target when the task names it)."""
+        plan = device.plan
+        return plan is None or plan.get("method") == "zo"
 
     def __init__(self, config: CoordinatorConfig) -> None:
         super().__init__(config.min_clients, config.fraction, config.max_clients, config.selection_seed)
@@ -62,7 +67,7 @@ class FedKSeed(FedAvg):
     def validate_fit(self, global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, Any]:
         if update.zo is None:
             raise ProtocolError("zo federation: fit update carries no seed pool")
-        if update.tensors:
+        if not update.tensors.empty:
             raise ProtocolError("zo federation: fit update must not carry tensors")
         unpack_pool(update.zo.indices, update.zo.g, self.spec.num_seeds, "zo update")
         fp = update.zo.base_fingerprint

@@ -17,6 +17,7 @@ from typing import Any
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
+from edge_agent.memory_guard import OverBudget
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.topics import QOS_GLOBAL
@@ -32,7 +33,6 @@ class ZoEdgeAgent(EdgeAgent):
         self.applied_round = 0  # ledger rounds replayed on the model in memory
         self._spec: ZoSpec | None = None
         self._method_key: tuple | None = None
-        self._last_global: m.GlobalModel | None = None
         self._snapshot_path = Path(config.state_dir) / "zo-pre-round.pt"
         self.replay_s = 0.0  # time spent replaying the ledger (cumulative)
 
@@ -53,11 +53,6 @@ class ZoEdgeAgent(EdgeAgent):
             raise ProtocolError(f"ledger round {entry.round} arrived on {topic!r}")
         self.ledger[entry.round] = entry
 
-    def _on_global(self, payload: bytes, received_at: float) -> None:
-        super()._on_global(payload, received_at)
-        if self.pending_global is not None:
-            self._last_global = self.pending_global
-
     def _on_task(self, payload: bytes) -> None:
         task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
         if task.zo is None:
@@ -75,7 +70,9 @@ class ZoEdgeAgent(EdgeAgent):
         spec = self._current_spec()
         target = spec.target if spec is not None else "full"
         key = (target, adapter if target == "lora" else None)
+        self._memory_plan(adapter, zo_target=target)  # PlanRefused when the budget holds no plan
         if self.method is not None and self._method_key == key:
+            self.memory.install(self.method)
             return
         from edge_agent.methods.zo import ZoMethod
 
@@ -87,10 +84,11 @@ class ZoEdgeAgent(EdgeAgent):
         log.info("loading %s for zeroth-order training of %s parameters", self.model_path, target)
         self.method = None
         self.method = ZoMethod(self.model_path, adapter, device=self.cfg.device, dtype=self.cfg.dtype, seed=0, target=target)
+        self.memory.install(self.method)
         self._method_key, self._method_adapter = key, adapter
+        # a fresh model holds no round: the newest global seen (self.sync) is pending again and
+        # is reached by replaying the ledger from round 1
         self.global_version, self.global_arrays, self._dirty, self.applied_round = None, {}, False, 0
-        if self.pending_global is None and self._last_global is not None:
-            self.pending_global = self._last_global  # a fresh model replays the ledger from round 1
         self._set_state("idle")
 
     def _return_to_global(self) -> None:
@@ -100,33 +98,36 @@ class ZoEdgeAgent(EdgeAgent):
             self._dirty = False
 
     def _apply_pending_global(self) -> None:
-        gm = self.pending_global
-        if gm is None:
+        """Replay the ledger rounds between the weights in memory and the newest global seen."""
+        if not self._global_pending():
             return
-        self._ensure_method(gm.adapter)
-        if gm.version < self.applied_round:  # the coordinator lost rounds: start over from the base
-            log.warning("global v%d is behind the %d rounds applied; reloading the base", gm.version, self.applied_round)
+        version, adapter = self.sync.version, self.sync.adapter
+        assert version is not None and adapter is not None
+        self._ensure_method(adapter)
+        if version < self.applied_round:  # the coordinator lost rounds: start over from the base
+            log.warning("global v%d is behind the %d rounds applied; reloading the base", version, self.applied_round)
             self._method_key = None
-            self._ensure_method(gm.adapter)
-        missing = [r for r in range(self.applied_round + 1, gm.version + 1) if r not in self.ledger]
+            self._ensure_method(adapter)
+        missing = [r for r in range(self.applied_round + 1, version + 1) if r not in self.ledger]
         if missing:
             return  # the retained ledger rounds are still on their way
         t0 = time.perf_counter()
         self._return_to_global()
         try:
-            for r in range(self.applied_round + 1, gm.version + 1):
+            for r in range(self.applied_round + 1, version + 1):
                 self.method.apply_round(self.ledger[r])
                 self.applied_round = r
         except ValueError as exc:
-            self.pending_global = None
-            log.error("cannot replay the seed ledger: %s", exc)
+            # a ledger this model cannot replay (other base, other target): forget the global
+            # and wait for the next one rather than retrying every loop
+            self.sync = type(self.sync)(max_elements=self.cfg.broker.max_message_bytes)
+            self._count_rejection("ledger", f"global v{version}", f"cannot replay the seed ledger: {exc}")
             return
         self.replay_s += time.perf_counter() - t0
         self._global_timing["global_apply_s"] = time.perf_counter() - t0
-        self._record_state(gm.version)
-        self.global_arrays, self.global_version = {}, gm.version
-        self.pending_global = None
-        log.info("replayed the seed ledger up to round %d (global v%d)", self.applied_round, gm.version)
+        self._record_state(version)
+        self.global_arrays, self.global_version = {}, version
+        log.info("replayed the seed ledger up to round %d (global v%d)", self.applied_round, version)
         self.announce()
 
     def _record_state(self, version: int) -> None:
@@ -167,12 +168,20 @@ class ZoEdgeAgent(EdgeAgent):
             self.method.snapshot(self._snapshot_path)
             snapshot_s = time.perf_counter() - started
             self._dirty = True
+            self.memory.fit_started()
             result = self.method.fit(
                 self.train_examples, cfg, spec=spec, probabilities=spec.probability_array(),
                 progress=progress, should_stop=self.stop_event.is_set,
             )
+            self.memory.fit_finished()
+        except OverBudget as exc:  # stopped cleanly; reported in the status, next plan lower
+            self.memory.on_over_budget(exc, task)
+            self._set_state("refused" if self.memory.refused else "idle")
+            self.announce()
+            return
         finally:
-            self._set_state("idle")
+            if self.state == "training":
+                self._set_state("idle")
         if self.stop_event.is_set():
             log.info("stopping: the update of %s is abandoned", task.task_id)
             return

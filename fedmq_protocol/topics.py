@@ -80,13 +80,6 @@ class Topics:
     def all_global_diffs(self) -> str:
         return f"{self.base}/global/diff/+"
 
-    def diff_version_from(self, topic: str) -> int:
-        prefix = f"{self.base}/global/diff/"
-        rest = topic[len(prefix):] if topic.startswith(prefix) else ""
-        if not rest.isdigit():
-            raise ProtocolError(f"topic {topic!r} is not a global difference topic")
-        return int(rest)
-
     @property
     def coordinator_status(self) -> str:
         """JSON, retained, QoS 1: coordinator birth / will / progress."""
