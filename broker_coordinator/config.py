@@ -32,6 +32,9 @@ class CoordinatorConfig(BaseModel):
     quorum: int | None = Field(None, ge=1, description="updates needed to close a round at its deadline")
     round_deadline_s: float = Field(600, gt=0)
     round_retries: int = Field(3, ge=0)
+    offline_grace_s: float = Field(
+        15, ge=0, description="a selected device that went offline (Last Will) is still awaited this long: "
+        "a broker restart publishes every Will, and the device is back within seconds")
     evaluate: bool = True
     eval_deadline_s: float = Field(300, gt=0)
     wait_for_devices_s: float = Field(600, gt=0)

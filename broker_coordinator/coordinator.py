@@ -6,13 +6,15 @@ state is handled on the coordinator's own thread, so no state is shared between 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,6 +50,10 @@ class _Collect:
     decoded: dict[str, dict[str, DecodedTensor]] = field(default_factory=dict)
     bytes_in: int = 0
     decode_s: float = 0.0
+    attempt: int = 0
+    deadline_s: float = 0.0
+    # accepted updates carried over from earlier attempts of the round: [{task_id, nonce, devices}]
+    earlier: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +62,11 @@ class CoordinatorCounters:
     updates_rejected: int = 0
     duplicates: int = 0
     late: int = 0
+    fit_accepted: int = 0  # fit updates accepted (all are aggregated: a retry carries them over)
+    restored: int = 0  # accepted before a restart, read back from the open round on disk
+    tasks_resent: int = 0  # open tasks sent again to a device that restarted, or after a broker restart
+    reconnects: int = 0
+    globals_reasserted: int = 0  # retained global re-published after the broker lost it
     last_rejection: str = ""
 
 
@@ -83,6 +94,9 @@ class Coordinator:
         self._bytes_by: dict[str, dict[str, int]] = {"up": {}, "down": {}}  # this round, per device
         self._collect: _Collect | None = None
         self._server_model: ServerModel | None = None
+        self._restoring = False  # replaying the open round's accepted updates from disk
+        self._connected_before = False
+        self._resend_on_announce: set[str] = set()  # after the broker lost our session
         self._status_seq = int(time.time() * 1000)
         will = WillMessage(
             self.topics.coordinator_status,
@@ -107,6 +121,9 @@ class Coordinator:
             self.topics.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True
         )
         self.transport.on_connect.append(lambda session_present: self._publish_status("running"))
+        # handled on the coordinator thread: after a broker restart re-assert what the broker lost
+        self.transport.on_connect.append(
+            lambda session_present: self._events.put(("connected", "", b"1" if session_present else b"", time.time())))
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self._publish_status("starting")
 
@@ -156,6 +173,8 @@ class Coordinator:
                 self._on_status(topic, payload)
             elif kind == "update":
                 self._on_update(topic, payload, arrived_at)
+            elif kind == "connected":
+                self._on_connected(session_present=bool(payload))
         except ProtocolError as exc:
             self.counters.updates_rejected += kind == "update"
             self.counters.last_rejection = f"{topic}: {exc}"
@@ -171,7 +190,7 @@ class Coordinator:
         dev = self.state.devices.setdefault(device_id, DeviceRecord(device_id))
         if st.seq < dev.seq:
             return  # a stale Will or birth from an earlier connection
-        was_online = dev.online
+        was_online, was_seq = dev.online, dev.seq
         dev.seq, dev.online, dev.last_seen = st.seq, st.online, time.time()
         dev.state = st.state if st.online else "offline"
         if st.online:
@@ -181,6 +200,18 @@ class Coordinator:
             dev.resources = st.resources.model_dump() if st.resources else None
         if was_online != dev.online:
             log.info("device %s is %s", device_id, "online" if dev.online else "offline")
+        c = self._collect
+        back = not was_online or st.seq > was_seq or device_id in self._resend_on_announce
+        if st.online:
+            self._resend_on_announce.discard(device_id)
+        if (st.online and back and c is not None
+                and device_id in c.expected and device_id not in c.accepted):
+            # the device restarted (or came back) while its task is open and may have lost the
+            # task: send it again (a device that still has it ignores the duplicate task id; one
+            # that already answered re-sends the same update, which is then a harmless duplicate)
+            log.info("device %s is back while %s is open; task sent again", device_id, c.task_id)
+            self._publish_task(c, device_id)
+            self.counters.tasks_resent += 1
 
     def _on_update(self, topic: str, payload: bytes, arrived_at: float) -> None:
         t0 = time.perf_counter()
@@ -222,7 +253,13 @@ class Coordinator:
         c.bytes_in += len(payload)
         self._count_bytes("up", device_id, len(payload))
         c.decode_s += decode_s
-        self.counters.updates_accepted += 1
+        if self._restoring:
+            self.counters.restored += 1
+        else:
+            self.counters.updates_accepted += 1
+            self.counters.fit_accepted += c.kind == "fit"
+            if c.kind == "fit":  # on disk before anything else happens: survives a crash
+                self._save_open_round(c, device_id, payload)
 
     # ------------------------------------------------------------------ helpers
     def _server(self) -> ServerModel:
@@ -257,31 +294,145 @@ class Coordinator:
     def _send_tasks(self, kind: str, round_no: int, attempt: int, devices: list[str], deadline_s: float) -> tuple[_Collect, int]:
         gv = self.state.global_version
         task_id = f"r{round_no}-{kind}-v{gv}-a{attempt}"
-        c = _Collect(kind, task_id, round_no, gv, set(devices))
+        c = _Collect(kind, task_id, round_no, gv, set(devices), attempt=attempt, deadline_s=deadline_s)
         self._collect = c
         sent = 0
         for dev in devices:
-            task = m.Task(
-                kind=kind,
-                task_id=task_id,
-                round=round_no,
-                device_id=dev,
-                global_version=gv,
-                deadline_s=deadline_s,
-                adapter=self.cfg.adapter,
-                fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + round_no * 7919 + attempt}),
-                model=self.cfg.model,
-                **self.strategy.task_fields(kind, round_no, self.state),
-            )
-            n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
-            self._count_bytes("down", dev, n)
-            sent += n
+            sent += self._publish_task(c, dev)
         return c, sent
+
+    def _publish_task(self, c: _Collect, dev: str) -> int:
+        """Publish the task of ``c`` to ``dev`` (also to send it again: same task id)."""
+        task = m.Task(
+            kind=c.kind,
+            task_id=c.task_id,
+            round=c.round_no,
+            device_id=dev,
+            global_version=c.base_version,
+            deadline_s=c.deadline_s,
+            adapter=self.cfg.adapter,
+            fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + c.round_no * 7919 + c.attempt}),
+            model=self.cfg.model,
+            **self.strategy.task_fields(c.kind, c.round_no, self.state),
+        )
+        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+        self._count_bytes("down", dev, n)
+        return n
+
+    # ------------------------------------------------------------------ faults: restarts of either side
+    def _may_answer(self, device_id: str, now: float) -> bool:
+        """Online, or offline for less than ``offline_grace_s`` (a broker restart fires every Will)."""
+        dev = self.state.devices.get(device_id)
+        return dev is not None and (dev.online or now - dev.last_seen < self.cfg.offline_grace_s)
+
+    @staticmethod
+    def _carry_over(old: _Collect, new: _Collect) -> None:
+        """Updates accepted under an earlier attempt of the round count in the next one: nothing
+        accepted is dropped, and those devices are not asked to train again."""
+        if not old.accepted:
+            return
+        new.earlier = [*old.earlier, {"task_id": old.task_id, "nonce": getattr(old, "nonce", None),
+                                      "devices": sorted(set(old.accepted) - {d for e in old.earlier for d in e["devices"]})}]
+        new.expected |= set(old.accepted)
+        for d, u in old.accepted.items():
+            new.accepted[d], new.received_at[d] = u, old.received_at[d]
+            if d in old.decoded:
+                new.decoded[d] = old.decoded[d]
+        new.bytes_in += old.bytes_in
+        new.decode_s += old.decode_s
+
+    def _save_open_round(self, c: _Collect, device_id: str | None = None, payload: bytes | None = None) -> None:
+        doc: dict[str, Any] = {"task_id": c.task_id, "kind": c.kind, "round": c.round_no,
+                               "base_version": c.base_version, "attempt": c.attempt,
+                               "selected": sorted(c.expected), "accepted": sorted(c.accepted),
+                               "earlier": [{**e, "nonce": e["nonce"].hex() if e["nonce"] else None} for e in c.earlier]}
+        self.store.save_open_round(doc, device_id, payload)
+
+    def _resume_open_round(self, round_no: int) -> _Collect | None:
+        """The fit task of ``round_no`` that was open when this coordinator died, with the updates it
+        had accepted read back from disk (through the same checks as on arrival), or None."""
+        try:
+            found = self.store.load_open_round()
+        except Exception as exc:  # noqa: BLE001 - an unreadable record only costs a fresh attempt
+            log.warning("open round unreadable, starting the round afresh: %s", exc)
+            found = None
+        if found is None:
+            return None
+        doc, payloads = found
+        if (doc.get("kind") != "fit" or doc.get("round") != round_no
+                or doc.get("base_version") != self.state.global_version
+                or not isinstance(doc.get("attempt"), int) or doc["attempt"] > self.cfg.round_retries):
+            log.info("discarding the open round recorded before the restart (%s)", doc.get("task_id"))
+            self.store.clear_open_round()
+            return None
+        self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
+        c = _Collect("fit", str(doc["task_id"]), round_no, self.state.global_version, set(doc.get("selected", [])),
+                     attempt=doc["attempt"], deadline_s=self.cfg.round_deadline_s)
+        self._restoring = True
+        try:
+            for e in doc.get("earlier") or []:  # updates carried over from earlier attempts
+                old = _Collect("fit", str(e["task_id"]), round_no, self.state.global_version, set(e["devices"]))
+                if e.get("nonce"):
+                    old.nonce = bytes.fromhex(e["nonce"])  # type: ignore[attr-defined]
+                self._collect = old
+                for device_id in e["devices"]:
+                    if device_id in payloads:
+                        self._handle("update", self.topics.device_update(device_id), payloads.pop(device_id), time.time())
+                self._carry_over(old, c)
+            self._collect = c
+            for device_id, payload in sorted(payloads.items()):
+                self._handle("update", self.topics.device_update(device_id), payload, time.time())
+        finally:
+            self._restoring = False
+        log.info("round %d: resuming task %s with %d accepted update(s) restored from disk (%s)",
+                 round_no, c.task_id, len(c.accepted), ", ".join(sorted(c.accepted)) or "none")
+        return c
+
+    def _resend_pending(self, c: _Collect) -> int:
+        sent = 0
+        for dev in sorted(c.expected - set(c.accepted)):
+            sent += self._publish_task(c, dev)
+            self.counters.tasks_resent += 1
+        return sent
+
+    def _on_connected(self, session_present: bool) -> None:
+        if not self._connected_before:
+            self._connected_before = True
+            return
+        self.counters.reconnects += 1
+        if session_present:
+            return  # the broker kept our session: subscriptions and queued messages are there
+        # The broker lost its state (restarted without persistence): retained messages and queued
+        # tasks are gone. Re-assert the retained global; each device of the open task that has
+        # not answered gets its task again when it announces itself (it re-subscribed by then).
+        log.warning("broker lost the session: re-publishing the retained global; open tasks follow")
+        c = self._collect
+        if c is not None:
+            self._resend_on_announce = c.expected - set(c.accepted)
+        try:
+            if self.state.global_model is not None:
+                self._publish_global()
+                self.counters.globals_reasserted += 1
+        except Exception as exc:  # noqa: BLE001 - disconnected again: the next connect retries
+            log.warning("could not re-assert state after reconnecting: %s", exc)
+
+    def figures(self) -> dict[str, Any]:
+        """Counters for operators and tests (logged as one JSON line after every round)."""
+        out: dict[str, Any] = {k: v for k, v in vars(self.counters).items() if isinstance(v, int)}
+        stats = self.transport.stats()
+        out.update({k: stats[k] for k in ("connects", "disconnects", "messages_rejected") if k in stats})
+        for key in ("expired", "duplicates"):  # chunked transfers dropped idle / frames seen twice
+            out[f"reassembly_{key}"] = sum(v.get(key, 0) for k, v in stats.items()
+                                           if k.startswith("reassembly[") and isinstance(v, dict))
+        out["round_completed"] = self.state.round_completed
+        out["rss_mb"] = _rss_mb()
+        return out
 
     def _collect_until(self, c: _Collect, deadline_s: float, quorum: int) -> None:
         deadline = time.monotonic() + deadline_s
         while not self._stop.is_set():
-            pending = {d for d in c.expected - set(c.accepted) if self.state.devices.get(d, DeviceRecord(d)).online}
+            now = time.time()
+            pending = {d for d in c.expected - set(c.accepted) if self._may_answer(d, now)}
             if not pending:
                 return
             left = deadline - time.monotonic()
@@ -384,18 +535,33 @@ class Coordinator:
     def _run_round(self, round_no: int) -> m.RoundSummary:
         t_start = time.monotonic()
         quorum = self.cfg.effective_quorum
-        for attempt in range(self.cfg.round_retries + 1):
-            self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
-            selected = self.strategy.configure_fit(round_no, self.ready_devices())
-            if not selected:
-                continue
-            self._publish_status("training")
-            log.info("round %d: training on %s", round_no, ", ".join(selected))
-            c, task_bytes = self._send_tasks("fit", round_no, attempt, selected, self.cfg.round_deadline_s)
+        resumed = self._resume_open_round(round_no)
+        carried: _Collect | None = None  # the last attempt, whose accepted updates count in the next
+        for attempt in range(resumed.attempt if resumed else 0, self.cfg.round_retries + 1):
+            if resumed is not None:  # the round this coordinator was in when it died
+                c, resumed = resumed, None
+                selected = sorted(c.expected)
+                self._publish_status("training")
+                task_bytes = self._resend_pending(c)
+            else:
+                self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
+                selected = self.strategy.configure_fit(round_no, self.ready_devices())
+                if not selected:
+                    continue
+                self._publish_status("training")
+                log.info("round %d: training on %s", round_no, ", ".join(selected))
+                done = set(carried.accepted) if carried is not None else set()
+                c, task_bytes = self._send_tasks(
+                    "fit", round_no, attempt, [d for d in selected if d not in done], self.cfg.round_deadline_s)
+                if carried is not None:
+                    self._carry_over(carried, c)
+                    selected = sorted(set(selected) | done)
+                self._save_open_round(c)
             self._collect_until(c, self.cfg.round_deadline_s, quorum)
             self._collect = None  # closes the round: later updates are refused as late
             if len(c.accepted) >= quorum:
                 break
+            carried = c
             log.warning(
                 "round %d attempt %d: %d of %d updates by the deadline, quorum %d; retrying",
                 round_no, attempt, len(c.accepted), len(selected), quorum,
@@ -425,6 +591,7 @@ class Coordinator:
                 else:
                     rec.rounds_missed += 1
         self.store.save(self.state)
+        self.store.clear_open_round()  # after the save: a crash in between resumes nothing stale
         global_bytes, publish_s = self._publish_global(message)
         n_receivers = max(1, len([d for d in self.state.devices.values() if d.online]))
         for d in self.state.devices.values():
@@ -480,10 +647,21 @@ class Coordinator:
                     "n/a" if summary.eval_loss is None else f"{summary.eval_loss:.4f}",
                     summary.uplink_bytes, summary.downlink_bytes,
                 )
+                log.info("figures %s", json.dumps(self.figures(), sort_keys=True))
             self._publish_status("finished" if self.state.round_completed >= self.cfg.rounds else "stopped")
         finally:
             self._collect = None
+            log.info("figures %s", json.dumps(self.figures(), sort_keys=True))
         return self.state
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process in MiB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _default_strategy(config: CoordinatorConfig) -> Strategy:

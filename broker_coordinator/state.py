@@ -2,7 +2,9 @@
 
 The file store writes atomically (temp file, fsync, rename, fsync dir) after every completed
 round, so a coordinator killed at any instant restarts from the last completed round with a
-global adapter that matches its round counter.
+global adapter that matches its round counter. While a round is open, every accepted update is
+written too (``save_open_round``), so a restarted coordinator resumes that round without asking
+the devices again.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ class StateStore(ABC):
     def save(self, state: CoordinatorState) -> None:
         """Persist ``state`` atomically."""
 
+    # -- the open round: updates accepted before the round closed (survive a coordinator crash) --
+    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
+        """Record the open round ``doc`` (task id, round, base version, attempt, selected devices,
+        ``accepted`` device ids) and, when given, the accepted update ``payload`` of ``device_id``."""
+
+    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+        """The open round recorded before a crash and its accepted update payloads, or None."""
+        return None
+
+    def clear_open_round(self) -> None:
+        """Forget the open round (it was aggregated or abandoned)."""
+
+
 
 class InMemoryStateStore(StateStore):
     def __init__(self) -> None:
@@ -87,6 +102,20 @@ class InMemoryStateStore(StateStore):
 
     def load(self) -> CoordinatorState | None:
         return self._state
+
+    _open: tuple[dict[str, Any], dict[str, bytes]] | None = None
+
+    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
+        payloads = dict(self._open[1]) if self._open and self._open[0].get("task_id") == doc.get("task_id") else {}
+        if device_id is not None and payload is not None:
+            payloads[device_id] = bytes(payload)
+        self._open = (json.loads(json.dumps(doc)), payloads)
+
+    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+        return self._open
+
+    def clear_open_round(self) -> None:
+        self._open = None
 
     def save(self, state: CoordinatorState) -> None:
         self._state = CoordinatorState(
@@ -169,6 +198,41 @@ class FileStateStore(StateStore):
         }
         atomic_write(self.state_file, json.dumps(doc, indent=1).encode())
         self._prune(state.global_version)
+
+    # The open round: ``open-round.json`` names the task and the accepted devices; each accepted
+    # update's payload (exactly as received) is ``open-{device}.msgpack``, written before the
+    # json that lists it, so a crash leaves a list whose every file is complete.
+    @property
+    def open_round_file(self) -> Path:
+        return self.dir / "open-round.json"
+
+    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if device_id is not None and payload is not None:
+            atomic_write(self.dir / f"open-{device_id}.msgpack", bytes(payload))
+        atomic_write(self.open_round_file, json.dumps({"format": STATE_FORMAT, **doc}, indent=1).encode())
+
+    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+        try:
+            doc = json.loads(self.open_round_file.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # cannot happen with atomic writes; treat as no open round
+        if doc.get("format") != STATE_FORMAT:
+            return None
+        payloads: dict[str, bytes] = {}
+        for device_id in doc.get("accepted", []):
+            try:
+                payloads[device_id] = (self.dir / f"open-{device_id}.msgpack").read_bytes()
+            except FileNotFoundError:
+                pass
+        return doc, payloads
+
+    def clear_open_round(self) -> None:
+        self.open_round_file.unlink(missing_ok=True)
+        for p in self.dir.glob("open-*.msgpack"):
+            p.unlink(missing_ok=True)
 
     def _prune(self, current: int) -> None:
         for p in [*self.dir.glob("global-v*.msgpack"), *self.dir.glob("server-v*.msgpack")]:

@@ -78,6 +78,10 @@ class EdgeAgent:
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
         self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
         self._seen_tasks: list[str] = []
+        # the last result sent, by task id (also on disk): a task that comes again (the coordinator
+        # or the broker restarted, or this agent did) gets the same bytes again, not a new update
+        self._last_result: tuple[str, bytes] | None = self._load_last_result()
+        self.results_resent = 0
         self.method: Any = None  # edge_agent.methods TrainingMethod, built on first use
         self._method_adapter: m.AdapterSpec | None = None
         self.model_path: str | None = None
@@ -277,6 +281,13 @@ class EdgeAgent:
         task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
         if task.device_id != self.device_id:
             raise ProtocolError(f"task for device {task.device_id!r} arrived on {self.device_id}'s topic")
+        if self._last_result is not None and self._last_result[0] == task.task_id:
+            # idempotent by task id: the result of this task was sent already, maybe lost
+            n = self.transport.publish(self.topics.device_update(self.device_id), self._last_result[1],
+                                       qos=QOS_UPDATE, framed=True)
+            self.results_resent += 1
+            log.info("task %s came again: its result sent again (%d bytes)", task.task_id, n)
+            return
         if task.task_id in self._seen_tasks:
             log.info("duplicate task %s ignored", task.task_id)
             return
@@ -372,8 +383,33 @@ class EdgeAgent:
         # already built map only copies bytes.
         obj["metrics"] = {**obj["metrics"], "encode_s": encode_s, "sent_at": time.time()}
         payload = msgpack.packb(obj, use_bin_type=True)
+        self._remember_result(task.task_id, payload)  # before publishing: a crash then resends these bytes
         n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True)
         log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)
+
+
+    @property
+    def _last_result_path(self) -> Path:
+        return Path(self.cfg.state_dir) / "last-result.msgpack"
+
+    def _remember_result(self, task_id: str, payload: bytes) -> None:
+        from fedmq_protocol.storage import atomic_write
+
+        self._last_result = (task_id, payload)
+        try:
+            atomic_write(self._last_result_path, msgpack.packb({"task_id": task_id, "payload": payload}, use_bin_type=True))
+        except OSError as exc:  # the result still goes out; only a resend after a crash is lost
+            log.warning("could not keep the result of %s: %s", task_id, exc)
+
+    def _load_last_result(self) -> tuple[str, bytes] | None:
+        try:
+            obj = msgpack.unpackb(self._last_result_path.read_bytes(), raw=False)
+            return str(obj["task_id"]), bytes(obj["payload"])
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged file only costs the resend
+            log.warning("%s unreadable (%s); ignored", self._last_result_path, exc)
+            return None
 
 
 def create_agent(config: AgentConfig, **kwargs: Any) -> EdgeAgent:
