@@ -26,6 +26,7 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.chunking import chunk_topic, frame_payload
 from fedmq_protocol.codec import DecodedTensor
 from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.signing import Verifier, new_nonce
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_ROUNDS, QOS_STATUS, QOS_TASK, QOS_UPDATE, Topics
 from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
 
@@ -45,6 +46,7 @@ class _Collect:
     round_no: int
     base_version: int
     expected: set[str]
+    nonce: bytes | None = None  # Task.nonce of this fan-out; signed updates must echo it
     accepted: dict[str, m.Update] = field(default_factory=dict)
     received_at: dict[str, float] = field(default_factory=dict)
     decoded: dict[str, dict[str, DecodedTensor]] = field(default_factory=dict)
@@ -67,7 +69,19 @@ class CoordinatorCounters:
     tasks_resent: int = 0  # open tasks sent again to a device that restarted, or after a broker restart
     reconnects: int = 0
     globals_reasserted: int = 0  # retained global re-published after the broker lost it
+    signature_rejected: int = 0  # also counted in updates_rejected
+    status_rejected: int = 0
+    frames_rejected: int = 0  # refused by the transport before decoding (framing, chunking, size)
+    errors: int = 0  # unexpected exceptions while handling input (a bug; counted, logged, survived)
     last_rejection: str = ""
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+MAX_METRICS = 256
+MAX_NUM_SAMPLES = 1 << 40
+STATUS_COUNTERS_EVERY_S = 1.0  # at most this often, a rejection republishes the status (counters)
 
 
 class Coordinator:
@@ -86,6 +100,10 @@ class Coordinator:
         self.store = store or FileStateStore(config.state_dir)
         self.state = self.store.load() or CoordinatorState()
         self.counters = CoordinatorCounters()
+        self.verifier = Verifier.from_config(config.device_keys, config.federation) if config.device_keys else None
+        self._counters_published: dict[str, int] = {}
+        self._counters_published_at = 0.0
+        self._last_status_state = "starting"
         self.on_round = on_round
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
         self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
@@ -138,6 +156,10 @@ class Coordinator:
             self.transport.close()
 
     def _publish_status(self, state: str, online: bool = True) -> None:
+        self._last_status_state = state
+        self.counters.frames_rejected = getattr(self.transport, "messages_rejected", 0)
+        counters = self.counters.as_dict()
+        self._counters_published, self._counters_published_at = counters, time.monotonic()
         msg = m.CoordinatorStatus(
             online=online,
             seq=self._status_seq,
@@ -145,6 +167,8 @@ class Coordinator:
             round=self.state.round_completed,
             global_version=self.state.global_version if self.state.global_model else None,
             rounds_total=self.cfg.rounds,
+            counters=counters,
+            last_rejection=self.counters.last_rejection[:500] or None,
         )
         try:
             self.transport.publish(self.topics.coordinator_status, msg.to_json(), qos=QOS_STATUS, retain=True)
@@ -164,8 +188,16 @@ class Coordinator:
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
-                return
+                break
             self._handle(*event)
+        self._maybe_publish_counters()
+
+    def _maybe_publish_counters(self) -> None:
+        """Republish the status (with its counters) after rejections, at most once a second."""
+        self.counters.frames_rejected = getattr(self.transport, "messages_rejected", 0)
+        if (self.counters.as_dict() != self._counters_published
+                and time.monotonic() - self._counters_published_at >= STATUS_COUNTERS_EVERY_S):
+            self._publish_status(self._last_status_state)
 
     def _handle(self, kind: str, topic: str, payload: bytes, arrived_at: float) -> None:
         try:
@@ -176,9 +208,19 @@ class Coordinator:
             elif kind == "connected":
                 self._on_connected(session_present=bool(payload))
         except ProtocolError as exc:
-            self.counters.updates_rejected += kind == "update"
-            self.counters.last_rejection = f"{topic}: {exc}"
-            log.warning("rejected %s on %s: %s", kind, topic, exc)
+            self._reject(kind, topic, str(exc))
+        except Exception as exc:  # noqa: BLE001 - input must never stop the coordinator
+            self.counters.errors += 1
+            log.exception("unexpected error handling %s on %s", kind, topic)
+            self._reject(kind, topic, f"{type(exc).__name__}: {exc}")
+
+    def _reject(self, kind: str, topic: str, reason: str) -> None:
+        if kind == "update":
+            self.counters.updates_rejected += 1
+        elif kind == "status":
+            self.counters.status_rejected += 1
+        self.counters.last_rejection = f"{topic}: {reason}"[:1000]
+        log.warning("rejected %s on %s: %s", kind, topic, reason[:1000])
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -226,6 +268,8 @@ class Coordinator:
             raise ProtocolError(f"update for task {upd.task_id!r} (round {upd.round}) is not open; refused")
         if device_id not in c.expected:
             raise ProtocolError(f"device {device_id} was not selected for task {c.task_id}")
+        _check_update_fields(upd)
+        self._check_signature(upd, c)
         if device_id in c.accepted:
             self.counters.duplicates += 1
             log.info("duplicate update from %s for %s ignored", device_id, c.task_id)
@@ -261,6 +305,19 @@ class Coordinator:
             if c.kind == "fit":  # on disk before anything else happens: survives a crash
                 self._save_open_round(c, device_id, payload)
 
+    def _check_signature(self, upd: m.Update, c: _Collect) -> None:
+        """End-to-end identity: the update must be signed by its device's key for this fan-out."""
+        if self.verifier is None:
+            return
+        required = self.cfg.signatures_required
+        if not required and (upd.signature is None or upd.device_id not in self.verifier.keys):
+            return  # signatures optional: unsigned or unknown devices pass, a bad signature does not
+        try:
+            self.verifier.verify(upd.to_obj(), c.nonce)
+        except ProtocolError:
+            self.counters.signature_rejected += 1
+            raise
+
     # ------------------------------------------------------------------ helpers
     def _server(self) -> ServerModel:
         """Exact weights, optimizer state and the devices' copy (rebuilt from persisted state)."""
@@ -294,7 +351,7 @@ class Coordinator:
     def _send_tasks(self, kind: str, round_no: int, attempt: int, devices: list[str], deadline_s: float) -> tuple[_Collect, int]:
         gv = self.state.global_version
         task_id = f"r{round_no}-{kind}-v{gv}-a{attempt}"
-        c = _Collect(kind, task_id, round_no, gv, set(devices), attempt=attempt, deadline_s=deadline_s)
+        c = _Collect(kind, task_id, round_no, gv, set(devices), nonce=new_nonce(), attempt=attempt, deadline_s=deadline_s)
         self._collect = c
         sent = 0
         for dev in devices:
@@ -313,6 +370,7 @@ class Coordinator:
             adapter=self.cfg.adapter,
             fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + c.round_no * 7919 + c.attempt}),
             model=self.cfg.model,
+            nonce=c.nonce,
             **self.strategy.task_fields(c.kind, c.round_no, self.state),
         )
         n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
@@ -346,6 +404,8 @@ class Coordinator:
                                "base_version": c.base_version, "attempt": c.attempt,
                                "selected": sorted(c.expected), "accepted": sorted(c.accepted),
                                "earlier": [{**e, "nonce": e["nonce"].hex() if e["nonce"] else None} for e in c.earlier]}
+        if c.nonce is not None:
+            doc["nonce"] = c.nonce.hex()
         self.store.save_open_round(doc, device_id, payload)
 
     def _resume_open_round(self, round_no: int) -> _Collect | None:
@@ -366,7 +426,7 @@ class Coordinator:
             self.store.clear_open_round()
             return None
         self._wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
-        c = _Collect("fit", str(doc["task_id"]), round_no, self.state.global_version, set(doc.get("selected", [])),
+        c = _Collect("fit", str(doc["task_id"]), round_no, self.state.global_version, set(doc.get("selected", [])), nonce=bytes.fromhex(doc["nonce"]) if doc.get("nonce") else None,
                      attempt=doc["attempt"], deadline_s=self.cfg.round_deadline_s)
         self._restoring = True
         try:
@@ -669,7 +729,19 @@ def _default_strategy(config: CoordinatorConfig) -> Strategy:
         from broker_coordinator.zo_strategy import FedKSeed
 
         return FedKSeed(config)
-    return FedAvg(config.min_clients, config.fraction, config.max_clients, config.selection_seed)
+    return FedAvg(config.min_clients, config.fraction, config.max_clients, config.selection_seed,
+                  aggregation=config.aggregation)
+
+
+def _check_update_fields(upd: m.Update) -> None:
+    """Bounds the schema does not express: finite metrics, plausible sample counts."""
+    if len(upd.metrics) > MAX_METRICS:
+        raise ProtocolError(f"update carries {len(upd.metrics)} metrics, limit {MAX_METRICS}")
+    for k, v in upd.metrics.items():
+        if len(k) > 64 or not math.isfinite(v):
+            raise ProtocolError(f"update metric {k[:64]!r} must have a name of <= 64 chars and a finite value, got {v!r}")
+    if upd.num_samples > MAX_NUM_SAMPLES:
+        raise ProtocolError(f"update reports {upd.num_samples} samples, limit {MAX_NUM_SAMPLES}")
 
 
 def _protocol_timings(updates: list[m.Update], c: _Collect, aggregate_s: float, publish_s: float) -> dict[str, float]:

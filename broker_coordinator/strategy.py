@@ -16,6 +16,7 @@ from fedmq_protocol.messages import Update
 
 Decoded = Mapping[str, DecodedTensor]
 if TYPE_CHECKING:
+    from broker_coordinator.robust import AggregationConfig
     from broker_coordinator.state import CoordinatorState
 
 
@@ -80,6 +81,8 @@ class Strategy(ABC):
 def validate_update_tensors(global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, DecodedTensor]:
     """Decode an update's tensors: exactly the global's names and shapes (checked before anything is
     allocated), finite values. Returns them decoded (sparse ones stay sparse)."""
+    if update.zo is not None:
+        raise ProtocolError("fit update carries a zo seed pool; this federation aggregates adapter tensors")
     shapes = {k: tuple(v.shape) for k, v in global_tensors.items()}
     try:
         return update.tensors.decode(max_elements=sum(v.size for v in global_tensors.values()),
@@ -116,8 +119,10 @@ class FedAvg(Strategy):
     """
 
     def __init__(
-        self, min_clients: int = 2, fraction: float = 1.0, max_clients: int | None = None, seed: int = 0
+        self, min_clients: int = 2, fraction: float = 1.0, max_clients: int | None = None, seed: int = 0,
+        aggregation: "AggregationConfig | None" = None,
     ) -> None:
+        self.aggregation = aggregation  # None / fedavg without clipping: plain sample-weighted mean
         self.min_clients = min_clients
         self.fraction = fraction
         self.max_clients = max_clients
@@ -138,5 +143,12 @@ class FedAvg(Strategy):
         self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update],
         decoded: Sequence[Decoded] | None = None,
     ) -> dict[str, np.ndarray]:
-        """sum_i (n_i / sum n) * delta_i in float64 (the server optimizer applies it)."""
-        return mean_delta(global_tensors, updates, decoded)
+        """sum_i (n_i / sum n) * delta_i in float64 (the server optimizer applies it), or the robust
+        rule of ``aggregation`` (broker_coordinator.robust: clipping, trimmed mean, median)."""
+        if self.aggregation is None or self.aggregation.is_plain:
+            return mean_delta(global_tensors, updates, decoded)
+        from broker_coordinator.robust import robust_delta
+
+        if decoded is None:
+            decoded = [validate_update_tensors(global_tensors, u) for u in updates]
+        return robust_delta(global_tensors, [u.num_samples for u in updates], decoded, self.aggregation)

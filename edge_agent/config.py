@@ -55,6 +55,20 @@ class AgentConfig(BaseModel):
     uplink: UplinkConfig = UplinkConfig()
     uplink_budget_bytes: int | None = Field(
         None, ge=512, description="every fit update (msgpack Update payload) fits in this many bytes")
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update")
+
+    @field_validator("signing_key")
+    @classmethod
+    def _key_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from fedmq_protocol.signing import Signer, SigningKeyError
+
+            try:
+                Signer.from_file(v)
+            except SigningKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _levels(self) -> "AgentConfig":

@@ -116,6 +116,38 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    import os
+
+    from fedmq.configfile import ConfigError
+    from fedmq_protocol.signing import generate_keypair
+    from fedmq_protocol.topics import check_level
+    from fedmq_protocol.errors import ProtocolError
+
+    try:
+        check_level(args.device_id, "device id")
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out / f"{args.device_id}.key", out / f"{args.device_id}.pub"
+    for path in (key_path, pub_path):
+        if path.exists() and not args.force:
+            raise ConfigError(f"{path} exists (use --force to replace it)")
+    pem, pub = generate_keypair()
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(key_path, 0o600)
+    pub_path.write_text(pub + "\n")
+    print(f"private key: {key_path}   (agent YAML: signing_key: {key_path})")
+    print(f"public key:  {pub_path}")
+    print("coordinator YAML:")
+    print("device_keys:")
+    print(f"  {args.device_id}: {pub}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmq", description="Federated fine-tuning of LLMs over MQTT")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; WARNING for the demo)")
@@ -149,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="smollm2-135m, tiny-llama, a .gguf file, an HF directory or hub id")
     f.add_argument("--cache", help="cache directory (default $FEDMQ_HOME or ~/.cache/fedmq)")
     f.set_defaults(func=cmd_model_fetch)
+
+    keys = sub.add_parser("keys", help="update-signing keys (Ed25519)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("generate", help="write DEVICE.key (private, agent signing_key) and DEVICE.pub")
+    kg.add_argument("--device-id", required=True, help="the device the key pair belongs to")
+    kg.add_argument("--out", default=".", help="directory for DEVICE.key and DEVICE.pub (default .)")
+    kg.add_argument("--force", action="store_true", help="replace existing files")
+    kg.set_defaults(func=cmd_keys_generate)
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -330,7 +330,7 @@ def _check_header(t: Any, w: str) -> tuple[tuple[int, ...], str, int | None, int
         raise ProtocolError(f"{w}: invalid shape {shape!r}")
     shape = tuple(shape)
     fmt = t.get("values")
-    if fmt not in _ITEMSIZE:
+    if not isinstance(fmt, str) or fmt not in _ITEMSIZE:
         raise ProtocolError(f"{w}: unknown value format {fmt!r}")
     if not isinstance(t.get("data"), (bytes, bytearray)):
         raise ProtocolError(f"{w}: data must be raw bytes")

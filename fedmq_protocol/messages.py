@@ -12,6 +12,7 @@ an error that names the field.
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -144,8 +145,8 @@ def _encoded_validator(v: Any) -> EncodedTensors:
     losslessly (a convenience for code building messages)."""
     if isinstance(v, EncodedTensors):
         return v
-    if isinstance(v, dict) and "codec" not in v:
-        return encode(v)
+    if isinstance(v, dict) and "codec" not in v and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in v.values()):
+        return encode(v)  # built in code from arrays; a wire map always names its codec
     return EncodedTensors.from_wire(v)
 
 
@@ -200,6 +201,9 @@ class CoordinatorStatus(Message):
     round: int | None = None
     global_version: int | None = None
     rounds_total: int | None = None
+    # input refused so far (counters since start: updates_rejected, signature_rejected, ...)
+    counters: dict[str, int] | None = None
+    last_rejection: str | None = None
 
 
 class Telemetry(Message):
@@ -220,6 +224,8 @@ class Telemetry(Message):
     resources: Resources | None = None
     # encoding of the last fit update: density, value bits, bytes, budget (edge_agent.uplink)
     uplink: dict[str, float] = {}
+    # payloads this agent refused since start, by kind (task, global, ledger)
+    rejected: dict[str, int] = {}
 
 
 class RoundSummary(Message):
@@ -266,6 +272,8 @@ class Task(Message):
     fit: FitConfig = FitConfig()
     model: str | None = None  # the federation's model name, for a device-side sanity check
     zo: ZoTask | None = None  # zeroth-order (FedKSeed) federations only
+    # per fan-out random bytes; a signed update echoes them (fedmq_protocol.signing)
+    nonce: bytes | None = Field(default=None, max_length=64)
 
 
 class Update(Message):
@@ -286,8 +294,30 @@ class Update(Message):
     metrics: dict[str, float] = {}
     tensors: EncodedTensors = EncodedTensors({"codec": 1, "tensors": {}})
     zo: ZoUpdate | None = None  # zeroth-order fit: seeds drawn and their accumulated g
+    # end-to-end identity (fedmq_protocol.signing): the task's nonce and an Ed25519 signature
+    nonce: bytes | None = Field(default=None, max_length=64)
+    signature: bytes | None = Field(default=None, max_length=64)
 
     _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wire_types(cls, obj: Any) -> Any:
+        """No coercion of what identifies or weighs an update: ints are ints (not "10", 1.0 or
+        true), ids are strings, metrics are numbers."""
+        if isinstance(obj, dict):
+            for k in ("schema", "round", "base_version", "num_samples"):
+                v = obj.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                    raise ValueError(f"{k} must be an integer, got {type(v).__name__}")
+            for k in ("task_id", "device_id", "kind"):
+                if k in obj and not isinstance(obj[k], str):
+                    raise ValueError(f"{k} must be a string, got {type(obj[k]).__name__}")
+            metrics = obj.get("metrics")
+            if isinstance(metrics, dict) and not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in metrics.values()):
+                raise ValueError("metrics values must be numbers")
+        return obj
 
     @field_serializer("tensors")
     def _ser_tensors(self, v: EncodedTensors) -> dict:
