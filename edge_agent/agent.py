@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import queue
 import threading
 import time
@@ -89,6 +91,12 @@ class EdgeAgent:
         # newest global reachable from the snapshots and differences received (applied when idle)
         self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
         self.uplink = UplinkEncoder(config.uplink, config.uplink_budget_bytes, config.state_dir)
+        self.signer = None  # Ed25519 key signing every update (signing_key), fedmq_protocol.signing
+        if config.signing_key is not None:
+            from fedmq_protocol.signing import Signer
+
+            self.signer = Signer.from_file(config.signing_key)
+        self.rejected: dict[str, int] = {}  # payloads refused, by kind (published in telemetry)
         self.global_version: int | None = None  # version whose weights the adapter holds
         self.global_arrays: dict[str, np.ndarray] | None = None
         self._dirty = False  # adapter holds local (trained) weights, not the global
@@ -143,6 +151,7 @@ class EdgeAgent:
             method=self.cfg.method,
             resources=resources.snapshot(),
             uplink=self.uplink.last,
+            rejected=dict(self.rejected),
         )
 
     def _telemetry_loop(self) -> None:
@@ -204,13 +213,18 @@ class EdgeAgent:
             return
         try:
             if kind == "global":
+                self._global_topic = topic  # checked against the message (_check_global_topic)
                 self._on_global(payload, arrived_at)
             elif kind == "task":
                 self._on_task(payload)
             else:
                 self._on_other_event(kind, topic, payload)
         except ProtocolError as exc:
-            log.warning("rejected %s on %s: %s", kind, topic, exc)
+            self._count_rejection(kind, topic, str(exc))
+
+    def _count_rejection(self, kind: str, topic: str, reason: str) -> None:
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        log.warning("rejected %s on %s: %s", kind, topic, reason[:1000])
 
     def _on_other_event(self, kind: str, topic: str, payload: bytes) -> None:
         """Events of extra subscriptions made by subclasses."""
@@ -220,10 +234,23 @@ class EdgeAgent:
         if not payload:
             return  # a cleared retained difference
         gm = m.GlobalModel.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
+        self._check_global_topic(gm)
         # a difference is applied only on top of the exact version it names (GlobalSync checks)
         if self.sync.offer(gm):
             self._global_timing = {"global_receive_s": max(0.0, received_at - gm.created_at),
                                    "global_decode_s": time.perf_counter() - t0}
+
+    def _check_global_topic(self, gm: m.GlobalModel) -> None:
+        """A snapshot comes on ``global``, difference v on ``global/diff/{v}``: nothing else."""
+        topic = getattr(self, "_global_topic", None)
+        if topic is None:
+            return
+        if topic == self.topics.global_model:
+            if not gm.is_snapshot:
+                raise ProtocolError(f"difference v{gm.version} published on the snapshot topic {topic!r}")
+        elif gm.is_snapshot or topic != self.topics.global_diff(gm.version):
+            raise ProtocolError(f"global v{gm.version} ({'snapshot' if gm.is_snapshot else 'difference'}) "
+                                f"arrived on {topic!r}")
 
     def _global_pending(self) -> bool:
         return self.sync.version is not None and self.sync.version != self.global_version
@@ -255,7 +282,13 @@ class EdgeAgent:
         self._ensure_method(self.sync.adapter)
         t0 = time.perf_counter()
         arrays, version = self.sync.arrays, self.sync.version
-        self.method.set_adapter(arrays)  # raises ValueError naming a mismatching tensor
+        try:
+            self.method.set_adapter(arrays)  # raises ValueError naming a mismatching tensor
+        except ValueError as exc:
+            # a global that does not fit this device's adapter: forget it, wait for the next snapshot
+            self.sync = type(self.sync)(max_elements=self.cfg.broker.max_message_bytes)
+            self._count_rejection("global", f"global v{version}", f"does not fit the adapter: {exc}")
+            return
         self._global_timing["global_apply_s"] = time.perf_counter() - t0
         self.global_arrays, self.global_version, self._dirty = arrays, version, False
         log.info("applied global version %d", version)
@@ -353,6 +386,12 @@ class EdgeAgent:
         local = self.method.get_adapter()
         assert self.global_arrays is not None
         delta = {k: local[k] - self.global_arrays[k] for k in self.global_arrays}
+        # FAULT INJECTION FOR TESTS ONLY (tests/test_robust_aggregation.py): a misbehaving device
+        # that multiplies its update (100: scaled, -1: sign-flipped). Never set in production.
+        fault_scale = os.environ.get("FEDMQ_FAULT_INJECT_UPDATE_SCALE")
+        if fault_scale:
+            log.warning("FAULT INJECTION: update of %s scaled by %s", task.task_id, fault_scale)
+            delta = {k: v * np.float32(float(fault_scale)) for k, v in delta.items()}
         metrics = {
             "train_loss": float(result.train_loss),
             "steps": float(result.steps),
@@ -370,6 +409,12 @@ class EdgeAgent:
         t0 = time.perf_counter()
         base = dict(kind=task.kind, task_id=task.task_id, round=task.round, device_id=self.device_id,
                     base_version=base_version, num_samples=num_samples)
+        if self.signer is not None:  # placeholders of the final sizes, so budgets stay exact
+            base.update(nonce=task.nonce, signature=bytes(64))
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            log.warning("metrics %s are not finite; not sent", bad)
+            metrics = {k: v for k, v in metrics.items() if k not in bad}
         if task.kind == "fit" and arrays:
             # the budget covers the whole msgpack Update, metrics included (placeholders: floats
             # always pack as 9 bytes, so the final message has exactly the measured size)
@@ -385,6 +430,8 @@ class EdgeAgent:
         # The measured encode time and the send instant ride in the message itself; re-packing the
         # already built map only copies bytes.
         obj["metrics"] = {**obj["metrics"], "encode_s": encode_s, "sent_at": time.time()}
+        if self.signer is not None:
+            obj["signature"] = self.signer.sign(self.cfg.federation, obj)
         payload = msgpack.packb(obj, use_bin_type=True)
         if task.kind == "fit":  # before publishing: after a crash these bytes are sent again
             self._remember_result(task.task_id, self._global_digest(), payload)
