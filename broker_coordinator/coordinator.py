@@ -240,6 +240,9 @@ class Coordinator:
             dev.num_samples, dev.eval_samples = st.num_samples or 0, st.eval_samples or 0
             dev.applied_version = st.applied_version
             dev.resources = st.resources.model_dump() if st.resources else None
+            dev.memory = st.memory.model_dump(mode="json", exclude_none=True) if st.memory else None
+            if st.memory is not None and st.memory.refused and dev.state == "refused":
+                log.warning("device %s refuses to train: %s", device_id, st.memory.refused)
         if was_online != dev.online:
             log.info("device %s is %s", device_id, "online" if dev.online else "offline")
         c = self._collect
@@ -381,6 +384,8 @@ class Coordinator:
     def _may_answer(self, device_id: str, now: float) -> bool:
         """Online, or offline for less than ``offline_grace_s`` (a broker restart fires every Will)."""
         dev = self.state.devices.get(device_id)
+        if dev is not None and dev.declined(self._collect.task_id if self._collect is not None else None):
+            return False  # refused (memory budget) or stopped this task over budget: not coming
         return dev is not None and (dev.online or now - dev.last_seen < self.cfg.offline_grace_s)
 
     @staticmethod

@@ -41,10 +41,26 @@ class DeviceRecord:
     rounds_participated: int = 0
     rounds_missed: int = 0
     resources: dict[str, Any] | None = None
+    # memory budget, chosen plan, refusal and over-budget report (messages.DeviceMemory, as JSON)
+    memory: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
         return self.online and self.state not in ("loading", "refused", "offline")
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The training plan the device announced for its memory budget (None: not announced)."""
+        return (self.memory or {}).get("plan")
+
+    def declined(self, task_id: str | None) -> bool:
+        """The device will not answer ``task_id``: it refuses to train (no plan fits its memory
+        budget) or it stopped that task over budget."""
+        mem = self.memory or {}
+        if self.state == "refused" or mem.get("refused"):
+            return True
+        over = mem.get("over_budget") or {}
+        return task_id is not None and over.get("task_id") == task_id
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -43,6 +43,15 @@ class Strategy(ABC):
     def configure_evaluate(self, round_no: int, available: Sequence[DeviceRecord]) -> list[str]:
         return [d.device_id for d in available if d.eval_samples > 0]
 
+    def accepts(self, device: DeviceRecord) -> bool:
+        """Whether the device's announced memory plan trains what this federation aggregates.
+        Adapter federations take every plan that trains the same LoRA adapter: lora (float32 or
+        bfloat16 base), qlora (NF4 base) and zeroth-order on the adapter; not zo on all parameters."""
+        plan = device.plan
+        if plan is None:
+            return True
+        return plan.get("method") in ("lora", "qlora") or (plan.get("method") == "zo" and plan.get("zo_target") == "lora")
+
     # -- mode hooks: defaults are FedAvg of adapter tensors; other federation modes override ----
     def initial_tensors(self) -> dict[str, np.ndarray] | None:
         """The version-0 global tensors, or None to ask a device for its initial adapter."""
@@ -129,7 +138,7 @@ class FedAvg(Strategy):
         self.seed = seed
 
     def configure_fit(self, round_no: int, available: Sequence[DeviceRecord]) -> list[str]:
-        ready = sorted((d for d in available if d.num_samples > 0), key=lambda d: d.device_id)
+        ready = sorted((d for d in available if d.num_samples > 0 and self.accepts(d)), key=lambda d: d.device_id)
         if len(ready) < self.min_clients:
             return []
         k = max(self.min_clients, math.ceil(self.fraction * len(ready)))

@@ -21,6 +21,8 @@ import numpy as np
 
 from edge_agent import resources
 from edge_agent.config import AgentConfig
+from edge_agent.memory_agent import MemoryManager, PlanRefused
+from edge_agent.memory_guard import OverBudget, configure_allocator
 from edge_agent.uplink import METRIC_KEYS as UPLINK_KEYS, UplinkEncoder
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import encode
@@ -101,6 +103,12 @@ class EdgeAgent:
         self.global_arrays: dict[str, np.ndarray] | None = None
         self._dirty = False  # adapter holds local (trained) weights, not the global
         self._global_timing: dict[str, float] = {}
+        # memory budget: the plan training runs with, the per-step guard (edge_agent.memory_agent)
+        self.memory = MemoryManager(config, self.state_file)
+        self._plan_fit: m.FitConfig | None = None  # fit settings of the task being planned for
+        self._method_key: tuple | None = None
+        if config.memory_budget is not None:
+            configure_allocator()  # resident memory tracks what is in use (see memory_guard)
         self.state = "loading"
         self.progress: dict[str, Any] = {}
         will = WillMessage(self.topics.device_status(self.device_id), self._status(False).to_json(), QOS_STATUS, True)
@@ -120,6 +128,7 @@ class EdgeAgent:
             state=self.state if online else "offline",
             applied_version=self.global_version,
             agent_version=AGENT_VERSION,
+            memory=self.memory.status() if online else None,
         )
 
     def announce(self) -> None:
@@ -151,6 +160,7 @@ class EdgeAgent:
             method=self.cfg.method,
             resources=resources.snapshot(),
             uplink=self.uplink.last,
+            memory=self.memory.status(),
             rejected=dict(self.rejected),
         )
 
@@ -175,8 +185,11 @@ class EdgeAgent:
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self.announce()
         self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
+        from edge_agent.models import resolve_device
+
+        self.memory.prepare(self.model_path, resolve_device(self.cfg.device))
         threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True).start()
-        self._set_state("idle")
+        self._set_state("refused" if self.memory.refused else "idle")
         for hook in self.on_ready:
             hook()
 
@@ -187,7 +200,10 @@ class EdgeAgent:
             while not self.stop_event.is_set():
                 self._pump(0.5)
                 if self.state == "idle" and self._global_pending():
-                    self._apply_pending_global()
+                    try:
+                        self._apply_pending_global()
+                    except PlanRefused:
+                        pass  # announced as refused; tasks are declined until the config changes
         finally:
             self.close()
 
@@ -255,9 +271,24 @@ class EdgeAgent:
     def _global_pending(self) -> bool:
         return self.sync.version is not None and self.sync.version != self.global_version
 
+    def _memory_plan(self, adapter: m.AdapterSpec, zo_target: str | None = None) -> Any:
+        """The memory plan for ``adapter`` and the fit settings of the current (or last) task;
+        PlanRefused (state ``refused``, announced) when none fits the budget."""
+        fit = self._plan_fit or self.memory.last_fit()
+        try:
+            return self.memory.plan_for(adapter, fit, zo_target=zo_target)
+        except PlanRefused:
+            self._set_state("refused")
+            self.announce()
+            raise
+
     def _ensure_method(self, adapter: m.AdapterSpec) -> None:
-        if self.method is not None and self._method_adapter == adapter:
+        plan = self._memory_plan(adapter)
+        key = plan.build_key if plan is not None else None
+        if self.method is not None and self._method_adapter == adapter and self._method_key == key:
+            self.memory.install(self.method)  # a new micro-batch needs no reload
             return
+        from edge_agent.memory_guard import meter
         from edge_agent.methods import get_method
 
         if self.cfg.training.torch_threads:
@@ -265,13 +296,25 @@ class EdgeAgent:
 
             torch.set_num_threads(self.cfg.training.torch_threads)
         self._set_state("loading")
-        cls = get_method(self.cfg.method)
-        kwargs: dict[str, Any] = {"device": self.cfg.device, "dtype": self.cfg.dtype, "seed": 0}
-        if self.cfg.training.gradient_checkpointing:
+        name, plan_kwargs = plan.method_spec() if plan is not None else (self.cfg.method, {})
+        if name == "zo-adapter":  # the memory plan's fallback: zeroth-order on this adapter
+            from edge_agent.methods.zo_adapter import ZoAdapterMethod as cls
+
+            mb = self.cfg.memory_budget
+            if mb is not None:
+                plan_kwargs = {**plan_kwargs, "lr": mb.zo_lr, "eps": mb.zo_eps}
+        else:
+            cls = get_method(name)
+        kwargs: dict[str, Any] = {"device": self.cfg.device, "dtype": self.cfg.dtype, "seed": 0, **plan_kwargs}
+        if self.cfg.training.gradient_checkpointing and name != "zo":
             kwargs["gradient_checkpointing"] = True
-        log.info("loading %s with %s adapter r=%d", self.model_path, self.cfg.method, adapter.r)
+        log.info("loading %s with %s adapter r=%d", self.model_path, name, adapter.r)
+        self.method = None  # the previous model (another plan) goes before the next one loads
+        meter().reset()
         self.method = cls(self.model_path, adapter, **kwargs)
-        self._method_adapter = adapter
+        self.memory.load_measured(meter().host_peak_mb())
+        self.memory.install(self.method)
+        self._method_adapter, self._method_key = adapter, key
         self.global_version, self.global_arrays, self._dirty = None, None, False
         self._set_state("idle")
 
@@ -323,7 +366,12 @@ class EdgeAgent:
         deadline = time.monotonic() + task.deadline_s
         if task.model and task.model != self.cfg.model:
             log.warning("task asks for model %s; this device holds %s", task.model, self.cfg.model)
-        self._ensure_method(task.adapter)
+        self._plan_fit = self._local_fit_config(task.fit)
+        try:
+            self._ensure_method(task.adapter)
+        except PlanRefused as exc:
+            log.error("task %s declined: %s", task.task_id, exc)
+            return
         if task.kind == "init":
             self._send(task, -1, 0, {}, self.method.get_adapter())
             return
@@ -371,13 +419,21 @@ class EdgeAgent:
             self.alive_at = time.monotonic()
             self.progress.update(step=step, loss=float(loss), elapsed_s=elapsed)
 
+        result = None
         try:
             self._dirty = True
-            result = self.method.fit(
-                self.train_examples, cfg, progress=progress, should_stop=self.stop_event.is_set
-            )
+            self.memory.fit_started()
+            result = self._run_fit(cfg, progress)
+            self.memory.fit_finished()
+        except OverBudget as exc:
+            # stopped cleanly before the budget was crossed (or right after a step that crossed
+            # it): no update is sent; the status reports the figures and the next plan is lower
+            self.memory.on_over_budget(exc, task)
         finally:
-            self._set_state("idle")
+            self._set_state("refused" if self.memory.refused else "idle")
+        if result is None:
+            self.announce()
+            return
         if self.stop_event.is_set():
             log.info("stopping: the update of %s is abandoned", task.task_id)
             return
@@ -401,6 +457,10 @@ class EdgeAgent:
             **self._global_timing,
         }
         self._send(task, task.global_version, result.num_samples, metrics, delta)
+
+    def _run_fit(self, cfg: m.FitConfig, progress: Any) -> Any:
+        """Local training with the method of the memory plan (zo-adapter draws its own seeds)."""
+        return self.method.fit(self.train_examples, cfg, progress=progress, should_stop=self.stop_event.is_set)
 
     def _send(
         self, task: m.Task, base_version: int, num_samples: int, metrics: dict[str, float],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -35,6 +35,71 @@ class TrainingOverrides(BaseModel):
     gradient_checkpointing: bool = False
 
 
+class MemoryBudgetConfig(BaseModel):
+    """``memory_budget``: what the agent may use; it plans training to fit (edge_agent.memory_plan)
+    and stops a round whose measured peak goes over (edge_agent.memory_guard).
+
+    YAML: a size (``2G``, ``2048`` MiB, ``80%`` of RAM) for host memory, or a map
+    ``{host_mb: 2048, gpu_mb: 4096}`` (sizes accepted too: ``host: 2G``; ``ram``/``total`` are
+    read as the host figure, as ``fedmq service install`` does for ``MemoryMax=``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host_mb: float | None = Field(None, gt=0, description="host RAM of the agent process (MiB)")
+    gpu_mb: float | None = Field(None, gt=0, description="CUDA memory (MiB); used when training on CUDA")
+    safety_margin: float = Field(0.05, ge=0, lt=0.5, description="share of the budget kept free of the estimate")
+    allow_4bit: bool = Field(True, description="may fall back to a 4-bit NF4 base (qlora)")
+    allow_zo: bool = Field(True, description="may fall back to zeroth-order training of the adapter")
+    zo_lr: float = Field(1e-4, gt=0, lt=1, description="SGD step of the zeroth-order fallback")
+    zo_eps: float = Field(1e-3, gt=0, lt=1, description="perturbation of the zeroth-order fallback")
+    guard: bool = Field(True, description="measure every step and stop a round that goes over budget")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        from edge_agent.memory_plan import parse_size_mb
+
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            return {"host_mb": parse_size_mb(v, what="memory_budget")}
+        out = dict(v)
+        for alias in ("host", "ram", "total", "max"):
+            if alias in out:
+                value = out.pop(alias)
+                if out.get("host_mb") is None:
+                    out["host_mb"] = parse_size_mb(value, what=f"memory_budget.{alias}")
+        if "gpu" in out:
+            value = out.pop("gpu")
+            if out.get("gpu_mb") is None:
+                out["gpu_mb"] = parse_size_mb(value, what="memory_budget.gpu")
+        for key in ("host_mb", "gpu_mb"):
+            if isinstance(out.get(key), str):
+                out[key] = parse_size_mb(out[key], what=f"memory_budget.{key}")
+        return out
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "MemoryBudgetConfig":
+        if self.host_mb is None and self.gpu_mb is None:
+            raise ValueError("memory_budget needs host_mb and/or gpu_mb")
+        return self
+
+    def budget(self, device: str = "cpu") -> Any:
+        """The planner's ``Budget``: the GPU figure counts only when training on CUDA; the safety
+        margin is taken off both."""
+        from edge_agent.memory_plan import Budget
+
+        keep = 1.0 - self.safety_margin
+        gpu = self.gpu_mb if device.startswith("cuda") else None
+        return Budget(host_mb=None if self.host_mb is None else self.host_mb * keep,
+                      gpu_mb=None if gpu is None else gpu * keep)
+
+    def limit(self, device: str = "cpu") -> Any:
+        """The guard's ``Budget``: the configured figures themselves (no margin)."""
+        from edge_agent.memory_plan import Budget
+
+        return Budget(host_mb=self.host_mb, gpu_mb=self.gpu_mb if device.startswith("cuda") else None)
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +120,8 @@ class AgentConfig(BaseModel):
     uplink: UplinkConfig = UplinkConfig()
     uplink_budget_bytes: int | None = Field(
         None, ge=512, description="every fit update (msgpack Update payload) fits in this many bytes")
+    memory_budget: MemoryBudgetConfig | None = Field(
+        None, description="plan training to fit this memory and guard every step (host_mb, gpu_mb)")
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update")
 

@@ -56,12 +56,13 @@ def parse_memory(value: Any, *, what: str = "memory") -> str:
 
 
 def memory_budget_from(raw: dict[str, Any]) -> str | None:
-    """``memory_budget`` of an agent YAML (a size, or a map with ``ram``/``total``), if present."""
+    """The host figure of an agent YAML's ``memory_budget`` (a size, or a map with ``host_mb`` /
+    ``host`` / ``ram`` / ``total``), if present: the unit's cap equals what the agent plans for."""
     budget = raw.get("memory_budget")
     if budget is None:
         return None
     if isinstance(budget, dict):
-        for key in ("ram", "total", "max"):
+        for key in ("host_mb", "host", "ram", "total", "max"):
             if budget.get(key) is not None:
                 return parse_memory(budget[key], what=f"memory_budget.{key}")
         return None

@@ -138,7 +138,7 @@ class FleetView:
                 device_id,
                 Text("yes", style="green") if st.get("online") else Text("no", style="red"),
                 tm.get("state") if st.get("online") and tm.get("ts", 0) >= st.get("ts", 0) else st.get("state", ""),
-                st.get("method") or tm.get("method") or "",
+                _method_cell(st, tm),
                 str(st.get("model") or ""),
                 _fmt(st.get("applied_version", tm.get("applied_version"))),
                 _fmt(tm.get("round")),
@@ -170,6 +170,25 @@ class FleetView:
         else:
             parts.append(Text("no round summary on the broker yet", style="dim"))
         return Group(*parts)
+
+
+def _method_cell(st: dict, tm: dict) -> str:
+    """The method, or the memory plan with its estimate / measured peak / budget (MB)."""
+    mem = st.get("memory") or {}
+    plan = mem.get("plan")
+    if mem.get("refused"):
+        return f"refused: needs {mem.get('min_host_mb', '?')} MB"
+    if not plan:
+        return st.get("method") or tm.get("method") or ""
+    what = plan["method"] + ("" if plan.get("base") in (None, "float32") else f"/{plan['base']}")
+    what += f" {plan['micro_batch']}x{plan['grad_accum']}" + (" ckpt" if plan.get("gradient_checkpointing") else "")
+    peak = (tm.get("memory") or {}).get("peak_host_mb") or mem.get("peak_host_mb")
+    figures = [f"~{plan['estimate_host_mb']:.0f}" if plan.get("estimate_host_mb") else "?"]
+    if peak:
+        figures.append(f"{peak:.0f}")
+    if mem.get("budget_host_mb"):
+        figures.append(f"{mem['budget_host_mb']:.0f}")
+    return f"{what} {'/'.join(figures)} MB" + (" OVER" if mem.get("over_budget") else "")
 
 
 def _fmt(v: Any, spec: str = "{}") -> str:

@@ -172,6 +172,56 @@ class Resources(BaseModel):
     gpus: tuple[GpuInfo, ...] = ()
 
 
+class MemoryPlan(BaseModel):
+    """The training plan a device chose for its memory budget (edge_agent.memory_plan.Plan)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    method: str  # lora | qlora | zo
+    base: str  # float32 | bfloat16 | nf4
+    zo_target: str | None = None  # zo: full | lora
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    gradient_checkpointing: bool = False
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=1)
+    device: str = "cpu"
+    estimate_host_mb: float | None = None
+    estimate_gpu_mb: float | None = None
+
+
+class OverBudgetReport(BaseModel):
+    """A round the device stopped because a step went over its memory budget."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task_id: str
+    round: int
+    step: int
+    peak_host_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    budget_host_mb: float | None = None
+    budget_gpu_mb: float | None = None
+    predicted: bool = False  # the step was not started: its predicted peak was over
+    ts: float = Field(default_factory=time.time)
+
+
+class DeviceMemory(BaseModel):
+    """Memory budget, plan and measured peaks of a device (in its status and telemetry, MiB)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    budget_host_mb: float | None = None
+    budget_gpu_mb: float | None = None
+    plan: MemoryPlan | None = None
+    refused: str | None = None  # no plan fits: why, and the smallest budget that would
+    min_host_mb: float | None = None
+    min_gpu_mb: float | None = None
+    over_budget: OverBudgetReport | None = None  # the last round stopped over budget
+    peak_host_mb: float | None = None  # measured: highest step peak of the last fit
+    peak_gpu_mb: float | None = None
+    step_peak_host_mb: float | None = None  # measured: the last step
+    step_peak_gpu_mb: float | None = None
+    load_peak_host_mb: float | None = None  # measured: loading the model
+
+
 class DeviceStatus(Message):
     """Retained birth (``online`` true) and Last-Will death (``online`` false) of a device.
 
@@ -191,6 +241,7 @@ class DeviceStatus(Message):
     state: str | None = None  # idle | training | evaluating | loading
     applied_version: int | None = None
     agent_version: str | None = None
+    memory: DeviceMemory | None = None  # budget, chosen plan, refusal / over-budget report
 
 
 class CoordinatorStatus(Message):
@@ -224,6 +275,7 @@ class Telemetry(Message):
     resources: Resources | None = None
     # encoding of the last fit update: density, value bits, bytes, budget (edge_agent.uplink)
     uplink: dict[str, float] = {}
+    memory: DeviceMemory | None = None  # budget, plan, measured peaks (MiB)
     # payloads this agent refused since start, by kind (task, global, ledger)
     rejected: dict[str, int] = {}
 

@@ -100,6 +100,10 @@ class TrainingMethod(abc.ABC):
             raise ValueError(f"LoRA {adapter.model_dump()} on {model_path} has no trainable parameters")
         self._init_lora(seed)
         self._token_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        # Memory plan (edge_agent.memory_plan): examples per forward/backward (None: the whole
+        # batch), and a guard measuring every step (edge_agent.memory_guard.MemoryGuard).
+        self.micro_batch: int | None = None
+        self.guard: Any = None
         self._eos = self.tokenizer.eos_token_id
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
 
@@ -220,7 +224,10 @@ class TrainingMethod(abc.ABC):
     ) -> FitResult:
         """``cfg.local_steps`` AdamW steps on batches drawn without replacement (reshuffled each
         pass) by ``random.Random(cfg.seed)``. ``progress(step, loss)`` after each step (1-based);
-        ``should_stop()`` is checked before each step."""
+        ``should_stop()`` is checked before each step. With ``self.micro_batch`` smaller than the
+        batch, gradients are accumulated over micro-batches (each loss weighted by its share of the
+        batch's response tokens: the same objective as one pass). ``self.guard`` (if set) is called
+        around each step and may stop the round by raising ``OverBudget``."""
         if not examples:
             raise ValueError("fit needs at least one example")
         self._before_train()
@@ -244,18 +251,16 @@ class TrainingMethod(abc.ABC):
                             order = list(range(len(encoded)))
                             rng.shuffle(order)
                         idx.append(order.pop())
-                    batch = self._collate([encoded[i] for i in idx])
-                    out = self.model(**batch)
-                    loss = out.loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+                    if self.guard is not None:
+                        self.guard.before_step(step + 1)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    lv, n_tok = self._accumulate([encoded[i] for i in idx], step)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-                    lv = float(loss.detach())
+                    if self.guard is not None:
+                        self.guard.after_step(step + 1)
                     losses.append(lv)
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += n_tok
                     if progress is not None:
                         progress(step + 1, lv)
         finally:
@@ -271,6 +276,36 @@ class TrainingMethod(abc.ABC):
             tokens=tokens,
         )
 
+    def _accumulate(self, rows: Sequence[tuple[list[int], list[int]]], step: int) -> tuple[float, int]:
+        """Forward and backward of one batch, in micro-batches of ``self.micro_batch`` rows.
+        Returns (the batch's loss, non-pad tokens)."""
+        mb = self.micro_batch or len(rows)
+        if mb >= len(rows):
+            batch = self._collate(rows)
+            loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+            loss.backward()
+            return float(loss.detach()), int(batch["attention_mask"].sum())
+        # the model's loss is a mean over the response tokens of its input (labels shifted by one)
+        counts = [sum(1 for t in lab[1:] if t != -100) for _, lab in rows]
+        total = sum(counts)
+        value, tokens = 0.0, 0
+        for start in range(0, len(rows), mb):
+            part = rows[start:start + mb]
+            share = sum(counts[start:start + mb]) / total if total else len(part) / len(rows)
+            if share == 0:
+                continue
+            batch = self._collate(part)
+            loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+            (loss * share).backward()
+            value += float(loss.detach()) * share
+            tokens += int(batch["attention_mask"].sum())
+            del loss, batch
+        return value, tokens
+
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], cfg: FitConfig) -> tuple[float, int]:
         """Token-weighted mean loss over response tokens, in order, batches of cfg.batch_size
@@ -284,9 +319,11 @@ class TrainingMethod(abc.ABC):
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
+        chunk = min(bs, self.micro_batch or bs)  # the memory plan's micro-batch bounds the logits
         try:
-            for start in range(0, n, bs):
-                batch = self._collate([self._encode(ex, cfg.max_seq_len) for ex in examples[start:start + bs]])
+            for start in range(0, n, chunk):
+                rows = examples[start:min(start + chunk, n)]
+                batch = self._collate([self._encode(ex, cfg.max_seq_len) for ex in rows])
                 labels = batch.pop("labels")
                 logits = self.model(**batch).logits[:, :-1].float()
                 target = labels[:, 1:]

@@ -227,7 +227,20 @@ class ZoMethod(TrainingMethod):
     # -- local training -------------------------------------------------------------------------
     @torch.no_grad()
     def _loss(self, batch: dict[str, torch.Tensor]) -> float:
-        return float(self.model(**batch).loss)
+        """The batch's mean response-token loss; with a memory plan's ``micro_batch`` smaller than
+        the batch, computed in chunks (token-weighted: the same value, less activation memory)."""
+        mb = getattr(self, "micro_batch", None)
+        n = batch["input_ids"].shape[0]
+        if not mb or mb >= n:
+            return float(self.model(**batch).loss)
+        total, count = 0.0, 0
+        for s in range(0, n, mb):
+            part = {k: v[s:s + mb] for k, v in batch.items()}
+            k = int((part["labels"][:, 1:] != -100).sum())
+            if k:
+                total += float(self.model(**part).loss) * k
+                count += k
+        return total / count if count else float("nan")
 
     def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
         """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses).
@@ -297,10 +310,15 @@ class ZoMethod(TrainingMethod):
                 batch = self._collate([encoded[i] for i in idx])
                 k = (seed_rng.randrange(spec.num_seeds) if weights is None
                      else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
+                guard = getattr(self, "guard", None)  # edge_agent.memory_guard.MemoryGuard
+                if guard is not None:
+                    guard.before_step(step + 1)
                 try:
                     g, lv = self.step(batch, seeds[k], spec)
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"{exc} at step {step + 1}") from None
+                if guard is not None:
+                    guard.after_step(step + 1)
                 pool[k] = pool.get(k, 0.0) + g
                 losses.append(lv)
                 tokens += 2 * int(batch["attention_mask"].sum())

@@ -1,0 +1,275 @@
+"""The agent's side of memory budgets: plan, refuse, guard, lower after an over-budget round.
+
+``MemoryManager`` holds the budget (``AgentConfig.memory_budget``), the plan chosen for the
+adapter and fit settings of the federation, the runtime guard and what it measured. The agent
+asks it for a plan before building its training method, installs the plan's micro-batch and the
+guard into the method, and reports the plan, a refusal or an over-budget round in its status.
+
+Crash-loop protection: the state file (``agent.json``) records a fit in progress; a process that
+finds such a record at start was killed during that fit (the kernel's OOM killer, a cgroup's
+``MemoryMax``), so it lowers the plan as it would after an over-budget round. The factor by
+which measurements exceeded estimates is kept there too and applied to every later plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from edge_agent.memory_plan import Budget, BudgetTooSmall, ModelShape, Plan, choose_plan, lower_plan
+from fedmq_protocol import messages as m
+
+log = logging.getLogger("fedmq.agent")
+
+KILLED_FIT_FACTOR = 1.25  # estimates are raised by this much after a fit that never finished
+
+
+class PlanRefused(RuntimeError):
+    """No plan fits the memory budget (the message names the smallest budget that would)."""
+
+
+class MemoryManager:
+    def __init__(self, config: Any, state_file: Any = None) -> None:
+        self.cfg = config
+        self.mb_cfg = config.memory_budget  # MemoryBudgetConfig | None
+        self.state_file = state_file
+        self.device = "cpu"
+        self.shape: ModelShape | None = None
+        self.plan: Plan | None = None
+        self.refused: str | None = None
+        self.min_host_mb: float | None = None
+        self.min_gpu_mb: float | None = None
+        self.over_budget: m.OverBudgetReport | None = None
+        self.load_peak_host_mb: float | None = None
+        self.guard: Any = None
+        self._inputs: dict[str, Any] | None = None
+        data = state_file.data if state_file is not None else {}
+        self.scale = float(data.get("memory_scale", 1.0))  # measured / estimated, from past rounds
+        self._lowered_from: tuple | None = tuple(data["memory_lowered_from"]) if data.get("memory_lowered_from") else None
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def bounded(self) -> bool:
+        return self.mb_cfg is not None
+
+    def budget(self) -> Budget:
+        return self.mb_cfg.budget(self.device) if self.mb_cfg is not None else Budget()
+
+    def limit(self) -> Budget:
+        return self.mb_cfg.limit(self.device) if self.mb_cfg is not None else Budget()
+
+    def prepare(self, model_path: str, device: str) -> None:
+        """Read the model's shape; notice a fit killed in the previous process; plan with the
+        inputs last seen (persisted) or the defaults, so the first announcement carries a plan."""
+        self.device = "cuda" if device.startswith("cuda") else "cpu"
+        try:
+            self.shape = ModelShape.from_path(model_path)
+        except ValueError as exc:
+            self.shape = None
+            if self.bounded:
+                raise
+            log.info("no memory estimate: %s", exc)
+            return
+        data = self._data()
+        running = data.pop("memory_fit_running", None)
+        if running:
+            self.scale *= KILLED_FIT_FACTOR
+            data["memory_scale"] = self.scale
+            self._lowered_from = tuple(running["key"]) if running.get("key") else None
+            data["memory_lowered_from"] = list(self._lowered_from) if self._lowered_from else None
+            log.warning("the previous run was killed during a fit with plan %s (estimate %.0f MiB): "
+                        "estimates are now raised %.2fx", running.get("label"), running.get("estimate_host_mb", 0),
+                        self.scale)
+            self._save()
+        inputs = data.get("memory_inputs") or {}
+        adapter = m.AdapterSpec.model_validate(inputs["adapter"]) if inputs.get("adapter") else m.AdapterSpec()
+        try:
+            self.plan_for(adapter, self.last_fit(), zo_target=inputs.get("zo_target"))
+        except PlanRefused:
+            pass
+
+    def last_fit(self) -> m.FitConfig:
+        """Fit settings of the last task planned for (persisted), else the protocol defaults."""
+        inputs = self._data().get("memory_inputs") or {}
+        d = m.FitConfig()
+        return m.FitConfig(batch_size=inputs.get("batch_size", d.batch_size), max_seq_len=inputs.get("seq_len", d.max_seq_len))
+
+    # ------------------------------------------------------------------ planning
+    def _kwargs(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None) -> dict[str, Any]:
+        o = self.cfg.training
+        mb = self.mb_cfg
+        return dict(method=self.cfg.method, batch_size=fit.batch_size, seq_len=fit.max_seq_len,
+                    lora_r=adapter.r, target_modules=tuple(adapter.target_modules), device=self.device,
+                    dtype="bfloat16" if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device == "cuda")
+                    else "float32",
+                    allow_4bit=mb.allow_4bit if mb else False, allow_zo=mb.allow_zo if mb else False,
+                    force_checkpointing=o.gradient_checkpointing, zo_target=zo_target)
+
+    def _scaled_budget(self) -> Budget:
+        b = self.budget()
+        s = self.scale
+        return Budget(host_mb=None if b.host_mb is None else b.host_mb / s,
+                      gpu_mb=None if b.gpu_mb is None else b.gpu_mb / s)
+
+    def plan_for(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None = None) -> Plan | None:
+        """The plan for these inputs (PlanRefused when nothing fits). None without a model shape."""
+        if self.shape is None:
+            return None
+        inputs = {"adapter": adapter.model_dump(mode="json"), "batch_size": fit.batch_size,
+                  "seq_len": fit.max_seq_len, "zo_target": zo_target}
+        if inputs == self._inputs and (self.plan is not None or self.refused):
+            if self.refused:
+                raise PlanRefused(self.refused)
+            return self.plan
+        kwargs = self._kwargs(adapter, fit, zo_target)
+        budget = self._scaled_budget()
+        try:
+            plan = choose_plan(self.shape, budget, **kwargs)
+            if self._lowered_from is not None:
+                # after an over-budget round (or a killed fit): strictly below that plan
+                ref = next((p for p in _plans(self.shape, kwargs) if _key(p) == self._lowered_from), None)
+                if ref is not None and _rank(self.shape, kwargs, plan) <= _rank(self.shape, kwargs, ref):
+                    plan = lower_plan(ref, self.shape, budget, **kwargs)
+        except BudgetTooSmall as exc:
+            self._set_refused(exc)
+            self._inputs = inputs
+            raise PlanRefused(self.refused) from None
+        if self.scale != 1.0:
+            log.info("memory estimates scaled by %.2f (measured above estimates before)", self.scale)
+        changed = self.plan is None or _key(plan) != _key(self.plan) or plan.micro_batch != self.plan.micro_batch
+        self.plan, self.refused, self.min_host_mb, self.min_gpu_mb = plan, None, None, None
+        self._inputs = inputs
+        data = self._data()
+        if data.get("memory_inputs") != inputs:
+            data["memory_inputs"] = inputs
+            self._save()
+        if changed:
+            log.info("memory plan (budget %s): %s", self.limit().describe() if self.bounded else "none", plan.label())
+        return plan
+
+    def _set_refused(self, exc: BudgetTooSmall) -> None:
+        """One message naming the budget configured, the cheapest plan and the budget it needs
+        (its estimate, raised by any excess measured before, plus the safety margin)."""
+        self.plan = None
+        self.min_host_mb = None if exc.min_host_mb is None else math.ceil(exc.min_host_mb * self.scale / self._keep())
+        self.min_gpu_mb = None if exc.min_gpu_mb is None else math.ceil(exc.min_gpu_mb * self.scale / self._keep())
+        name = self.shape.name if self.shape is not None else "the model"
+        if exc.smallest is None or self.min_host_mb is None:
+            self.refused = f"memory budget {self.limit().describe()} holds no training plan for {name}"
+        else:
+            need = f"host_mb: {self.min_host_mb}" + (f", gpu_mb: {self.min_gpu_mb}" if self.min_gpu_mb else "")
+            extra = [f"{100 * (1 - self._keep()):.0f} % safety margin"] if self._keep() != 1.0 else []
+            if self.scale != 1.0:
+                extra.insert(0, f"estimates raised {self.scale:.2f}x by earlier measurements")
+            self.refused = (f"memory budget {self.limit().describe()} is too small to train {name}: the smallest "
+                            f"plan is {exc.smallest.label()}; set memory_budget to at least {need}"
+                            + (f" ({', '.join(extra)})" if extra else ""))
+        log.error("refusing to train: %s", self.refused)
+
+    def _keep(self) -> float:
+        return 1.0 - self.mb_cfg.safety_margin if self.mb_cfg is not None else 1.0
+
+    # ------------------------------------------------------------------ running
+    def install(self, method: Any) -> None:
+        """Give ``method`` the plan's micro-batch and a guard measuring every step."""
+        from edge_agent.memory_guard import MemoryGuard
+
+        if self.plan is not None:
+            method.micro_batch = self.plan.micro_batch
+        if self.guard is None:
+            enforce = self.mb_cfg is not None and self.mb_cfg.guard
+            self.guard = MemoryGuard(self.limit() if enforce else Budget())
+        method.guard = self.guard
+
+    def fit_started(self) -> None:
+        if self.guard is not None:
+            self.guard.start_round()
+        if self.plan is not None and self.bounded:
+            self._data()["memory_fit_running"] = {"key": list(_key(self.plan)), "label": self.plan.label(),
+                                                 "estimate_host_mb": self.plan.estimate_host_mb}
+            self._save()
+
+    def fit_finished(self) -> None:
+        if self._data().pop("memory_fit_running", None) is not None:
+            self._save()
+
+    def on_over_budget(self, exc: Any, task: m.Task) -> None:
+        """Record the report, raise estimates by what was measured, and lower the plan."""
+        self.fit_finished()
+        self.over_budget = m.OverBudgetReport(task_id=task.task_id, round=task.round, **{
+            k: v for k, v in exc.figures().items() if k in m.OverBudgetReport.model_fields})
+        current = self.plan
+        log.warning("round %d stopped: %s (plan: %s)", task.round, exc, current.label() if current else "none")
+        if current is None or self.shape is None:
+            return
+        if exc.peak_host_mb and current.estimate_host_mb:
+            self.scale = max(self.scale, exc.peak_host_mb / current.estimate_host_mb)
+        if exc.peak_gpu_mb and current.estimate_gpu_mb:
+            self.scale = max(self.scale, exc.peak_gpu_mb / current.estimate_gpu_mb)
+        self._lowered_from = _key(current)
+        data = self._data()
+        data["memory_scale"] = self.scale
+        data["memory_lowered_from"] = list(self._lowered_from)
+        self._save()
+        self._inputs = None  # re-plan for the next task
+        try:
+            kwargs = self._kwargs(m.AdapterSpec.model_validate(data["memory_inputs"]["adapter"]),
+                                  m.FitConfig(batch_size=current.batch_size, max_seq_len=current.seq_len),
+                                  current.zo_target)
+            self.plan = lower_plan(current, self.shape, self._scaled_budget(), **kwargs)
+            log.warning("next rounds: %s", self.plan.label())
+        except BudgetTooSmall as exc2:
+            self._set_refused(exc2)
+
+    def load_measured(self, peak_host_mb: float) -> None:
+        self.load_peak_host_mb = peak_host_mb
+
+    # ------------------------------------------------------------------ reporting
+    def status(self) -> m.DeviceMemory | None:
+        if not self.bounded and self.plan is None and self.guard is None:
+            return None
+        lim = self.limit()
+        g = self.guard
+        last = g.last if g is not None else None
+        return m.DeviceMemory(
+            budget_host_mb=lim.host_mb, budget_gpu_mb=lim.gpu_mb,
+            plan=m.MemoryPlan(**self.plan.to_info()) if self.plan is not None else None,
+            refused=self.refused, min_host_mb=self.min_host_mb, min_gpu_mb=self.min_gpu_mb,
+            over_budget=self.over_budget,
+            peak_host_mb=_r(g.round_peak_host_mb) if g is not None and g.round_peak_host_mb else None,
+            peak_gpu_mb=_r(g.round_peak_gpu_mb) if g is not None else None,
+            step_peak_host_mb=_r(last.peak_host_mb) if last is not None else None,
+            step_peak_gpu_mb=_r(last.peak_gpu_mb) if last is not None else None,
+            load_peak_host_mb=_r(self.load_peak_host_mb),
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _data(self) -> dict[str, Any]:
+        return self.state_file.data if self.state_file is not None else {}
+
+    def _save(self) -> None:
+        if self.state_file is not None:
+            try:
+                self.state_file.save()
+            except OSError as exc:
+                log.warning("could not save the agent state: %s", exc)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 1)
+
+
+def _key(p: Plan) -> tuple:
+    return (p.method, p.base, p.zo_target, p.gradient_checkpointing, p.micro_batch)
+
+
+def _plans(shape: ModelShape, kwargs: dict[str, Any]) -> list[Plan]:
+    from edge_agent.memory_plan import candidate_plans
+
+    return candidate_plans(shape, **kwargs)
+
+
+def _rank(shape: ModelShape, kwargs: dict[str, Any], plan: Plan) -> int:
+    keys = [_key(p) for p in _plans(shape, kwargs)]
+    return keys.index(_key(plan)) if _key(plan) in keys else -1
