@@ -309,7 +309,11 @@ class EdgeAgent:
         if self.cfg.training.gradient_checkpointing and name != "zo":
             kwargs["gradient_checkpointing"] = True
         log.info("loading %s with %s adapter r=%d", self.model_path, name, adapter.r)
-        self.method = None  # the previous model (another plan) goes before the next one loads
+        if self.method is not None:  # the previous model (another plan) goes before the next loads
+            from edge_agent.methods.base import _release_memory
+
+            self.method = None
+            _release_memory()
         meter().reset()
         self.method = cls(self.model_path, adapter, **kwargs)
         self.memory.load_measured(meter().host_peak_mb())

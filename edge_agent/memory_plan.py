@@ -175,8 +175,17 @@ class ModelShape:
 
     @classmethod
     def from_path(cls, path: str | Path) -> "ModelShape":
+        """From a checkpoint directory (or its config.json); a hub id is asked of transformers
+        (its local cache; imported only then)."""
         p = Path(path)
         cfg_file = p / "config.json" if p.is_dir() else p
+        if not cfg_file.is_file() and "/" in str(path) and not p.exists():
+            try:
+                from transformers import AutoConfig
+
+                return cls.from_config(AutoConfig.from_pretrained(str(path)).to_dict(), name=str(path))
+            except Exception as exc:  # noqa: BLE001 - any failure means: no shape
+                raise ValueError(f"cannot read the model config of {path}: {exc}") from None
         try:
             return cls.from_config(json.loads(cfg_file.read_text()), name=p.name)
         except (OSError, ValueError) as exc:

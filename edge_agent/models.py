@@ -309,7 +309,9 @@ def load_causal_lm(
         # the resident set while loading, and copy what the model keeps out of it afterwards
         with _checkpoint_pages_dropped():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        _detach_from_checkpoint(model)
+        if not quantize_4bit:
+            model.to(dev)
+        _detach_from_checkpoint(model)  # what stays on the CPU
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         model.to(dev)

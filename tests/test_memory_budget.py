@@ -560,3 +560,29 @@ def test_watch_shows_each_devices_plan():
     assert _method_cell({"method": "lora", "memory": {"refused": "too small", "min_host_mb": 796}}, {}) == \
         "refused: needs 796 MB"
     assert _method_cell({"method": "lora"}, {}) == "lora"
+
+
+def test_converted_loads_release_the_checkpoint_mapping(tiny_llama):
+    """A 4-bit or bfloat16 base keeps no page of the float32 checkpoint mapped (fresh process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import gc, torch
+from edge_agent.models import _checkpoint_mappings, load_causal_lm
+for q, dt in ((True, "float32"), (False, "bfloat16")):
+    model, tok = load_causal_lm({tiny_llama!r}, quantize_4bit=q, dtype=dt, device="cpu")
+    gc.collect()
+    assert not _checkpoint_mappings(), (q, dt, _checkpoint_mappings())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.dtype == (torch.float32 if q else torch.bfloat16)
+    with torch.no_grad():
+        out = model(**tok("hello", return_tensors="pt")).logits
+    assert torch.isfinite(out.float()).all()
+    del model
+model, tok = load_causal_lm({tiny_llama!r}, quantize_4bit=False, dtype="float32", device="cpu")
+assert _checkpoint_mappings()  # float32 weights are the mapping itself (not copied)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
+                   capture_output=True, text=True, timeout=300)
