@@ -29,6 +29,16 @@ from bench.report import command_line, machine, md_table, update_doc_section, wr
 
 BUDGETS_MB = (600, 1024, 2048, 4096)
 TARGET_ERROR = 0.15
+# The points the estimate's constants were fitted to (edge_agent/memory_plan.py): the highest step
+# peak (VmHWM, MiB) of 3-4 steps of the method classes on SmolLM2-135M-Instruct, LoRA r=8 on
+# q_proj/v_proj, rows filling the window, glibc mmap threshold fixed, one process per point,
+# measured on this machine while calibrating: (method, base, micro-batch, seq, checkpointing) -> MiB.
+CALIBRATION = [
+    (("lora", "float32", 1, 128, False), 1296), (("lora", "float32", 4, 128, False), 1967),
+    (("lora", "float32", 1, 256, False), 1627), (("lora", "float32", 2, 256, True), 1407),
+    (("lora", "float32", 4, 128, True), 1437), (("lora", "bfloat16", 2, 128, False), 1070),
+    (("zo", "nf4", 2, 128, False), 738),
+]
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
@@ -127,15 +137,31 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the docs/benchmarks.md section from bench/results/memory.json")
+    ap.add_argument("--raw-out", help="write the runs to this JSON file only (merge later with --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="FILE",
+                    help="build the results and the doc section from runs written by --raw-out")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
+    if args.report_only:
+        from bench.report import RESULTS
+
+        md = render(json.loads((RESULTS / "memory.json").read_text()))
+        update_doc_section("memory", md)
+        print(md)
+        return 0
 
     runs = []
-    for budget in args.budgets:
+    if args.merge:
+        for f in args.merge:
+            runs += json.loads(Path(f).read_text())
+        runs.sort(key=lambda r: r["budget_mb"])
+    for budget in [] if args.merge else args.budgets:
         cmd = [sys.executable, __file__, "--child", "--budget", str(budget), "--model", args.model,
                "--method", args.method, "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
                "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--threads", str(args.threads)]
@@ -145,20 +171,41 @@ def main() -> int:
         if p.returncode != 0 or line is None:
             sys.exit(f"budget {budget} MiB: child failed ({p.returncode}):\n{p.stderr[-3000:]}")
         r = json.loads(line[len("RESULT "):])
+        r["threads"] = args.threads
         runs.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "breakdown"}), flush=True)
+        print(json.dumps(r), flush=True)
+    if args.raw_out:
+        Path(args.raw_out).write_text(json.dumps(runs, indent=1))
+        return 0
 
     for r in runs:
         r["within_budget"] = r["peak_mb"] <= r["budget_mb"]
         if "estimate_mb" in r:
             r["error"] = (r["estimate_mb"] - r["peak_mb"]) / r["peak_mb"]
     trained = [r for r in runs if "estimate_mb" in r]
-    result = {"benchmark": "memory", "command": command_line(), "machine": machine(), "args": vars(args),
+    command = command_line()
+    if args.merge:
+        command = (f"python bench/memory.py --budgets {' '.join(str(r['budget_mb']) for r in runs)} --steps {args.steps}"
+                   f" (budgets run by separate invocations with --raw-out, threads per run in the table; "
+                   f"merged with --merge)")
+    result = {"benchmark": "memory", "command": command, "machine": machine(), "args": vars(args),
               "runs": runs, "target_error": TARGET_ERROR,
               "all_within_budget": all(r["within_budget"] for r in runs),
               "max_abs_error": max((abs(r["error"]) for r in trained), default=None)}
     path = write_json("memory", result)
 
+    md = render(result)
+    if not args.no_doc:
+        update_doc_section("memory", md)
+    print(md)
+    print(f"results: {path}")
+    return 0
+
+
+def render(result: dict) -> str:
+    """The docs/benchmarks.md section of a result (also ``--report-only`` from the JSON)."""
+    runs, err = result["runs"], result["max_abs_error"]
+    a = argparse.Namespace(**result["args"])
     rows = []
     for r in runs:
         if "refused" in r:
@@ -169,18 +216,23 @@ def main() -> int:
         what = (f"{p['method']} ({p['base']} base{', ' + p['zo_target'] if p['zo_target'] else ''}), micro-batch "
                 f"{p['micro_batch']} × {p['grad_accum']}" + (", checkpointing" if p["gradient_checkpointing"] else ""))
         status = f"{r['steps']} steps" + (f"; over budget at step {r['over_budget']['step']}" if r["over_budget"] else "")
+        if r.get("threads"):
+            status += f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}, {r['fit_s']:.0f} s"
         rows.append([r["budget_mb"], what, f"{r['estimate_mb']:.0f}", f"{r['peak_mb']:.0f}",
                      f"{r['load_peak_mb']:.0f} / {r['step_peak_mb']:.0f}", f"{100 * r['error']:+.1f} %",
                      "yes" if r["within_budget"] else "**NO**", status])
     refused = [r for r in runs if "refused" in r]
     met_budget = result["all_within_budget"]
-    err = result["max_abs_error"]
+    lens = [n for r in runs for n in r.get("tokens_per_row", [])]
+    rows_note = f"rows of {min(lens)}–{max(lens)} tokens" if lens else "rows"
     md = (
         f"## Memory budgets: plan, estimate, measured peak (`bench/memory.py`)\n\n"
-        f"`{result['command']}` — {args.model}, agent method `{args.method}` (fallbacks allowed: bfloat16 base, "
-        f"4-bit NF4 base, zeroth-order on the adapter), LoRA r={args.lora_r} on q_proj/v_proj, round batch "
-        f"{args.batch_size} × {args.max_seq_len}-token rows (every row fills the window), {args.steps} local steps, "
-        f"{args.threads} torch threads; each budget in its own process; CPU only (no GPU in this environment: "
+        f"`{result['command']}` — {a.model}, agent method `{a.method}` (fallbacks: micro-batches with gradient "
+        f"accumulation, gradient checkpointing, 4-bit NF4 base, zeroth-order on the adapter; a bfloat16 base is "
+        f"offered on CUDA only), LoRA r={a.lora_r} on q_proj/v_proj, round batch "
+        f"{a.batch_size} rows of ≤ {a.max_seq_len} tokens ({rows_note}; the estimate assumes full windows), "
+        f"{a.steps} local steps; "
+        f"each budget in its own process; CPU only (no GPU in this environment: "
         f"the CUDA path, `torch.cuda.max_memory_allocated` against `gpu_mb`, is not exercised here). "
         f"{result['machine']['cores']} cores, {result['machine']['date']}, commit {result['machine']['commit']}.\n\n"
         f"Measured peak: the process's peak resident set over its whole life (imports, load, training), from the "
@@ -191,15 +243,31 @@ def main() -> int:
                     "estimate error", "peak ≤ budget", "training"], rows)
         + "\n\n"
         + "".join(f"Refused at {r['budget_mb']} MiB: “{r['refused']}”\n\n" for r in refused)
+        + "Times are wall-clock on a 2-core machine shared with other jobs (load average 8–11 during these "
+        "runs): the memory figures do not depend on load, the times are not representative.\n\n"
+        + calibration_note(a.model)
         + f"Targets: measured peak ≤ budget in every case: **{'met' if met_budget else 'NOT met'}**; "
         + (f"|estimate − measured| ≤ 15 %: **{'met' if err is not None and err <= TARGET_ERROR else 'NOT met'}** "
            f"(worst {100 * err:.1f} %).\n" if err is not None else "no plan was trained.\n")
     )
-    if not args.no_doc:
-        update_doc_section("memory", md)
-    print(md)
-    print(f"results: {path}")
-    return 0
+    return md
+
+
+def calibration_note(model: str) -> str:
+    """The fit points of the estimate's constants, with today's estimate for each."""
+    from edge_agent.memory_plan import ModelShape, estimate
+    from edge_agent.models import resolve_model
+
+    shape = ModelShape.from_path(resolve_model(model, log=lambda _m: None))
+    parts = []
+    for (meth, base, mb, seq, ck), measured in CALIBRATION:
+        est = estimate(shape, method=meth, base=base, micro_batch=mb, seq_len=seq, gradient_checkpointing=ck,
+                       zo_target="lora" if meth == "zo" else None)[0]
+        what = f"{meth} {base} {mb}×{seq}" + (" ckpt" if ck else "")
+        parts.append(f"{what}: {measured} measured / {est:.0f} estimated ({100 * (est - measured) / measured:+.1f} %)")
+    return ("Calibration points (step peaks measured while fitting the constants, 3-4 steps each, one process "
+            "each; bfloat16 on this CPU ran 30× slower per step than float32, hence not a CPU fallback): "
+            + "; ".join(parts) + ".\n\n")
 
 
 def runtime_note() -> str:
