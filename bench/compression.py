@@ -13,7 +13,7 @@ snapshot/difference downlink (broker_coordinator.downlink), and devices reconstr
 with fedmq_protocol.globals. Round 1 starts every setting from the same global with the same seeds,
 so its local training is computed once and reused (identical by construction).
 
-    python bench/compression.py --rounds 2 --local-steps 4
+    python bench/compression.py            # 5 rounds x 2 local steps, every setting (~45 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -42,24 +42,35 @@ N_CLIENTS = 4
 
 
 def settings(dense_bytes: int) -> list[dict]:
+    """Every setting: uplink (agent ``uplink:``), optional byte budget, downlink (coordinator
+    ``downlink:``), and ``freeze_a`` (FFA-LoRA: only lora_B trains, so only B's difference travels)."""
     lossy_down = {"values": "int8", "zstd": True}
+    # most telling first: report() after each setting keeps a partial run useful
     s = [
         {"name": "dense fp32", "uplink": {}, "downlink": {}},
-        {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16"}},
-        {"name": "top-25% int8 +EF", "uplink": {"values": "int8", "density": 0.25, "zstd": True}, "downlink": lossy_down},
+        {"name": "dense sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down},
+        {"name": "dense int2 +EF", "uplink": {"values": "int2", "zstd": True}, "downlink": lossy_down},
+        {"name": "frozen-A sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down, "freeze_a": True},
         {"name": "top-10% int8 +EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True}, "downlink": lossy_down},
-        {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True}, "downlink": lossy_down},
-        {"name": "top-10% int8 no EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False}, "downlink": lossy_down},
-        {"name": "top-1% int8 +EF", "uplink": {"values": "int8", "density": 0.01, "zstd": True}, "downlink": lossy_down},
+        {"name": "dense int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down},
         {"name": "budget dense/50 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 50, "downlink": lossy_down},
+        {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16"}},
+        {"name": "top-10% int8 no EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False}, "downlink": lossy_down},
+        {"name": "top-25% int8 +EF", "uplink": {"values": "int8", "density": 0.25, "zstd": True}, "downlink": lossy_down},
+        {"name": "top-10% fp16 +EF", "uplink": {"values": "float16", "density": 0.10, "zstd": True}, "downlink": lossy_down},
+        {"name": "frozen-A int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down, "freeze_a": True},
+        {"name": "frozen-A dense fp32", "uplink": {}, "downlink": {}, "freeze_a": True},
+        {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True}, "downlink": lossy_down},
+        {"name": "frozen-A budget dense/100 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 100,
+         "downlink": lossy_down, "freeze_a": True},
     ]
     return s
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -76,35 +87,46 @@ def main() -> int:
     from edge_agent.methods import get_method
 
     model_path = resolve_model("smollm2-135m")
-    adapter = m.AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    adapters = {frozen: m.AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"), freeze_a=frozen)
+                for frozen in (False, True)}
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-compression-") as tmp_s:
         tmp = Path(tmp_s)
         synthesize(tmp / "data", num_devices=N_CLIENTS, samples_per_device=args.samples,
                    eval_samples=args.eval_samples, seed=0)
         train = [load_jsonl(tmp / "data" / f"device_{i}.jsonl") for i in range(N_CLIENTS)]
         evalset = load_jsonl(tmp / "data" / "eval.jsonl")
-        method = get_method("lora")(model_path, adapter, device="cpu", dtype="float32", seed=0)
+        methods: dict[bool, object] = {}  # by freeze_a, built on first use (same seeded init)
+
+        def method_for(frozen: bool):
+            if frozen not in methods:
+                methods.clear()  # one model in memory at a time
+                methods[frozen] = get_method("lora")(model_path, adapters[frozen], device="cpu", dtype="float32", seed=0)
+            return methods[frozen]
+
+        method = method_for(False)
         v0 = method.get_adapter()
         fit_base = m.FitConfig(local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
                                max_seq_len=args.max_seq_len)
         eval_cfg = fit_base.model_copy(update={"batch_size": 16})
 
-        def evaluate(weights: dict) -> float:
-            method.set_adapter(weights)
-            return float(method.evaluate(evalset, eval_cfg)[0])
+        def evaluate(weights: dict, frozen: bool = False) -> float:
+            meth = method_for(frozen)
+            meth.set_adapter(weights)
+            return float(meth.evaluate(evalset, eval_cfg)[0])
 
-        def local_fit(weights: dict, i: int, round_no: int) -> tuple[dict, int, float]:
-            method.set_adapter(weights)
+        def local_fit(weights: dict, i: int, round_no: int, frozen: bool = False) -> tuple[dict, int, float]:
+            meth = method_for(frozen)
+            meth.set_adapter(weights)
             # the coordinator's seed rule: fit.seed + round * 7919 + attempt
-            res = method.fit(train[i], fit_base.model_copy(update={"seed": round_no * 7919}))
-            local = method.get_adapter()
+            res = meth.fit(train[i], fit_base.model_copy(update={"seed": round_no * 7919}))
+            local = meth.get_adapter()
             return {k: local[k] - weights[k] for k in weights}, res.num_samples, res.train_loss
 
         t0 = time.perf_counter()
         baseline = evaluate(v0)
         print(f"baseline eval loss {baseline:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         t0 = time.perf_counter()
-        round1 = [local_fit(v0, i, 1) for i in range(N_CLIENTS)]
+        round1 = {False: [local_fit(v0, i, 1) for i in range(N_CLIENTS)]}
         print(f"round 1 local training {time.perf_counter() - t0:.1f}s", flush=True)
 
         def update_msg(i: int, n: int, metrics: dict, enc) -> m.Update:
@@ -116,7 +138,7 @@ def main() -> int:
                     **{k: 0.0 for k in METRIC_KEYS}, "encode_s": 0.0, "sent_at": 0.0}
 
         # every element as fp32 (auto_sparse off): the reference size of a dense LoRA update
-        enc0 = encode(round1[0][0], CodecSpec(auto_sparse=False))
+        enc0 = encode(round1[False][0][0], CodecSpec(auto_sparse=False))
         dense_bytes = len(update_msg(0, 1, probe_metrics(), enc0).to_msgpack())
 
         results = []
@@ -124,6 +146,10 @@ def main() -> int:
             if args.only and not any(o in st["name"] for o in args.only):
                 continue
             t_set = time.perf_counter()
+            frozen = bool(st.get("freeze_a"))
+            adapter = adapters[frozen]
+            if frozen not in round1:  # round 1 from the same global and seeds: computed once per adapter kind
+                round1[frozen] = [local_fit(v0, i, 1, frozen) for i in range(N_CLIENTS)]
             down = DownlinkConfig(snapshot_every=10, **st["downlink"])
             server = ServerModel(v0, down, ServerOptimizerConfig())
             device = GlobalSync(max_elements=1 << 26)  # what each device reconstructs
@@ -136,7 +162,7 @@ def main() -> int:
                 assert all(np.array_equal(device.arrays[k], published[k]) for k in published)
                 updates, decoded = [], []
                 for i in range(N_CLIENTS):
-                    delta, n, tl = round1[i] if r == 1 else local_fit(device.arrays, i, r)
+                    delta, n, tl = round1[frozen][i] if r == 1 else local_fit(device.arrays, i, r, frozen)
                     train_losses.append(tl)
                     metrics = probe_metrics()
                     enc, um = encoders[i].encode(delta, lambda e: len(update_msg(i, n, metrics, e).to_msgpack()))
@@ -155,9 +181,10 @@ def main() -> int:
                 assert device.version == r
             final = {k: v.copy() for k, v in server.published.items()}
             assert all(np.array_equal(device.arrays[k], final[k]) for k in final)  # bitwise agreement
-            loss = evaluate(final)
+            loss = evaluate(final, frozen)
             res = {
                 "name": st["name"], "uplink": st["uplink"], "budget_bytes": st.get("budget"), "downlink": st["downlink"],
+                "freeze_a": frozen,
                 "uplink_bytes_per_round_per_client": float(np.mean(up_bytes)),
                 "uplink_bytes_max": int(max(up_bytes)),
                 "downlink_bytes_per_round_per_client": float(np.mean(down_bytes)),
@@ -219,13 +246,16 @@ def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results:
         "encoded `Update`/`GlobalModel` payloads (msgpack, before the 2-byte frame header and chunking). "
         "Downlink: dense settings send lossless (fp32/fp16) differences, compressed settings int8+zstd "
         "differences with server-side error feedback; every device's reconstruction was checked bitwise "
-        "against the coordinator's. Top-k is global across the adapter; sparse uplinks use zstd.\n\n"
+        "against the coordinator's. Top-k is global across the adapter; sparse uplinks use zstd. "
+        "int4, int2 and sign are block-scaled low-bit value formats (block 64, fp32 scales); frozen-A settings "
+        "train only lora_B (FFA-LoRA, `adapter.freeze_a`), so A's difference is zero and is not sent. "
+        "Every row is compared with vanilla dense fp32 LoRA (A and B trained and sent).\n\n"
         + md_table(["setting", "uplink B/round/client", "vs fp32", "downlink B/round/client", "vs fp32",
                     "final eval loss", "vs dense fp32"], rows)
         + f"\n\nDense fp32 update: {dense_bytes:,} B. Targets: {verdict('10x_at_2pct', 10, 2)}; "
-        f"{verdict('50x_at_5pct', 50, 5)}. The budget run's chosen encodings (last round): "
-        + ", ".join(f"density {c['uplink_density']:.3f} / {c['uplink_value_bits']:.0f}-bit"
-                    for c in next((r['chosen'] for r in results if r['budget_bytes']), []))
+        f"{verdict('50x_at_5pct', 50, 5)}. Budget runs' chosen encodings (last round, per client): "
+        + "; ".join(f"{r['name']}: " + ", ".join(f"density {c['uplink_density']:.3f} / {c['uplink_value_bits']:.0f}-bit"
+                                                  for c in r["chosen"]) for r in results if r["budget_bytes"])
         + ".\n"
     )
     if not args.no_doc:

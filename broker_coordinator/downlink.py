@@ -28,7 +28,7 @@ class DownlinkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     snapshot_every: int = Field(10, ge=1, description="a full snapshot every N versions, differences between")
-    values: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    values: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"] = "float32"
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries of a difference sent")
     block: int = Field(64, ge=1, le=1 << 20)
     zstd: bool = False

@@ -111,7 +111,6 @@ class StateStore(ABC):
         """Forget the open round (it was aggregated or abandoned)."""
 
 
-
 class InMemoryStateStore(StateStore):
     def __init__(self) -> None:
         self._state: CoordinatorState | None = None

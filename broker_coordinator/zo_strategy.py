@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
-from broker_coordinator.state import CoordinatorState, DeviceRecord, DeviceRecord
+from broker_coordinator.state import CoordinatorState, DeviceRecord
 from broker_coordinator.strategy import FedAvg
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import Update
@@ -27,11 +27,6 @@ class FedKSeed(FedAvg):
     """Device selection as FedAvg; aggregation into the seed ledger (FedKSeed server rule)."""
 
     snapshot_every_version = True
-
-    def accepts(self, device: DeviceRecord) -> bool:
-        """Zeroth-order devices only (a device plans its target when the task names it)."""
-        plan = device.plan
-        return plan is None or plan.get("method") == "zo"
 
     def accepts(self, device: DeviceRecord) -> bool:
         """Zeroth-order devices only (a device plans its target when the task names it)."""

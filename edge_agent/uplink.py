@@ -25,7 +25,7 @@ log = logging.getLogger("fedmq.agent")
 
 RESIDUAL_FILE = "uplink-residual.msgpack"
 METRIC_KEYS = ("uplink_density", "uplink_value_bits", "uplink_bytes", "uplink_budget_bytes", "uplink_dropped_share")
-_BITS = {"float32": 32.0, "float16": 16.0, "bfloat16": 16.0, "int8": 8.0}
+_BITS = {"float32": 32.0, "float16": 16.0, "bfloat16": 16.0, "int8": 8.0, "int4": 4.0, "int2": 2.0, "sign": 1.0}
 
 
 class UplinkConfig(BaseModel):
@@ -33,7 +33,7 @@ class UplinkConfig(BaseModel):
     ``values`` and ``density`` with the most accurate encoding that fits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    values: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    values: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"] = "float32"
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries sent (top-k)")
     topk: Literal["global", "per_tensor"] = "global"
     block: int = Field(64, ge=1, le=1 << 20, description="values per int8 scale")

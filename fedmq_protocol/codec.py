@@ -5,8 +5,8 @@ Wire form (msgpack, self-describing, docs/protocol.md "Tensor codec")::
     {"codec": 1, "tensors": {name: T}}                      # plain
     {"codec": 1, "zstd": bin, "size": int}                 # zstd of msgpack({name: T}), size = raw bytes
 
-    T = {"shape": [int], "values": "float32"|"float16"|"bfloat16"|"int8", "data": bin,
-         ["block": int, "scales": bin (fp32 per block, int8 only)],
+    T = {"shape": [int], "values": "float32"|"float16"|"bfloat16"|"int8"|"int4"|"sign", "data": bin,
+         ["block": int, "scales": bin (fp32 per block; int8, int4 and sign only)],
          ["nnz": int, "index": "varint"|"bitmap", "indices": bin]}   # present: sparse
 
 A sparse tensor lists ``nnz`` flat (row-major) positions in increasing order, coded either as
@@ -14,7 +14,16 @@ LEB128 varints of the gaps (``idx[i] - idx[i-1] - 1``, first from -1) or as a li
 of ``ceil(numel / 8)`` bytes, whichever is smaller. ``data`` holds the values in index order
 (dense tensors: all ``numel`` values). int8 values are ``round(v / scale)`` with one fp32 scale
 ``max|v| / 127`` per block of ``block`` consecutive values, so the error of a value is at most
-``scale / 2 = max|block| / 254``; fp16 and bf16 round to nearest.
+``scale / 2 = max|block| / 254``; fp16 and bf16 round to nearest. int4 packs two values a byte
+(low nibble first, two's complement in [-8, 7]) as ``round(v / scale)`` with ``scale = max|block| / 7``:
+error at most ``max|block| / 14``. int2 packs four values a byte (first in the low bits) as
+``q = round(v / scale + 1.5)`` in 0..3, decoded ``(q - 1.5) * scale`` with ``scale = max|block| / 1.5``:
+error at most ``max|block| / 3``. ``sign`` packs one bit a value (little-endian bit order, 1 =
+positive) decoded as ``±scale`` with ``scale = mean|block|``, the L2-best one-bit code of a block:
+error at most ``max|block|``. The low-bit formats are meant for use with error feedback, which
+carries what they drop into the next round; Adam-trained LoRA differences have near-uniform
+magnitudes (Adam normalises each coordinate), so they keep far more of a difference per byte than
+top-k does.
 
 Decoding validates every declared size against the payload and against the caller's bound on the
 number of elements *before* allocating anything, so a hostile header cannot make it allocate more
@@ -35,9 +44,15 @@ from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.tensors import MAX_NDIM, bfloat16_bits_to_float32, float32_to_bfloat16_bits
 
 CODEC_VERSION = 1
-ValueFormat = Literal["float32", "float16", "bfloat16", "int8"]
-VALUE_FORMATS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+ValueFormat = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"]
+VALUE_FORMATS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8", "int4", "int2", "sign")
+_BITS_PER_VALUE = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 4, "int2": 2, "sign": 1}
+_BLOCK_SCALED = ("int8", "int4", "int2", "sign")
+
+
+def value_bytes(fmt: str, n: int) -> int:
+    """Bytes of ``n`` values in format ``fmt`` (packed formats round up to whole bytes)."""
+    return (n * _BITS_PER_VALUE[fmt] + 7) // 8
 MAX_VARINT_BYTES = 9  # 63-bit gaps
 MAX_BLOCK = 1 << 20
 MAX_TENSORS = 1 << 16
@@ -138,23 +153,46 @@ def _encode_values(vals: np.ndarray, fmt: str, block: int) -> dict[str, Any]:
         return {"data": vals.astype("<f2").tobytes()}
     if fmt == "bfloat16":
         return {"data": float32_to_bfloat16_bits(vals).astype("<u2").tobytes()}
-    if fmt == "int8":
+    if fmt in _BLOCK_SCALED:
         n = len(vals)
         nblocks = (n + block - 1) // block
         padded = np.zeros(nblocks * block, dtype=np.float32)
         padded[:n] = vals
         blocks = padded.reshape(nblocks, block)
-        scales = (np.abs(blocks).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        if fmt == "sign":
+            # mean |v| over the block's real values (padding excluded): the L2-optimal magnitude
+            counts = np.full(nblocks, block, dtype=np.float32)
+            if nblocks:
+                counts[-1] = n - (nblocks - 1) * block
+            scales = (np.abs(blocks).sum(axis=1) / counts).astype(np.float32)
+            bits = np.packbits(vals >= 0, bitorder="little")
+            return {"data": bits.tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
+        if fmt == "int2":
+            # four levels (q - 1.5) * scale, q in 0..3, scale = max|block| / 1.5: no zero level,
+            # which suits differences whose entries all moved (Adam) better than {-1, 0, 1}
+            scales = (np.abs(blocks).max(axis=1) / np.float32(1.5)).astype(np.float32)
+            safe = np.where(scales > 0, scales, np.float32(1.0))
+            q2 = np.clip(np.rint(blocks / safe[:, None] + 1.5), 0, 3).astype(np.uint8).reshape(-1)[:n]
+            q2 = np.append(q2, np.zeros((-n) % 4, dtype=np.uint8)).reshape(-1, 4)
+            packed = q2[:, 0] | (q2[:, 1] << 2) | (q2[:, 2] << 4) | (q2[:, 3] << 6)
+            return {"data": packed.astype(np.uint8).tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
+        top = 127.0 if fmt == "int8" else 7.0
+        scales = (np.abs(blocks).max(axis=1) / np.float32(top)).astype(np.float32)
         safe = np.where(scales > 0, scales, np.float32(1.0))
-        q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8).reshape(-1)[:n]
+        q = np.clip(np.rint(blocks / safe[:, None]), -top, top).astype(np.int8).reshape(-1)[:n]
+        if fmt == "int4":
+            nib = (q.astype(np.uint8) & np.uint8(0x0F))
+            if n % 2:
+                nib = np.append(nib, np.uint8(0))
+            q = (nib[0::2] | (nib[1::2] << np.uint8(4))).astype(np.uint8)
         return {"data": q.tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
     raise ValueError(f"unknown value format {fmt!r}; valid: {', '.join(VALUE_FORMATS)}")
 
 
 def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.ndarray:
     data = t["data"]
-    if len(data) != n * _ITEMSIZE[fmt]:
-        raise ProtocolError(f"{where}: {len(data)} value bytes, {n} {fmt} values need {n * _ITEMSIZE[fmt]}")
+    if len(data) != value_bytes(fmt, n):
+        raise ProtocolError(f"{where}: {len(data)} value bytes, {n} {fmt} values need {value_bytes(fmt, n)}")
     if fmt == "float32":
         out = np.frombuffer(data, dtype="<f4").astype(np.float32)
     elif fmt == "float16":
@@ -163,17 +201,27 @@ def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.nda
         out = bfloat16_bits_to_float32(np.frombuffer(data, dtype="<u2"))
     else:
         block, scales = t.get("block"), t.get("scales")
-        if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
-            raise ProtocolError(f"{where}: int8 values need an integer block in [1, {MAX_BLOCK}]")
+        if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= MAX_BLOCK:
+            raise ProtocolError(f"{where}: {fmt} values need an integer block in [1, {MAX_BLOCK}]")
         if not isinstance(scales, (bytes, bytearray)):
-            raise ProtocolError(f"{where}: int8 values need fp32 scales")
+            raise ProtocolError(f"{where}: {fmt} values need fp32 scales")
         nblocks = (n + block - 1) // block
         if len(scales) != 4 * nblocks:
             raise ProtocolError(f"{where}: {len(scales)} scale bytes, {nblocks} blocks need {4 * nblocks}")
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s)) or np.any(s < 0):
-            raise ProtocolError(f"{where}: int8 scales must be finite and >= 0")
-        q = np.frombuffer(data, dtype=np.int8).astype(np.float32)
+            raise ProtocolError(f"{where}: {fmt} scales must be finite and >= 0")
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if fmt == "int8":
+            q = raw.view(np.int8).astype(np.float32)
+        elif fmt == "int4":
+            nib = np.empty(raw.size * 2, dtype=np.int16)
+            nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
+            q = np.where(nib >= 8, nib - 16, nib)[:n].astype(np.float32)
+        elif fmt == "int2":
+            q = (np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n]).astype(np.float32) - 1.5
+        else:
+            q = np.unpackbits(raw, bitorder="little")[:n].astype(np.float32) * 2.0 - 1.0
         out = q * np.repeat(s.astype(np.float32), block)[:n]
     if not np.all(np.isfinite(out)):
         raise ProtocolError(f"{where}: non-finite values")
@@ -330,7 +378,7 @@ def _check_header(t: Any, w: str) -> tuple[tuple[int, ...], str, int | None, int
         raise ProtocolError(f"{w}: invalid shape {shape!r}")
     shape = tuple(shape)
     fmt = t.get("values")
-    if not isinstance(fmt, str) or fmt not in _ITEMSIZE:
+    if not isinstance(fmt, str) or fmt not in _BITS_PER_VALUE:
         raise ProtocolError(f"{w}: unknown value format {fmt!r}")
     if not isinstance(t.get("data"), (bytes, bytearray)):
         raise ProtocolError(f"{w}: data must be raw bytes")
@@ -348,8 +396,8 @@ def _check_header(t: Any, w: str) -> tuple[tuple[int, ...], str, int | None, int
         if "indices" in t or "index" in t:
             raise ProtocolError(f"{w}: indices without nnz")
         n_vals = numel
-    if len(t["data"]) != n_vals * _ITEMSIZE[fmt]:
-        raise ProtocolError(f"{w}: {len(t['data'])} value bytes, {n_vals} {fmt} values need {n_vals * _ITEMSIZE[fmt]}")
+    if len(t["data"]) != value_bytes(fmt, n_vals):
+        raise ProtocolError(f"{w}: {len(t['data'])} value bytes, {n_vals} {fmt} values need {value_bytes(fmt, n_vals)}")
     return shape, fmt, nnz, numel
 
 
@@ -474,7 +522,8 @@ def max_abs_error(values: np.ndarray, fmt: str, block: int = 64) -> np.ndarray:
     padded = np.zeros(nblocks * block, dtype=np.float32)
     padded[:n] = v
     bmax = padded.reshape(nblocks, block).max(axis=1)
-    return np.repeat(bmax / 254.0 * (1 + 1e-5), block)[:n]
+    share = {"int8": 1 / 254.0, "int4": 1 / 14.0, "int2": 1 / 3.0, "sign": 1.0}[fmt]
+    return np.repeat(bmax * share * (1 + 1e-5), block)[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +547,7 @@ def fit_budget(
     topk: str = "global",
     block: int = 64,
     zstd: bool = False,
-    formats: tuple[str, ...] = ("float32", "float16", "int8"),
+    formats: tuple[str, ...] = ("float32", "float16", "int8", "int4", "int2", "sign"),
 ) -> BudgetChoice:
     """The encoding of ``arrays`` whose ``size_of`` fits ``budget`` with the least squared error.
 

@@ -125,6 +125,10 @@ class AdapterSpec(BaseModel):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # FFA-LoRA (Sun et al., 2024): lora_A stays at its shared seeded init and only lora_B trains.
+    # A's difference is then exactly zero and costs no uplink bytes, and averaging B is exact
+    # FedAvg of the adapters' products (both factors' averages no longer mix).
+    freeze_a: bool = False
 
 
 class FitConfig(BaseModel):

@@ -35,7 +35,7 @@ def tensor_maps(draw):
 
 specs = st.builds(
     CodecSpec,
-    values=st.sampled_from(["float32", "float16", "bfloat16", "int8"]),
+    values=st.sampled_from(["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"]),
     density=st.sampled_from([1.0, 0.5, 0.1, 0.01]),
     topk=st.sampled_from(["global", "per_tensor"]),
     block=st.sampled_from([1, 7, 64]),
@@ -75,6 +75,38 @@ def test_round_trip_is_within_the_stated_error_on_the_entries_sent(arrays, spec)
             for k, a in arrays.items()])
         if (~sent_mask).any():
             assert np.abs(allv[~sent_mask]).max() <= np.abs(allv[sent_mask]).min()
+
+
+def test_low_bit_formats_keep_more_of_an_adam_like_difference_than_top_k_at_fewer_bytes():
+    """Adam normalises each coordinate, so a LoRA difference after a few local steps has
+    near-uniform magnitudes: top-k by magnitude then drops most of it, while a block-scaled sign
+    or int4 code keeps most of it in fewer bytes."""
+    rng = np.random.default_rng(0)
+    steps = rng.integers(1, 3, size=(64, 512)).astype(np.float32)  # coordinates moved 1 or 2 steps
+    delta = {"b": steps * 2e-3 * rng.choice([-1.0, 1.0], size=steps.shape).astype(np.float32)}
+
+    def rel_error_and_bytes(spec: CodecSpec) -> tuple[float, int]:
+        enc = encode(delta, spec)
+        dec = enc.decode_dense(max_elements=delta["b"].size)["b"]
+        return float(np.linalg.norm(dec - delta["b"]) / np.linalg.norm(delta["b"])), enc.nbytes()
+
+    topk_err, topk_bytes = rel_error_and_bytes(CodecSpec(values="int8", density=0.1))
+    sign_err, sign_bytes = rel_error_and_bytes(CodecSpec(values="sign"))
+    int4_err, int4_bytes = rel_error_and_bytes(CodecSpec(values="int4"))
+    dense_bytes = encode(delta, CodecSpec(auto_sparse=False)).nbytes()
+    assert sign_bytes < topk_bytes and sign_err < 0.4 < topk_err
+    assert int4_err < 0.1 and int4_bytes * 7 < dense_bytes
+    assert sign_bytes * 20 < dense_bytes
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2", "sign"])
+def test_packed_formats_refuse_a_payload_of_the_wrong_length(fmt):
+    wire = encode({"a": np.ones(33, np.float32)}, CodecSpec(values=fmt)).to_wire()
+    t = wire["tensors"]["a"]
+    assert len(t["data"]) == {"int4": 17, "int2": 9, "sign": 5}[fmt]  # packed: 33 values in whole bytes
+    t["data"] = t["data"][:-1]
+    with pytest.raises(ProtocolError, match="value bytes"):
+        EncodedTensors.from_wire(wire).decode(max_elements=100)
 
 
 @given(st.lists(st.integers(0, 2**63 - 1), max_size=50))

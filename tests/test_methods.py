@@ -247,3 +247,19 @@ def test_lora_gradient_checkpointing_same_result(tiny_llama, synth):
         m.fit(exs, cfg)
         out.append(m.get_adapter())
     assert all(np.allclose(out[0][k], out[1][k], atol=1e-5) for k in out[0])
+
+
+def test_freeze_a_trains_only_lora_b_and_the_update_costs_nothing_for_a(tiny_llama, synth):
+    """FFA-LoRA: with ``freeze_a`` lora_A keeps its seeded init (the same on every device) and
+    only lora_B moves, so the encoded difference carries no bytes for A."""
+    from fedmq_protocol.codec import CodecSpec, encode
+
+    frozen = get_method("lora")(tiny_llama, SPEC.model_copy(update={"freeze_a": True}), device="cpu", seed=0)
+    before = frozen.get_adapter()
+    frozen.fit(load_jsonl(synth / "device_0.jsonl")[:8], FitConfig(local_steps=3, lr=1e-2, batch_size=4, max_seq_len=32))
+    after = frozen.get_adapter()
+    delta = {k: after[k] - before[k] for k in before}
+    assert all(not delta[k].any() for k in delta if "lora_A" in k)
+    assert all(delta[k].any() for k in delta if "lora_B" in k)
+    tensors = encode(delta, CodecSpec(values="sign")).to_wire()["tensors"]
+    assert all(tensors[k].get("nnz") == 0 and tensors[k]["data"] == b"" for k in delta if "lora_A" in k)

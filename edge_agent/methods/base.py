@@ -99,6 +99,10 @@ class TrainingMethod(abc.ABC):
         if not self._params:
             raise ValueError(f"LoRA {adapter.model_dump()} on {model_path} has no trainable parameters")
         self._init_lora(seed)
+        if adapter.freeze_a:
+            for pname, p in self._params.items():
+                if ".lora_A." in pname:
+                    p.requires_grad_(False)  # still part of the adapter: it travels in the global
         self._token_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         # Memory plan (edge_agent.memory_plan): examples per forward/backward (None: the whole
         # batch), and a guard measuring every step (edge_agent.memory_guard.MemoryGuard).
@@ -234,7 +238,7 @@ class TrainingMethod(abc.ABC):
         encoded = [self._encode(ex, cfg.max_seq_len) for ex in examples]
         rng = random.Random(cfg.seed)
         order: list[int] = []
-        params = list(self._params.values())
+        params = [p for p in self._params.values() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         losses: list[float] = []
         tokens = 0
