@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from fedmq_protocol import messages as m
@@ -19,6 +20,19 @@ from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport.mqtt import MqttTransport
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fedavg(global_weights: dict[str, np.ndarray], updates: list[m.Update]) -> dict[str, np.ndarray]:
+    """Independent sample-weighted FedAvg: global + sum_i n_i/N * delta_i (updates decoded densely)."""
+    total = sum(u.num_samples for u in updates)
+    out = {}
+    for name, w in global_weights.items():
+        acc = w.astype(np.float64)
+        for u in updates:
+            delta = u.tensors.decode_dense(max_elements=1 << 24)[name]
+            acc = acc + (u.num_samples / total) * delta.astype(np.float64)
+        out[name] = acc.astype(np.float32)
+    return out
 
 
 def write_yaml(path: Path, obj: dict) -> Path:

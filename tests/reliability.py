@@ -26,7 +26,7 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport.mqtt import MqttTransport
-from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all
+from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all
 
 FEDERATION = "test"
 TOPICS = Topics("fedmq", FEDERATION)
@@ -35,18 +35,6 @@ SIZE_LIMIT = 8 * 1024
 CHUNKED = {"chunk_size": 4096}
 FIT = {"local_steps": 2, "lr": 3e-3, "batch_size": 4, "max_seq_len": 32}
 
-
-def fedavg(global_weights: dict[str, np.ndarray], updates: list[m.Update]) -> dict[str, np.ndarray]:
-    """Independent sample-weighted FedAvg: global + sum_i n_i/N * delta_i (updates decoded densely)."""
-    total = sum(u.num_samples for u in updates)
-    out = {}
-    for name, w in global_weights.items():
-        acc = w.astype(np.float64)
-        for u in updates:
-            delta = u.tensors.decode_dense(max_elements=1 << 24)[name]
-            acc = acc + (u.num_samples / total) * delta.astype(np.float64)
-        out[name] = acc.astype(np.float32)
-    return out
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str,

@@ -6,24 +6,11 @@ import json
 import time
 
 import numpy as np
-import pytest
 
 from edge_agent.data import synthesize
 from fedmq_protocol.topics import Topics
-from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all, wait_for_status
+from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all, wait_for_status
 
-
-def fedavg(global_weights, updates):
-    """Independent sample-weighted FedAvg: global + sum_i n_i/N * delta_i (updates decoded densely)."""
-    total = sum(u.num_samples for u in updates)
-    out = {}
-    for name, w in global_weights.items():
-        acc = w.astype(np.float64)
-        for u in updates:
-            delta = u.tensors.decode_dense(max_elements=1 << 24)[name]
-            acc = acc + (u.num_samples / total) * delta.astype(np.float64)
-        out[name] = acc.astype(np.float32)
-    return out
 
 
 # The broker refuses any MQTT message over 8 KiB; the adapter is larger, so every update and
