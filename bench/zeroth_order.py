@@ -75,26 +75,73 @@ def _setup(variant: str, threads: int, direction: str | None = None, pack: int =
     return method, spec, batch, data, fit
 
 
-def _sampler(stop: threading.Event, out: list[int]) -> None:
+def _rss_anon() -> int | None:
+    """Anonymous resident memory (Linux ``RssAnon``): what the process allocated, without the
+    checkpoint's file pages, whose residency after loading differs from process to process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sampler(stop: threading.Event, out: list[int], anon: list[int]) -> None:
     import psutil
 
     proc = psutil.Process()
     while not stop.is_set():
         out.append(proc.memory_info().rss)
+        a = _rss_anon()
+        if a is not None:
+            anon.append(a)
         time.sleep(0.001)
+
+
+def phase_memory_same_process(variant: str, threads: int) -> dict:
+    """Peak RSS of inference (two forwards), then of ZO steps, in one process: both over the same
+    post-load baseline, which differs between processes by the checkpoint pages left resident."""
+    import torch
+
+    method, spec, batch, _, _ = _setup(variant, threads)
+    with torch.no_grad():
+        method._loss(batch)
+    seeds = method.candidate_seeds(spec)
+    peaks = {}
+    for what in ("infer", "zo"):
+        samples: list[int] = []
+        stop = threading.Event()
+        t = threading.Thread(target=_sampler, args=(stop, samples, []), daemon=True)
+        t.start()
+        for i in range(3):
+            if what == "infer":
+                method._loss(batch)
+                method._loss(batch)
+            else:
+                method.step(batch, seeds[i], spec)
+        stop.set()
+        t.join()
+        peaks[what] = max(samples)
+    return {"peak_rss_infer": peaks["infer"], "peak_rss_zo": peaks["zo"]}
 
 
 def phase_memory(variant: str, what: str, threads: int) -> dict:
     import torch
 
+    if what == "same_process":
+        return phase_memory_same_process(variant, threads)
     method, spec, batch, _, _ = _setup(variant, threads, None if what in ("infer", "zo") else what)
     with torch.no_grad():
         method._loss(batch)  # warm-up: allocator and caches in place for both measurements
     seeds = method.candidate_seeds(spec)
     samples: list[int] = []
+    anon: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_sampler, args=(stop, samples), daemon=True)
+    t = threading.Thread(target=_sampler, args=(stop, samples, anon), daemon=True)
     base = __import__("psutil").Process().memory_info().rss
+    anon_base = _rss_anon()
     t.start()
     for i in range(3):
         if what == "infer":
@@ -104,7 +151,10 @@ def phase_memory(variant: str, what: str, threads: int) -> dict:
             method.step(batch, seeds[i], spec)
     stop.set()
     t.join()
-    return {"peak_rss": max(samples), "rss_before": base, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"peak_rss": max(samples), "rss_before": base, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if anon and anon_base is not None:
+        out.update(peak_anon=max(anon), anon_before=anon_base)
+    return out
 
 
 def _naive_step(method, batch, seed: int, spec) -> None:
@@ -245,6 +295,7 @@ def main() -> int:
     ap.add_argument("--raw-out", help="write raw results here instead of bench/results and the doc")
     ap.add_argument("--merge", nargs="+", metavar="RAW_JSON", help="combine raw results of partial runs and render")
     ap.add_argument("--retime", metavar="RESULTS_JSON", help="re-run only the timing phase on a results file")
+    ap.add_argument("--remeasure-memory", metavar="RESULTS_JSON", help="re-run only the memory phases on a results file")
     a = ap.parse_args()
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
@@ -266,6 +317,18 @@ def main() -> int:
         results["command"] += f" ; {command_line()}"
         return _finish(results)
 
+    if a.remeasure_memory:  # each probe in its own process, as in a full run
+        results = json.loads(Path(a.remeasure_memory).read_text())
+        common = ["--threads", str(a.threads)]
+        for variant, r in results["variants"].items():
+            r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
+            r["memory_zo"] = _child(["--phase", "memory", "--variant", variant, "--what", "zo", *common])
+            if VARIANTS[variant]["direction"] != "gaussian":
+                r["memory_zo_gaussian"] = _child(["--phase", "memory", "--variant", variant, "--what", "gaussian", *common])
+            r["memory_same_process"] = _child(["--phase", "memory", "--variant", variant, "--what", "same_process", *common])
+        results["command"] += f" ; {command_line()}"
+        return _finish(results)
+
     if a.phase:
         if a.phase == "memory":
             res = phase_memory(a.variant, a.what, a.threads)
@@ -284,6 +347,7 @@ def main() -> int:
         r: dict = {"hyper": VARIANTS[variant]}
         r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
         r["memory_zo"] = _child(["--phase", "memory", "--variant", variant, "--what", "zo", *common])
+        r["memory_same_process"] = _child(["--phase", "memory", "--variant", variant, "--what", "same_process", *common])
         if VARIANTS[variant]["direction"] != "gaussian":
             r["memory_zo_gaussian"] = _child(["--phase", "memory", "--variant", variant, "--what", "gaussian", *common])
         r["timing"] = _child(["--phase", "timing", "--variant", variant, *common])
@@ -343,6 +407,10 @@ def _baseline_note(r: dict) -> str:
     """Peak RSS counts checkpoint pages left resident after loading, which vary between processes;
     each process's growth over its own post-load RSS shows what the step itself needs."""
     mi, mz = r["memory_infer"], r["memory_zo"]
+    if "memory_same_process" in r:
+        return (f"; measured in one process, inference then ZO steps over the same baseline; in separate "
+                f"processes {mz['peak_rss'] / 2**20:.0f} / {mi['peak_rss'] / 2**20:.0f} MiB with post-load baselines "
+                f"{mz['rss_before'] / 2**20:.0f} / {mi['rss_before'] / 2**20:.0f} MiB")
     return (f"; growth over the post-load RSS: ZO step {(mz['peak_rss'] - mz['rss_before']) / 2**20:.0f} MiB, "
             f"inference {(mi['peak_rss'] - mi['rss_before']) / 2**20:.0f} MiB; post-load baselines "
             f"{mz['rss_before'] / 2**20:.0f} / {mi['rss_before'] / 2**20:.0f} MiB")
@@ -352,7 +420,11 @@ def render(res: dict) -> str:
     med = statistics.median
     rows, fed_rows, loss_rows, packed_rows = [], [], [], []
     for variant, r in res["variants"].items():
-        mem = r["memory_zo"]["peak_rss"] / r["memory_infer"]["peak_rss"]
+        key = "peak_rss"
+        mem = r["memory_zo"][key] / r["memory_infer"][key]
+        sp = r.get("memory_same_process")
+        if sp:
+            mem = sp["peak_rss_zo"] / sp["peak_rss_infer"]
         t = r["timing"]
         d = r["hyper"]["direction"]
         step_ratio = med(t["zo_step_s"][d]) / med(t["two_forward_s"])
@@ -360,7 +432,8 @@ def render(res: dict) -> str:
         tp = r.get("timing_packed")
         ratios_packed = {k: med(v) / med(tp["two_forward_s"]) for k, v in tp["zo_step_s"].items()} if tp else {}
         naive_packed = med(tp["naive_step_s"]) / med(tp["two_forward_s"]) if tp else None
-        mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]) if "memory_zo_gaussian" in r else mem
+        mem_g = (r["memory_zo_gaussian"][key] / r["memory_infer"][key]
+                 if key in r.get("memory_zo_gaussian", {}) else mem)
         naive_ratio = med(t["naive_step_s"]) / med(t["two_forward_s"])
         f = r["federation"]["rounds"]
         up = max(max(x["uplink_bytes"]) for x in f)
@@ -372,7 +445,8 @@ def render(res: dict) -> str:
                         "step_ratio_packed_by_direction": ratios_packed, "naive_step_ratio_packed": naive_packed, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
                         "eval_loss_first_last": [losses[0], losses[-1]]}
         rows.append([variant, d, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
-                     f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)"
+                     (f"{mem:.3f} ({sp['peak_rss_zo'] / 2**20:.0f} / {sp['peak_rss_infer'] / 2**20:.0f} MiB, one process)" if sp else
+                      f"{mem:.3f} ({r['memory_zo'][key] / 2**20:.0f} / {r['memory_infer'][key] / 2**20:.0f} MiB)")
                      + ("" if mem_g == mem else f"; gaussian {mem_g:.3f}"),
                      f"{step_ratio:.2f} ({med(t['zo_step_s'][d]):.2f} / {med(t['two_forward_s']):.2f} s)",
                      ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
