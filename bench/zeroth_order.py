@@ -492,7 +492,9 @@ def render(res: dict) -> str:
         "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
         "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; directions per variant "
         "(gaussian_pool: slices of one shared 64 MiB Gaussian pool, not i.i.d.; gaussian: the paper's).",
-        "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward), each in a fresh process. "
+        "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward); the ratio compares "
+        "inference and ZO steps run one after the other in one process (the same post-load baseline); "
+        "separate-process figures are given beside it. "
         "Step time: medians, ZO step and two forwards alternated in one process.",
         "",
         f"Command: `{res['command']}` ({res['bench_s'] / 60:.1f} min). Machine: {res['machine']}",
