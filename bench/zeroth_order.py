@@ -75,73 +75,20 @@ def _setup(variant: str, threads: int, direction: str | None = None, pack: int =
     return method, spec, batch, data, fit
 
 
-def _rss_anon() -> int | None:
-    """Anonymous resident memory (Linux ``RssAnon``): what the process allocated, without the
-    checkpoint's file pages, whose residency after loading differs from process to process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _sampler(stop: threading.Event, out: list[int], anon: list[int]) -> None:
+def _sampler(stop: threading.Event, out: list[int]) -> None:
     import psutil
 
     proc = psutil.Process()
     while not stop.is_set():
         out.append(proc.memory_info().rss)
-        a = _rss_anon()
-        if a is not None:
-            anon.append(a)
         time.sleep(0.001)
 
 
-def phase_memory_same_process(variant: str, threads: int) -> dict:
-    """Peak RSS of inference (two forwards), then of ZO steps, in one process: both over the same
-    post-load baseline, which differs between processes by the checkpoint pages left resident."""
-    import torch
-
-    method, spec, batch, _, _ = _setup(variant, threads)
-    with torch.no_grad():
-        method._loss(batch)
-    seeds = method.candidate_seeds(spec)
-    peaks = {}
-    for what in ("infer", "zo"):
-        samples: list[int] = []
-        stop = threading.Event()
-        t = threading.Thread(target=_sampler, args=(stop, samples, []), daemon=True)
-        t.start()
-        for i in range(3):
-            if what == "infer":
-                method._loss(batch)
-                method._loss(batch)
-            else:
-                method.step(batch, seeds[i], spec)
-        stop.set()
-        t.join()
-        peaks[what] = max(samples)
-    return {"peak_rss_infer": peaks["infer"], "peak_rss_zo": peaks["zo"]}
-
-
-def phase_memory(variant: str, what: str, threads: int) -> dict:
-    import torch
-
-    if what == "same_process":
-        return phase_memory_same_process(variant, threads)
-    method, spec, batch, _, _ = _setup(variant, threads, None if what in ("infer", "zo") else what)
-    with torch.no_grad():
-        method._loss(batch)  # warm-up: allocator and caches in place for both measurements
-    seeds = method.candidate_seeds(spec)
+def _peak_rss_of(method, batch, seeds: list[int], spec, what: str) -> int:
+    """Peak RSS over 3 repetitions of ``what``: two forwards ("infer") or one ZO step."""
     samples: list[int] = []
-    anon: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_sampler, args=(stop, samples, anon), daemon=True)
-    base = __import__("psutil").Process().memory_info().rss
-    anon_base = _rss_anon()
+    t = threading.Thread(target=_sampler, args=(stop, samples), daemon=True)
     t.start()
     for i in range(3):
         if what == "infer":
@@ -151,10 +98,27 @@ def phase_memory(variant: str, what: str, threads: int) -> dict:
             method.step(batch, seeds[i], spec)
     stop.set()
     t.join()
-    out = {"peak_rss": max(samples), "rss_before": base, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if anon and anon_base is not None:
-        out.update(peak_anon=max(anon), anon_before=anon_base)
-    return out
+    return max(samples)
+
+
+def phase_memory(variant: str, what: str, threads: int) -> dict:
+    """``what`` infer / zo / a direction: one probe in this process. ``same_process``: inference,
+    then ZO steps, in one process, so both share one post-load baseline (separate processes differ
+    by the checkpoint pages left resident after loading)."""
+    import psutil
+    import torch
+
+    same = what == "same_process"
+    method, spec, batch, _, _ = _setup(variant, threads, None if same or what in ("infer", "zo") else what)
+    with torch.no_grad():
+        method._loss(batch)  # warm-up: allocator and caches in place for both measurements
+    seeds = method.candidate_seeds(spec)
+    if same:
+        infer = _peak_rss_of(method, batch, seeds, spec, "infer")
+        return {"peak_rss_infer": infer, "peak_rss_zo": _peak_rss_of(method, batch, seeds, spec, "zo")}
+    base = psutil.Process().memory_info().rss
+    peak = _peak_rss_of(method, batch, seeds, spec, what)
+    return {"peak_rss": peak, "rss_before": base, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _naive_step(method, batch, seed: int, spec) -> None:
@@ -420,8 +384,7 @@ def render(res: dict) -> str:
     med = statistics.median
     rows, fed_rows, loss_rows, packed_rows = [], [], [], []
     for variant, r in res["variants"].items():
-        key = "peak_rss"
-        mem = r["memory_zo"][key] / r["memory_infer"][key]
+        mem = r["memory_zo"]["peak_rss"] / r["memory_infer"]["peak_rss"]
         sp = r.get("memory_same_process")
         if sp:
             mem = sp["peak_rss_zo"] / sp["peak_rss_infer"]
@@ -432,8 +395,7 @@ def render(res: dict) -> str:
         tp = r.get("timing_packed")
         ratios_packed = {k: med(v) / med(tp["two_forward_s"]) for k, v in tp["zo_step_s"].items()} if tp else {}
         naive_packed = med(tp["naive_step_s"]) / med(tp["two_forward_s"]) if tp else None
-        mem_g = (r["memory_zo_gaussian"][key] / r["memory_infer"][key]
-                 if key in r.get("memory_zo_gaussian", {}) else mem)
+        mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]) if "memory_zo_gaussian" in r else mem
         naive_ratio = med(t["naive_step_s"]) / med(t["two_forward_s"])
         f = r["federation"]["rounds"]
         up = max(max(x["uplink_bytes"]) for x in f)
@@ -446,7 +408,7 @@ def render(res: dict) -> str:
                         "eval_loss_first_last": [losses[0], losses[-1]]}
         rows.append([variant, d, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
                      (f"{mem:.3f} ({sp['peak_rss_zo'] / 2**20:.0f} / {sp['peak_rss_infer'] / 2**20:.0f} MiB, one process)" if sp else
-                      f"{mem:.3f} ({r['memory_zo'][key] / 2**20:.0f} / {r['memory_infer'][key] / 2**20:.0f} MiB)")
+                      f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)")
                      + ("" if mem_g == mem else f"; gaussian {mem_g:.3f}"),
                      f"{step_ratio:.2f} ({med(t['zo_step_s'][d]):.2f} / {med(t['two_forward_s']):.2f} s)",
                      ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
