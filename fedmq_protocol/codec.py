@@ -50,6 +50,29 @@ _BITS_PER_VALUE = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int
 _BLOCK_SCALED = ("int8", "int4", "int2", "sign")
 
 
+_TOP_LEVEL = {"int8": 127.0, "int4": 7.0, "int2": 1.5}  # scale = max|block| / top
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Unsigned ``bits``-bit codes, ``8 // bits`` a byte, the first in the lowest bits."""
+    if bits == 8:
+        return codes.astype(np.uint8).tobytes()
+    per = 8 // bits
+    c = np.append(codes.astype(np.uint8), np.zeros((-len(codes)) % per, dtype=np.uint8)).reshape(-1, per)
+    out = np.zeros(len(c), dtype=np.uint8)
+    for k in range(per):
+        out |= c[:, k] << np.uint8(k * bits)
+    return out.tobytes()
+
+
+def _unpack_codes(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The first ``n`` codes packed by :func:`_pack_codes` (uint8)."""
+    if bits == 8:
+        return raw[:n]
+    per, mask = 8 // bits, np.uint8((1 << bits) - 1)
+    return np.stack([(raw >> np.uint8(k * bits)) & mask for k in range(per)], axis=1).reshape(-1)[:n]
+
+
 def value_bytes(fmt: str, n: int) -> int:
     """Bytes of ``n`` values in format ``fmt`` (packed formats round up to whole bytes)."""
     return (n * _BITS_PER_VALUE[fmt] + 7) // 8
@@ -165,27 +188,21 @@ def _encode_values(vals: np.ndarray, fmt: str, block: int) -> dict[str, Any]:
             if nblocks:
                 counts[-1] = n - (nblocks - 1) * block
             scales = (np.abs(blocks).sum(axis=1) / counts).astype(np.float32)
-            bits = np.packbits(vals >= 0, bitorder="little")
-            return {"data": bits.tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
-        if fmt == "int2":
-            # four levels (q - 1.5) * scale, q in 0..3, scale = max|block| / 1.5: no zero level,
-            # which suits differences whose entries all moved (Adam) better than {-1, 0, 1}
-            scales = (np.abs(blocks).max(axis=1) / np.float32(1.5)).astype(np.float32)
+            codes = (vals >= 0).astype(np.uint8)
+        else:
+            top = _TOP_LEVEL[fmt]
+            scales = (np.abs(blocks).max(axis=1) / np.float32(top)).astype(np.float32)
             safe = np.where(scales > 0, scales, np.float32(1.0))
-            q2 = np.clip(np.rint(blocks / safe[:, None] + 1.5), 0, 3).astype(np.uint8).reshape(-1)[:n]
-            q2 = np.append(q2, np.zeros((-n) % 4, dtype=np.uint8)).reshape(-1, 4)
-            packed = q2[:, 0] | (q2[:, 1] << 2) | (q2[:, 2] << 4) | (q2[:, 3] << 6)
-            return {"data": packed.astype(np.uint8).tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
-        top = 127.0 if fmt == "int8" else 7.0
-        scales = (np.abs(blocks).max(axis=1) / np.float32(top)).astype(np.float32)
-        safe = np.where(scales > 0, scales, np.float32(1.0))
-        q = np.clip(np.rint(blocks / safe[:, None]), -top, top).astype(np.int8).reshape(-1)[:n]
-        if fmt == "int4":
-            nib = (q.astype(np.uint8) & np.uint8(0x0F))
-            if n % 2:
-                nib = np.append(nib, np.uint8(0))
-            q = (nib[0::2] | (nib[1::2] << np.uint8(4))).astype(np.uint8)
-        return {"data": q.tobytes(), "block": block, "scales": scales.astype("<f4").tobytes()}
+            x = (blocks / safe[:, None]).reshape(-1)[:n]
+            if fmt == "int2":
+                # four levels (q - 1.5) * scale, q in 0..3: no zero level, which suits differences
+                # whose entries all moved (Adam) better than {-1, 0, 1}
+                codes = np.clip(np.rint(x + 1.5), 0, 3).astype(np.uint8)
+            else:
+                q = np.clip(np.rint(x), -top, top).astype(np.int8)
+                codes = q.view(np.uint8) & np.uint8(0xFF if fmt == "int8" else 0x0F)  # two's complement
+        data = _pack_codes(codes, _BITS_PER_VALUE[fmt])
+        return {"data": data, "block": block, "scales": scales.astype("<f4").tobytes()}
     raise ValueError(f"unknown value format {fmt!r}; valid: {', '.join(VALUE_FORMATS)}")
 
 
@@ -211,17 +228,15 @@ def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.nda
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise ProtocolError(f"{where}: {fmt} scales must be finite and >= 0")
-        raw = np.frombuffer(data, dtype=np.uint8)
+        codes = _unpack_codes(np.frombuffer(data, dtype=np.uint8), _BITS_PER_VALUE[fmt], n)
         if fmt == "int8":
-            q = raw.view(np.int8).astype(np.float32)
+            q = codes.view(np.int8).astype(np.float32)
         elif fmt == "int4":
-            nib = np.empty(raw.size * 2, dtype=np.int16)
-            nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
-            q = np.where(nib >= 8, nib - 16, nib)[:n].astype(np.float32)
+            q = np.where(codes >= 8, codes.astype(np.float32) - 16, codes.astype(np.float32))
         elif fmt == "int2":
-            q = (np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n]).astype(np.float32) - 1.5
+            q = codes.astype(np.float32) - 1.5
         else:
-            q = np.unpackbits(raw, bitorder="little")[:n].astype(np.float32) * 2.0 - 1.0
+            q = codes.astype(np.float32) * 2.0 - 1.0
         out = q * np.repeat(s.astype(np.float32), block)[:n]
     if not np.all(np.isfinite(out)):
         raise ProtocolError(f"{where}: non-finite values")
