@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
+from fedmq_protocol.codec import CodecSpec, EncodedTensors, ValueFormat, encode
 from fedmq_protocol.globals import apply_diff, shapes_of
 from fedmq_protocol.messages import AdapterSpec, GlobalModel
 
@@ -28,7 +28,7 @@ class DownlinkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     snapshot_every: int = Field(10, ge=1, description="a full snapshot every N versions, differences between")
-    values: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"] = "float32"
+    values: ValueFormat = "float32"
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries of a difference sent")
     block: int = Field(64, ge=1, le=1 << 20)
     zstd: bool = False

@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode, fit_budget
+from fedmq_protocol.codec import BITS_PER_VALUE, CodecSpec, EncodedTensors, ValueFormat, encode, fit_budget
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import unpack_limited
 from fedmq_protocol.storage import atomic_write
@@ -25,7 +25,6 @@ log = logging.getLogger("fedmq.agent")
 
 RESIDUAL_FILE = "uplink-residual.msgpack"
 METRIC_KEYS = ("uplink_density", "uplink_value_bits", "uplink_bytes", "uplink_budget_bytes", "uplink_dropped_share")
-_BITS = {"float32": 32.0, "float16": 16.0, "bfloat16": 16.0, "int8": 8.0, "int4": 4.0, "int2": 2.0, "sign": 1.0}
 
 
 class UplinkConfig(BaseModel):
@@ -33,7 +32,7 @@ class UplinkConfig(BaseModel):
     ``values`` and ``density`` with the most accurate encoding that fits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    values: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"] = "float32"
+    values: ValueFormat = "float32"
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries sent (top-k)")
     topk: Literal["global", "per_tensor"] = "global"
     block: int = Field(64, ge=1, le=1 << 20, description="values per int8 scale")
@@ -99,7 +98,7 @@ class UplinkEncoder:
         err = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in dropped.values())
         self.last = {
             "uplink_density": float(sum(int(np.count_nonzero(v)) for v in sent.values()) / max(1, n)),
-            "uplink_value_bits": _BITS[spec.values],
+            "uplink_value_bits": float(BITS_PER_VALUE[spec.values]),
             "uplink_bytes": float(size_of(enc)),
             "uplink_budget_bytes": float(self.budget or 0),
             "uplink_dropped_share": float(np.sqrt(err / sq)) if sq > 0 else 0.0,

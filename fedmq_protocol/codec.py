@@ -46,7 +46,7 @@ from fedmq_protocol.tensors import MAX_NDIM, bfloat16_bits_to_float32, float32_t
 CODEC_VERSION = 1
 ValueFormat = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"]
 VALUE_FORMATS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8", "int4", "int2", "sign")
-_BITS_PER_VALUE = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 4, "int2": 2, "sign": 1}
+BITS_PER_VALUE = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 4, "int2": 2, "sign": 1}
 _BLOCK_SCALED = ("int8", "int4", "int2", "sign")
 
 
@@ -75,7 +75,7 @@ def _unpack_codes(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def value_bytes(fmt: str, n: int) -> int:
     """Bytes of ``n`` values in format ``fmt`` (packed formats round up to whole bytes)."""
-    return (n * _BITS_PER_VALUE[fmt] + 7) // 8
+    return (n * BITS_PER_VALUE[fmt] + 7) // 8
 MAX_VARINT_BYTES = 9  # 63-bit gaps
 MAX_BLOCK = 1 << 20
 MAX_TENSORS = 1 << 16
@@ -201,7 +201,7 @@ def _encode_values(vals: np.ndarray, fmt: str, block: int) -> dict[str, Any]:
             else:
                 q = np.clip(np.rint(x), -top, top).astype(np.int8)
                 codes = q.view(np.uint8) & np.uint8(0xFF if fmt == "int8" else 0x0F)  # two's complement
-        data = _pack_codes(codes, _BITS_PER_VALUE[fmt])
+        data = _pack_codes(codes, BITS_PER_VALUE[fmt])
         return {"data": data, "block": block, "scales": scales.astype("<f4").tobytes()}
     raise ValueError(f"unknown value format {fmt!r}; valid: {', '.join(VALUE_FORMATS)}")
 
@@ -228,7 +228,7 @@ def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.nda
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise ProtocolError(f"{where}: {fmt} scales must be finite and >= 0")
-        codes = _unpack_codes(np.frombuffer(data, dtype=np.uint8), _BITS_PER_VALUE[fmt], n)
+        codes = _unpack_codes(np.frombuffer(data, dtype=np.uint8), BITS_PER_VALUE[fmt], n)
         if fmt == "int8":
             q = codes.view(np.int8).astype(np.float32)
         elif fmt == "int4":
@@ -393,7 +393,7 @@ def _check_header(t: Any, w: str) -> tuple[tuple[int, ...], str, int | None, int
         raise ProtocolError(f"{w}: invalid shape {shape!r}")
     shape = tuple(shape)
     fmt = t.get("values")
-    if not isinstance(fmt, str) or fmt not in _BITS_PER_VALUE:
+    if not isinstance(fmt, str) or fmt not in BITS_PER_VALUE:
         raise ProtocolError(f"{w}: unknown value format {fmt!r}")
     if not isinstance(t.get("data"), (bytes, bytearray)):
         raise ProtocolError(f"{w}: data must be raw bytes")
