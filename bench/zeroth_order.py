@@ -37,11 +37,11 @@ from bench.report import command_line, machine, md_table, update_doc_section, wr
 
 VARIANTS = {
     # lr/eps per MeZO's recommendations (field notes): full-param lr ~1e-6, eps 1e-3; LoRA lr ~1e-4..1e-3, eps 1e-2.
-    # direction: what the federation run uses (full: the pool, as i.i.d. draws cost 3 passes of RNG per step).
-    "full": {"target": "full", "eps": 1e-3, "lr": 3e-6, "direction": "gaussian_pool"},
+    # direction: the paper's Gaussian (edge_agent.methods.zo_directions)
+    "full": {"target": "full", "eps": 1e-3, "lr": 3e-6, "direction": "gaussian"},
     "lora": {"target": "lora", "eps": 1e-3, "lr": 1e-4, "direction": "gaussian"},
 }
-DIRECTIONS = ("gaussian", "rademacher", "gaussian_pool")
+DIRECTIONS = ("gaussian", "rademacher")
 BATCH = 4
 SEQ = 96
 
@@ -146,7 +146,6 @@ def phase_timing(variant: str, threads: int, reps: int, pack: int = 1) -> dict:
     method, spec, batch, _, _ = _setup(variant, threads, pack=pack)
     seeds = method.candidate_seeds(spec)
     method._loss(batch)
-    method.step(batch, seeds[0], spec.model_copy(update={"direction": "gaussian_pool"}))  # builds the pool
     fwd2: list[float] = []
     zo: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
     naive: list[float] = []
@@ -272,12 +271,12 @@ def main() -> int:
         return _finish(merged)
     if a.render_only:
         return _finish(json.loads(Path(a.render_only).read_text()))
-    if a.retime:  # step time on longer sequences (4 examples packed per row: the field notes' 4 x ~80 tokens)
+    if a.retime:  # step time on longer sequences (--pack examples per row, default 4: nearer the field notes' 4 x ~80 tokens)
         results = json.loads(Path(a.retime).read_text())
         for variant in results["variants"]:
             results["variants"][variant]["timing_packed"] = _child(
                 ["--phase", "timing", "--variant", variant, "--threads", str(a.threads), "--timing-reps",
-                 str(a.timing_reps), "--pack", "4"])
+                 str(a.timing_reps), "--pack", str(a.pack if a.pack > 1 else 4)])
         results["command"] += f" ; {command_line()}"
         return _finish(results)
 
@@ -437,7 +436,8 @@ def render(res: dict) -> str:
                        f"step {sm['step_ratio']:.2f}× two forwards with {r['hyper']['direction']} "
                        f"({'meets' if sm['step_ratio'] <= 1.3 else 'misses'} ≤ 1.3×; "
                        + ", ".join(f"{k} {v:.2f}×" for k, v in sm["step_ratio_by_direction"].items())
-                       + ("" if not sm["step_ratio_packed_by_direction"] else "; on 4 × ~80-token rows: " + ", ".join(
+                       + ("" if not sm["step_ratio_packed_by_direction"] else
+                          f"; on {r['timing_packed']['batch_shape'][0]} × {r['timing_packed']['batch_shape'][1]}-token rows: " + ", ".join(
                            f"{k} {v:.2f}×" for k, v in sm["step_ratio_packed_by_direction"].items())) + "; "
                        f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {sm['eval_loss_first_last'][0]:.4f} → "
                        f"{sm['eval_loss_first_last'][1]:.4f} ({'down' if sm['eval_loss_first_last'][1] < sm['eval_loss_first_last'][0] else 'NOT down'}).")
@@ -452,8 +452,8 @@ def render(res: dict) -> str:
     return "\n".join([
         f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch of {res['batch'][0]} synthetic examples "
         "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
-        "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; directions per variant "
-        "(gaussian_pool: slices of one shared 64 MiB Gaussian pool, not i.i.d.; gaussian: the paper's).",
+        "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; direction: the paper's i.i.d. "
+        "Gaussian (counter-based SplitMix64 + 1024-layer ziggurat, drawn and added in one pass, 2 worker threads).",
         "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward); the ratio compares "
         "inference and ZO steps run one after the other in one process (the same post-load baseline); "
         "separate-process figures are given beside it. "
@@ -465,7 +465,7 @@ def render(res: dict) -> str:
                   "ZO step / inference peak RSS", "ZO step / two forwards", "by direction", "naive / two forwards",
                   "replay / local training"], rows),
         "",
-        *(["Step time on longer rows (4 examples packed per row, the field notes' 4 × ~80-token batch), same method:", "",
+        *(["Step time on longer rows (examples packed per row, nearer the field notes' 4 × ~80-token batch), same method:", "",
            md_table(["variant", "batch", "two forwards s", "ZO step / two forwards", "naive / two forwards"], packed_rows), ""]
           if packed_rows else []),
         md_table(["variant", "round", "uplink B per client", "distinct seeds", "downlink B", "seeds replayed",

@@ -56,8 +56,7 @@ ZO_LOGIT_COPIES = 2.0    # inference: logits and the loss's log-softmax
 SLACK_FRACTION = 0.0     # allocator fragmentation, share of a step's transient memory
 SLACK_MB = 85.0          # optimizer bookkeeping, token caches, allocator arenas
 CUDA_CONTEXT_MB = 500.0  # CUDA context and cuBLAS workspaces on the GPU (not calibrated here)
-ZO_CHUNK_BYTES = 4 * (1 << 20)  # one float32 chunk of directions (fedmq_protocol.zo.Z_CHUNK)
-ZO_POOL_BYTES = 64 * MB  # the shared Gaussian pool of ``gaussian_pool`` directions
+ZO_CHUNK_BYTES = 4 * (1 << 20)  # a float32 staging buffer of directions (edge_agent.methods.zo.STAGING_ELEMENTS)
 NF4_BLOCK = 64           # bitsandbytes NF4 block size (one absmax per block)
 
 METHODS = ("lora", "qlora", "zo")
@@ -336,7 +335,8 @@ def estimate(
         # inference: one layer's activations at a time, logits and the loss's log-softmax
         b["activations"] = tokens * layer_elems * act_scale + attn / ATTN_COPIES
         b["logits"] = logits * ZO_LOGIT_COPIES
-        b["zo_buffers"] = 3 * ZO_CHUNK_BYTES + (ZO_POOL_BYTES if zo_direction == "gaussian_pool" else 0)
+        # z is added as it is drawn; only non-float32 parameters stage it (one buffer per worker)
+        b["zo_buffers"] = 2 * ZO_CHUNK_BYTES
     else:
         b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
         if gradient_checkpointing:

@@ -23,17 +23,8 @@ from fedmq_protocol.errors import ProtocolError
 
 _M64 = (1 << 64) - 1
 MAX_SEEDS = 65536  # indices travel as uint16
-# z of one parameter is drawn in consecutive chunks of this many elements from the parameter's
-# own generator; part of the definition of z (a different chunking draws different numbers).
-Z_CHUNK = 1 << 20
-
-# gaussian_pool: z of a chunk is a slice of one shared Gaussian pool (POOL_SIZE float32 drawn once
-# from POOL_SEED) at a pseudo-random offset, with a random sign. Not the paper's i.i.d. z (slices
-# overlap, so coordinates repeat across chunks), but drawing costs nothing: a step is memory-bound.
-POOL_SIZE = 1 << 24
-POOL_SEED = 0x5A0F_EDC0
-
-Direction = Literal["gaussian", "rademacher", "gaussian_pool"]
+# z itself is defined in edge_agent.methods.zo_directions (counter-based, the same bits everywhere)
+Direction = Literal["gaussian", "rademacher"]
 Target = Literal["full", "lora"]
 
 
@@ -59,12 +50,6 @@ def candidate_seeds(root_seed: int, k: int) -> list[int]:
 def param_seed(seed: int, param_index: int) -> int:
     """Seed of the generator that draws z for parameter number ``param_index`` under ``seed``."""
     return splitmix64((seed ^ splitmix64(param_index + 0x5EED)) & _M64) >> 1
-
-
-def pool_slice(pseed: int, chunk_index: int) -> tuple[int, float]:
-    """(offset into the pool, sign) of chunk ``chunk_index`` of a parameter whose seed is ``pseed``."""
-    h = splitmix64((pseed + 0x9E3779B97F4A7C15 * (chunk_index + 1)) & _M64)
-    return (h >> 1) % (POOL_SIZE - Z_CHUNK + 1), (-1.0 if h & 1 else 1.0)
 
 
 def pro_probabilities(g_history: dict[int, list[float]], k: int, clip: float = 1000.0) -> np.ndarray:

@@ -2,20 +2,15 @@
 
 Two targets: every parameter of a full-precision model (``full``), or only the LoRA parameters on a
 4-bit NF4 base (``lora``). Memory stays at inference level: the model runs in eval mode under
-``torch.no_grad``, and z is never materialised for the whole model; it is drawn per parameter in
-chunks of ``Z_CHUNK`` elements into a small reusable buffer.
-
-z is defined on the CPU in float32: parameter number i under seed s is drawn by a private
-``torch.Generator`` seeded with ``param_seed(s, i)`` (Gaussian via ``normal_``, Rademacher as the bits
-of random bytes), chunk after chunk, then cast/moved to the parameter. The global RNG is never
-touched, and parameters are independent, so they are processed by a few worker threads.
+``torch.no_grad`` and z is never materialised: ``zo_directions`` draws each element from a
+counter-based generator keyed by ``param_seed(seed, parameter index)`` and adds it in the same pass.
 
 One step, seed s drawn from the K candidates: theta += eps z; L+; theta -= 2 eps z; L-;
 g = (L+ - L-) / (2 eps); theta += (eps - lr g) z (restore and SGD update fused in one pass, itself
-folded chunk by chunk into the next step's +eps pass: theta streams through memory twice per step,
-not four times). A ledger round is replayed as theta += (-lr g_sum) z(s) in
-ascending index order; scaling z first and adding it second are two exactly rounded element-wise
-ops, so the result does not depend on vectorisation or thread counts.
+folded element by element into the next step's +eps pass: three draws of z per step, two trips
+through memory). A ledger round is replayed as theta += (-lr g_sum) z(s) in ascending index order.
+Every update is two exactly rounded element-wise operations in a fixed order per element, so the
+result depends neither on how elements are split across threads nor on the machine.
 """
 
 from __future__ import annotations
@@ -26,135 +21,78 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from edge_agent.data import Example
+from edge_agent.methods import zo_directions
 from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
 from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from fedmq_protocol.zo import (
-    POOL_SEED, POOL_SIZE, Z_CHUNK, ZoLedgerRound, ZoSpec, candidate_seeds, param_seed, pool_slice,
-)
+from fedmq_protocol.zo import ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-_POOL: torch.Tensor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def gaussian_pool() -> torch.Tensor:
-    """The shared float32 Gaussian pool of ``gaussian_pool`` directions (built once per process)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(POOL_SEED)
-            pool = torch.empty(POOL_SIZE, dtype=torch.float32)
-            for off in range(0, POOL_SIZE, Z_CHUNK):
-                pool[off:off + Z_CHUNK].normal_(generator=gen)
-            _POOL = pool
-        return _POOL
-
-
-def fill_direction(out: torch.Tensor, gen: torch.Generator, direction: str, scratch: torch.Tensor) -> None:
-    """Fill float32 ``out`` with the next ``out.numel()`` direction values from ``gen``."""
-    if direction == "gaussian":
-        out.normal_(generator=gen)
-    elif direction == "rademacher":
-        m = out.numel()
-        nb = (m + 7) // 8
-        b = scratch[:nb].random_(0, 256, generator=gen)
-        bits = torch.bitwise_and(b.unsqueeze(1) >> _SHIFTS, 1).view(-1)[:m]
-        out.copy_(bits).mul_(-2.0).add_(1.0)  # bit 0 -> +1, bit 1 -> -1
-    else:
-        raise ValueError(f"unknown direction {direction!r}")
+# parameters that are not float32 on the CPU get z through a float32 staging buffer of this size
+STAGING_ELEMENTS = 1 << 20
 
 
 def draw_direction(seed: int, param_index: int, numel: int, direction: str) -> torch.Tensor:
     """The whole z of one parameter (float32, CPU), for tests and references."""
-    if direction == "gaussian_pool":
-        pool, ps = gaussian_pool(), param_seed(seed, param_index)
-        parts = []
-        for c, off in enumerate(range(0, numel, Z_CHUNK)):
-            start, sign = pool_slice(ps, c)
-            parts.append(pool[start:start + min(Z_CHUNK, numel - off)] * sign)
-        return torch.cat(parts)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(param_seed(seed, param_index))
-    z = torch.empty(numel, dtype=torch.float32)
-    scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
-    for off in range(0, numel, Z_CHUNK):
-        fill_direction(z[off:off + Z_CHUNK], gen, direction, scratch)
-    return z
+    return torch.from_numpy(zo_directions.draw(param_seed(seed, param_index), numel, direction))
 
 
 class _Perturber:
-    """theta_i += coef * z_i(seed) for every trainable parameter, chunked, over worker threads."""
+    """theta_i += coef * z_i(seed) for every trainable parameter, split over worker threads.
+
+    Elements are independent, so the work is cut into equal element ranges (any cut gives the same
+    bits); the numba kernels release the GIL."""
 
     def __init__(self, params: Sequence[torch.Tensor], workers: int) -> None:
         self.params = list(params)
-        self.workers = max(1, min(workers, len(self.params)))
-        # Balance workers by element count (greedy, largest first); fixed for the model's life.
-        loads = [0] * self.workers
-        self.groups: list[list[int]] = [[] for _ in range(self.workers)]
-        for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].numel()):
-            w = loads.index(min(loads))
-            self.groups[w].append(i)
-            loads[w] += self.params[i].numel()
-        self._local = threading.local()
+        total = sum(p.numel() for p in self.params)
+        self.workers = max(1, min(workers, total // 65536 or 1))
+        # (param index, first element, end) ranges per worker, about total / workers elements each
+        share = -(-total // self.workers)
+        self.ranges: list[list[tuple[int, int, int]]] = [[] for _ in range(self.workers)]
+        w, room = 0, share
+        for i, p in enumerate(self.params):
+            start, n = 0, p.numel()
+            while start < n:
+                take = min(room, n - start)
+                self.ranges[w].append((i, start, start + take))
+                start += take
+                room -= take
+                if room == 0 and w + 1 < self.workers:
+                    w, room = w + 1, share
+        self._staging = threading.local()
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zo") if self.workers > 1 else None
 
-    def _buffers(self, n: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Generator]]:
-        loc = self._local
-        if not hasattr(loc, "bufs"):
-            loc.bufs, loc.gens = [], []
-            loc.scratch = torch.empty((Z_CHUNK + 7) // 8, dtype=torch.uint8)
-        while len(loc.bufs) < n:
-            loc.bufs.append(torch.empty(Z_CHUNK, dtype=torch.float32))
-            loc.gens.append(torch.Generator(device="cpu"))
-        return loc.bufs, loc.scratch, loc.gens
-
-    def _run_group(self, group: Iterable[int], terms: Sequence[tuple[int, float]], direction: str, exact: bool) -> None:
-        pool = gaussian_pool() if direction == "gaussian_pool" else None
-        bufs, scratch, gens = self._buffers(1 if pool is not None else len(terms) + 1)
-        out = bufs[-1]  # never one of the terms' buffers
-        for i in group:
+    def _run(self, ranges: list[tuple[int, int, int]], terms: Sequence[tuple[int, float]], direction: str) -> None:
+        for i, lo, hi in ranges:
             p = self.params[i]
-            flat = p.view(-1)
-            pseeds = [param_seed(seed, i) for seed, _ in terms]
-            for gen, ps in zip(gens, pseeds):
-                gen.manual_seed(ps)
-            n = flat.numel()
-            cast = p.dtype != torch.float32 or p.device.type != "cpu"
-            for c, off in enumerate(range(0, n, Z_CHUNK)):
-                m = min(Z_CHUNK, n - off)
-                dst = flat[off:off + m]
-                # every term of this chunk while it is in cache: one trip to memory for theta
-                for t, (_, coef) in enumerate(terms):
-                    if pool is not None:
-                        start, sign = pool_slice(pseeds[t], c)
-                        z, scale = pool[start:start + m], coef * sign
-                    else:
-                        z, scale = bufs[t][:m], coef
-                        fill_direction(z, gens[t], direction, scratch)
-                    if exact or cast:
-                        # two exactly rounded element-wise ops: bitwise the same on every device
-                        # and for every thread count (a fused a + alpha*b may or may not use FMA)
-                        zs = torch.mul(z, scale, out=out[:m])
-                        dst.add_(zs.to(p.device, p.dtype) if cast else zs)
-                    else:
-                        dst.add_(z, alpha=scale)
+            keys = [(param_seed(seed, i), coef) for seed, coef in terms]
+            flat = p.detach().view(-1)
+            if p.dtype == torch.float32 and p.device.type == "cpu":
+                zo_directions.add_terms(flat[lo:hi].numpy(), lo, keys, direction)
+                continue
+            # z is defined in float32 on the CPU: scale there, then cast, move and add, term by term
+            buf = getattr(self._staging, "buf", None)
+            if buf is None:
+                buf = self._staging.buf = np.empty(STAGING_ELEMENTS, dtype=np.float32)
+            for off in range(lo, hi, STAGING_ELEMENTS):
+                m = min(STAGING_ELEMENTS, hi - off)
+                for key, coef in keys:
+                    zo_directions.fill_scaled(buf[:m], off, key, coef, direction)
+                    flat[off:off + m].add_(torch.from_numpy(buf[:m]).to(p.device, p.dtype))
 
-    def add(self, terms: Sequence[tuple[int, float]], direction: str, exact: bool = True) -> None:
+    def add(self, terms: Sequence[tuple[int, float]], direction: str) -> None:
         """theta += sum over terms (seed, coef) of coef * z(seed), terms applied in order."""
         with torch.no_grad():
-            # the pool needs no drawing: memory-bound adds, parallel inside torch's own ops
-            if self.pool is None or direction == "gaussian_pool":
-                self._run_group(range(len(self.params)), terms, direction, exact)
+            if self.pool is None:
+                self._run(self.ranges[0], terms, direction)
                 return
-            futures = [self.pool.submit(self._run_group, g, terms, direction, exact) for g in self.groups]
+            futures = [self.pool.submit(self._run, r, terms, direction) for r in self.ranges]
             for f in futures:
                 f.result()
 
@@ -208,6 +146,7 @@ class ZoMethod(TrainingMethod):
         if workers is None:
             workers = min(4, torch.get_num_threads())
         self._perturb = _Perturber(list(self._params.values()), workers)
+        zo_directions.kernels_ready()  # compile once here, not inside the first timed step
         self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
         self._pending: list[tuple[int, float]] = []
         self._pending_direction = "gaussian"
@@ -219,10 +158,9 @@ class ZoMethod(TrainingMethod):
             self._seeds_cache = (key, candidate_seeds(spec.seed, spec.num_seeds))
         return self._seeds_cache[1]
 
-    def perturb(self, seed: int, coef: float, direction: str, exact: bool = True) -> None:
-        """theta += coef * z(seed) over every trainable parameter. ``exact=False`` (local steps,
-        undone by the pre-round snapshot) fuses scale and add into one pass."""
-        self._perturb.add([(seed, coef)], direction, exact)
+    def perturb(self, seed: int, coef: float, direction: str) -> None:
+        """theta += coef * z(seed) over every trainable parameter."""
+        self._perturb.add([(seed, coef)], direction)
 
     # -- local training -------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,13 +189,13 @@ class ZoMethod(TrainingMethod):
         eps, lr = spec.eps, spec.lr
         if self._pending and self._pending_direction != spec.direction:
             self.flush()
-        self._perturb.add([*self._pending, (seed, eps)], spec.direction, exact=False)
+        self._perturb.add([*self._pending, (seed, eps)], spec.direction)
         self._pending = []
         l_plus = self._loss(batch)
-        self.perturb(seed, -2.0 * eps, spec.direction, exact=False)
+        self.perturb(seed, -2.0 * eps, spec.direction)
         l_minus = self._loss(batch)
         if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
-            self.perturb(seed, eps, spec.direction, exact=False)
+            self.perturb(seed, eps, spec.direction)
             raise FloatingPointError("non-finite zo loss")
         g = (l_plus - l_minus) / (2.0 * eps)
         self._pending = [(seed, eps - lr * g)]
@@ -267,7 +205,7 @@ class ZoMethod(TrainingMethod):
     def flush(self) -> None:
         """Apply a deferred restore + update pass of the last ``step``."""
         if self._pending:
-            self._perturb.add(self._pending, self._pending_direction, exact=False)
+            self._perturb.add(self._pending, self._pending_direction)
             self._pending = []
 
     def fit(
@@ -349,12 +287,9 @@ class ZoMethod(TrainingMethod):
         self.flush()
         seeds = self.candidate_seeds(entry.spec)
         terms = [(seeds[k], -entry.spec.lr * g) for k, g in entry.entries() if g != 0.0]  # ascending index
-        # Several terms per trip over theta, each chunk updated term after term in canonical order:
-        # every element sees the same sequence of rounded ops as one pass per term, so the bits are
-        # the same; pool slices need no buffer, drawn directions one buffer per term of a group.
-        group = 64 if entry.spec.direction == "gaussian_pool" else 8
-        for i in range(0, len(terms), group):
-            self._perturb.add(terms[i:i + group], entry.spec.direction, exact=True)
+        # All terms in one trip over theta, each block updated term after term in canonical order:
+        # every element sees the same sequence of rounded ops as one pass per term.
+        self._perturb.add(terms, entry.spec.direction)
         return len(terms)
 
     # -- exact return to the pre-round weights ---------------------------------------------------
