@@ -311,7 +311,6 @@ def estimate(
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
     device: str = "cpu",
     zo_target: str | None = None,
-    zo_direction: str = "gaussian",
 ) -> tuple[float, float | None, dict[str, float]]:
     """(host MiB, GPU MiB or None on CPU, breakdown in MiB) of one plan's peak."""
     if method not in METHODS:
@@ -384,7 +383,6 @@ def candidate_plans(
     allow_zo: bool = True,
     force_checkpointing: bool = False,
     zo_target: str | None = None,
-    zo_direction: str = "gaussian",
 ) -> list[Plan]:
     """Every plan a device configured for ``method`` may run, best first.
 
@@ -400,7 +398,7 @@ def candidate_plans(
 
     def add(m: str, base: str, mb: int, ckpt: bool, zt: str | None = None) -> None:
         host, gpu, b = estimate(shape, method=m, base=base, micro_batch=mb, seq_len=seq_len,
-                                gradient_checkpointing=ckpt, zo_target=zt, zo_direction=zo_direction, **common)
+                                gradient_checkpointing=ckpt, zo_target=zt, **common)
         plans.append(Plan(m, base, mb, math.ceil(batch_size / mb), ckpt, batch_size, seq_len, device, zt,
                           host, gpu, b))
 

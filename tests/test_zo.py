@@ -223,6 +223,15 @@ def test_training_then_applying_the_round_equals_not_training(tiny, target, tmp_
         assert torch.equal(p, trained.trainable_state()[name]), name
 
 
+@pytest.mark.parametrize("target", ["full", "lora"])
+def test_zo_method_evaluates_held_out_data_with_and_without_a_memory_plan(tiny, target):
+    method = _method(tiny, target)
+    loss, n = method.evaluate(EXAMPLES, FIT)
+    assert n > 0 and math.isfinite(loss)
+    method.micro_batch = 2  # a memory plan's micro-batch: the same loss, less activation memory
+    assert method.evaluate(EXAMPLES, FIT)[0] == pytest.approx(loss, rel=1e-5)
+
+
 def test_lora_target_trains_only_the_adapter_of_an_nf4_base(tiny):
     method = get_method("zo")(tiny, m.AdapterSpec(), device="cpu", target="lora")
     assert all(".lora_" in n for n in method.trainable_state())

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.methods.zo_directions import EXP_STEPS, EXP_TAYLOR, FX, IDX_MASK, KI2, ODD_RECIP, SALT, SQUEEZE, U_SHIFT, W32, W64, XD, XJ, ZIG_R
+from edge_agent.methods.zo_directions import (
+    EXP_STEPS, EXP_TAYLOR, FX, IDX_MASK, KI2, ODD_RECIP, SALT, SQUEEZE, U_SHIFT, W32, W64, XD, XJ, ZIG_R,
+)
 
 M64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

@@ -137,6 +137,7 @@ class ZoMethod(TrainingMethod):
                     seen.add(id(p))
                     self._params[pname] = p
             self._token_cache = {}
+            self.micro_batch, self.guard = None, None  # set by a memory plan, as for the base class
             self._eos = self.tokenizer.eos_token_id
             self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
         for p in self.model.parameters():
@@ -167,7 +168,7 @@ class ZoMethod(TrainingMethod):
     def _loss(self, batch: dict[str, torch.Tensor]) -> float:
         """The batch's mean response-token loss; with a memory plan's ``micro_batch`` smaller than
         the batch, computed in chunks (token-weighted: the same value, less activation memory)."""
-        mb = getattr(self, "micro_batch", None)
+        mb = self.micro_batch
         n = batch["input_ids"].shape[0]
         if not mb or mb >= n:
             return float(self.model(**batch).loss)
@@ -248,7 +249,7 @@ class ZoMethod(TrainingMethod):
                 batch = self._collate([encoded[i] for i in idx])
                 k = (seed_rng.randrange(spec.num_seeds) if weights is None
                      else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
-                guard = getattr(self, "guard", None)  # edge_agent.memory_guard.MemoryGuard
+                guard = self.guard  # edge_agent.memory_guard.MemoryGuard, when a memory plan runs
                 if guard is not None:
                     guard.before_step(step + 1)
                 try:
