@@ -226,16 +226,28 @@ def _compile():
             out[i] = out[i] + zc if accumulate else zc
 
     @njit(inline="always")
+    def rademacher_put(out, i, r, bit, coef, accumulate):
+        # branch-free sign: a data-dependent branch would mispredict every other element
+        zc = coef * (np.float32(1.0) - np.float32(2.0) * np.float32((r >> u64(bit)) & ONE))
+        out[i] = out[i] + zc if accumulate else zc
+
+    @njit(inline="always")
     def rademacher_block(out, lo, hi, e0, key, coef, accumulate):
-        # branch-free sign: a data-dependent branch here mispredicts every other element
-        r = word(key, (e0 + lo) >> 6)
-        for i in range(lo, hi):
-            e = e0 + i
-            bit = e & 63
-            if bit == 0:
-                r = word(key, e >> 6)
-            zc = coef * (np.float32(1.0) - np.float32(2.0) * np.float32((r >> u64(bit)) & ONE))
-            out[i] = out[i] + zc if accumulate else zc
+        i = lo
+        while i < hi and (e0 + i) & 63:  # the rest of a word begun before this block
+            rademacher_put(out, i, word(key, (e0 + i) >> 6), (e0 + i) & 63, coef, accumulate)
+            i += 1
+        state = key + (u64((e0 + i) >> 6) + ONE) * G
+        while i + 64 <= hi:  # whole words: 64 elements each, a loop the compiler vectorises
+            r = mix64(state)
+            state += G
+            for bit in range(64):
+                rademacher_put(out, i + bit, r, bit, coef, accumulate)
+            i += 64
+        if i < hi:
+            r = mix64(state)
+            for bit in range(hi - i):
+                rademacher_put(out, i + bit, r, bit, coef, accumulate)
 
     @njit(nogil=True)
     def add_terms_kernel(theta, e0, keys, coefs, kind):
