@@ -57,6 +57,7 @@ SLACK_FRACTION = 0.0     # allocator fragmentation, share of a step's transient 
 SLACK_MB = 85.0          # optimizer bookkeeping, token caches, allocator arenas
 CUDA_CONTEXT_MB = 500.0  # CUDA context and cuBLAS workspaces on the GPU (not calibrated here)
 ZO_CHUNK_BYTES = 4 * (1 << 20)  # a float32 staging buffer of directions (edge_agent.methods.zo.STAGING_ELEMENTS)
+ZO_KERNELS_MB = 141.0    # numba/LLVM and the compiled direction kernels (import 55 MB + compile 86 MB, measured)
 NF4_BLOCK = 64           # bitsandbytes NF4 block size (one absmax per block)
 
 METHODS = ("lora", "qlora", "zo")
@@ -336,6 +337,7 @@ def estimate(
         b["logits"] = logits * ZO_LOGIT_COPIES
         # z is added as it is drawn; only non-float32 parameters stage it (one buffer per worker)
         b["zo_buffers"] = 2 * ZO_CHUNK_BYTES
+        b["zo_kernels"] = ZO_KERNELS_MB * MB
     else:
         b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
         if gradient_checkpointing:
