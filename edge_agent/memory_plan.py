@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from edge_agent.methods.zo_directions import backend_for
+
 MB = 1024 * 1024
 
 # --- calibration (CPU; see the module docstring and docs/benchmarks.md) ------------------------
@@ -337,7 +339,9 @@ def estimate(
         b["logits"] = logits * ZO_LOGIT_COPIES
         # z is added as it is drawn; only non-float32 parameters stage it (one buffer per worker)
         b["zo_buffers"] = 2 * ZO_CHUNK_BYTES
-        b["zo_kernels"] = ZO_KERNELS_MB * MB
+        # numba's runtime, only where the agent draws with the kernels (large trainable sets)
+        trainable_elements = lora if zo_target == "lora" else shape.num_params
+        b["zo_kernels"] = ZO_KERNELS_MB * MB if backend_for(trainable_elements) == "numba" else 0.0
     else:
         b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
         if gradient_checkpointing:

@@ -27,7 +27,6 @@ from fedmq_protocol.zo import (
     ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, candidate_seeds, pack_pool, param_seed,
     pro_probabilities,
 )
-from tests import zo_direction_reference
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [Example(prompt=f"What is {i} plus {i}?", response=f"{2 * i}") for i in range(12)]
@@ -39,8 +38,8 @@ def tiny() -> str:
     return resolve_model("tiny-llama")
 
 
-def _method(path: str, target: str = "full", workers: int | None = None) -> ZoMethod:
-    return ZoMethod(path, m.AdapterSpec(), device="cpu", target=target, workers=workers)
+def _method(path: str, target: str = "full", workers: int | None = None, backend: str | None = None) -> ZoMethod:
+    return ZoMethod(path, m.AdapterSpec(), device="cpu", target=target, workers=workers, backend=backend)
 
 
 def _params(method: ZoMethod) -> dict[str, torch.Tensor]:
@@ -77,25 +76,29 @@ def test_directions_are_reproducible_and_never_touch_the_global_rng(direction):
 
 
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
-def test_compiled_directions_equal_the_plain_reference_bit_for_bit(direction):
-    """Including the ziggurat's rare path (wedges and the tail beyond 3.65), at odd offsets."""
+def test_compiled_kernels_equal_the_numpy_backend_bit_for_bit(direction):
+    """Two implementations of the definition (numba kernels; numpy with the rare path in plain
+    Python), including the ziggurat's rare path (wedges, the tail beyond R) at odd offsets."""
     slow_total = 0
     for key, e0, n in [(1, 0, 70_001), (2**62 + 12345, 1, 70_000), (param_seed(7, 300), 10_000_001, 50_003)]:
         got = zo_directions.draw(key, n, direction, e0=e0)
-        want, slow = zo_direction_reference.draw(key, e0, n, direction)
-        slow_total += slow
-        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        want = zo_directions.draw(key, n, direction, e0=e0, backend="numpy")
+        assert got.dtype == want.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        lo = zo_directions.words(key, e0 >> 1, (n >> 1) + 2)
+        halves = np.stack([lo & np.uint64(0xFFFFFFFF), lo >> np.uint64(32)], axis=1).reshape(-1)
+        slow_total += int(np.sum((halves >> np.uint64(zo_directions.U_SHIFT))
+                                 >= zo_directions.KI2[(halves & np.uint64(zo_directions.IDX_MASK)).astype(np.int64)]))
     if direction == "gaussian":
         assert slow_total > 500  # wedges of the rare path were exercised
         # ... and the tail beyond R: layer 0 words whose uniform is past R / x_0
-        lo = zo_direction_reference.words(5, 0, 4_000_000) & np.uint64(0xFFFFFFFF)
+        lo = zo_directions.words(5, 0, 4_000_000) & np.uint64(0xFFFFFFFF)
         layer0 = (lo & np.uint64(zo_directions.IDX_MASK - 1)) == 0
         tail = np.flatnonzero(layer0 & ((lo >> np.uint64(zo_directions.U_SHIFT)) >= zo_directions.KI2[0]))
         assert len(tail) > 20
         for n in tail[:100]:
             z = zo_directions.draw(5, 1, "gaussian", e0=2 * int(n))[0]
             assert abs(z) > float(zo_directions.ZIG_R)
-            assert z == zo_direction_reference.draw(5, 2 * int(n), 1, "gaussian")[0][0]
+            assert z == zo_directions.draw(5, 1, "gaussian", e0=2 * int(n), backend="numpy")[0]
 
 
 def test_any_split_of_a_parameter_draws_the_same_elements():
@@ -113,8 +116,11 @@ def test_any_split_of_a_parameter_draws_the_same_elements():
     # two exactly rounded float32 operations per term, term after term
     expect = np.linspace(-1, 1, 100_003, dtype=np.float32)
     for key, c in terms:
-        expect = expect + np.float32(c) * zo_direction_reference.draw(key, 0, 100_003, "gaussian")[0]
+        expect = expect + np.float32(c) * zo_directions.draw(key, 100_003, "gaussian", backend="numpy")
     assert np.array_equal(theta, expect)
+    numpy_theta = np.linspace(-1, 1, 100_003, dtype=np.float32)
+    zo_directions.add_terms(numpy_theta, 0, terms, "gaussian", backend="numpy")
+    assert np.array_equal(numpy_theta, expect)
 
 
 def test_gaussian_directions_are_standard_normal():
@@ -178,10 +184,10 @@ def _reference_fit(path: str, spec: ZoSpec, cfg: m.FitConfig) -> tuple[dict[int,
     return pool, _params(ref)
 
 
-@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
-def test_fit_matches_a_straightforward_reference_of_the_fedkseed_rule(tiny, direction):
+@pytest.mark.parametrize("direction,backend", [("gaussian", "numba"), ("rademacher", "numba"), ("gaussian", "numpy")])
+def test_fit_matches_a_straightforward_reference_of_the_fedkseed_rule(tiny, direction, backend):
     spec = ZoSpec(seed=11, num_seeds=16, eps=1e-2, lr=1e-3, direction=direction)
-    method = _method(tiny, workers=2)
+    method = _method(tiny, workers=2, backend=backend)
     res = method.fit(EXAMPLES, FIT, spec=spec)
     ref_pool, ref_params = _reference_fit(tiny, spec, FIT)
     assert res.steps == FIT.local_steps and math.isfinite(res.train_loss)
@@ -206,10 +212,10 @@ def test_fit_matches_a_straightforward_reference_of_the_fedkseed_rule(tiny, dire
         torch.testing.assert_close(p, expect[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", ["full", "lora"])
-def test_training_then_applying_the_round_equals_not_training(tiny, target, tmp_path):
+@pytest.mark.parametrize("target,backend", [("full", "numba"), ("full", "numpy"), ("lora", None)])
+def test_training_then_applying_the_round_equals_not_training(tiny, target, backend, tmp_path):
     spec = ZoSpec(seed=3, num_seeds=32, eps=1e-2, lr=1e-3, target=target)
-    trained, idle = _method(tiny, target), _method(tiny, target)
+    trained, idle = _method(tiny, target, backend=backend), _method(tiny, target, backend=backend)
     trained.snapshot(tmp_path / "pre.pt")
     trained.fit(EXAMPLES, FIT, spec=spec)
     assert trained.param_digest() != idle.param_digest()
@@ -389,9 +395,24 @@ def test_grouped_replay_is_bitwise_one_pass_per_seed_in_index_order(tiny, direct
     spec = ZoSpec(seed=8, num_seeds=256, eps=1e-3, lr=1e-3, direction=direction)
     pool = {k: (k % 7 - 3) * 0.37 for k in range(0, 256, 9)}  # 29 seeds: several groups
     entry = _ledger_round(1, spec, [pool], [1])
-    grouped, sequential = _method(tiny), _method(tiny)
+    grouped, sequential = _method(tiny, backend="numba"), _method(tiny, backend="numpy")
     grouped.apply_round(entry)
     seeds = candidate_seeds(spec.seed, spec.num_seeds)
     for k, g in entry.entries():
         sequential.perturb(seeds[k], -spec.lr * g, direction)
     assert grouped.param_digest() == sequential.param_digest()
+
+
+def test_agents_drawing_with_either_backend_hold_the_same_bits(tiny, tmp_path):
+    """A LoRA-sized device (numpy backend) and a large one (numba kernels) replay to the same bits."""
+    spec = ZoSpec(seed=4, num_seeds=64, eps=1e-2, lr=1e-3)
+    small, large = _method(tiny, backend="numpy"), _method(tiny, backend="numba", workers=2)
+    assert (small._perturb.backend, large._perturb.backend) == ("numpy", "numba")
+    small.snapshot(tmp_path / "pre.pt")
+    small.fit(EXAMPLES, FIT, spec=spec)
+    entry = _ledger_round(1, spec, [small.last_pool, {3: -0.5}], [12, 4])
+    small.restore(tmp_path / "pre.pt")
+    small.apply_round(entry)
+    large.apply_round(entry)
+    assert small.param_digest() == large.param_digest()
+    assert _method(tiny)._perturb.backend == "numpy"  # 90 k elements: below NUMPY_MAX_ELEMENTS

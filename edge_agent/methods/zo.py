@@ -48,9 +48,12 @@ class _Perturber:
     Elements are independent, so the work is cut into equal element ranges (any cut gives the same
     bits); the numba kernels release the GIL."""
 
-    def __init__(self, params: Sequence[torch.Tensor], workers: int) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], workers: int, backend: str | None = None) -> None:
         self.params = list(params)
         total = sum(p.numel() for p in self.params)
+        self.backend = backend or zo_directions.backend_for(total)
+        if self.backend == "numpy":
+            workers = 1  # numpy holds the GIL for much of a draw: threads would only contend
         self.workers = max(1, min(workers, total // 65536 or 1))
         # (param index, first element, end) ranges per worker, about total / workers elements each
         share = -(-total // self.workers)
@@ -74,7 +77,7 @@ class _Perturber:
             keys = [(param_seed(seed, i), coef) for seed, coef in terms]
             flat = p.detach().view(-1)
             if p.dtype == torch.float32 and p.device.type == "cpu":
-                zo_directions.add_terms(flat[lo:hi].numpy(), lo, keys, direction)
+                zo_directions.add_terms(flat[lo:hi].numpy(), lo, keys, direction, self.backend)
                 continue
             # z is defined in float32 on the CPU: scale there, then cast, move and add, term by term
             buf = getattr(self._staging, "buf", None)
@@ -83,7 +86,7 @@ class _Perturber:
             for off in range(lo, hi, STAGING_ELEMENTS):
                 m = min(STAGING_ELEMENTS, hi - off)
                 for key, coef in keys:
-                    zo_directions.fill_scaled(buf[:m], off, key, coef, direction)
+                    zo_directions.fill_scaled(buf[:m], off, key, coef, direction, self.backend)
                     flat[off:off + m].add_(torch.from_numpy(buf[:m]).to(p.device, p.dtype))
 
     def add(self, terms: Sequence[tuple[int, float]], direction: str) -> None:
@@ -117,8 +120,11 @@ class ZoMethod(TrainingMethod):
         seed: int = 0,
         target: str = "full",
         workers: int | None = None,
+        backend: str | None = None,
         gradient_checkpointing: bool = False,  # accepted for interface parity; no backward here
     ) -> None:
+        """``backend``: how directions are drawn, ``numba`` kernels or ``numpy`` (the same bits);
+        by default numpy up to ``zo_directions.NUMPY_MAX_ELEMENTS`` trainable elements."""
         if target not in ("full", "lora"):
             raise ValueError(f"zo target must be 'full' or 'lora', got {target!r}")
         self.target = target
@@ -146,8 +152,9 @@ class ZoMethod(TrainingMethod):
         self.fingerprint = model_fingerprint(model_path)
         if workers is None:
             workers = min(4, torch.get_num_threads())
-        self._perturb = _Perturber(list(self._params.values()), workers)
-        zo_directions.kernels_ready()  # compile once here, not inside the first timed step
+        self._perturb = _Perturber(list(self._params.values()), workers, backend)
+        if self._perturb.backend == "numba":
+            zo_directions.kernels_ready()  # compile once here, not inside the first timed step
         self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
         self._pending: list[tuple[int, float]] = []
         self._pending_direction = "gaussian"

@@ -34,7 +34,7 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
-__all__ = ["DIRECTION_KINDS", "add_terms", "draw", "fill_scaled", "kernels_ready"]
+__all__ = ["BACKENDS", "DIRECTION_KINDS", "backend_for", "add_terms", "draw", "draw_numpy", "fill_scaled", "kernels_ready"]
 
 DIRECTION_KINDS = {"gaussian": 0, "rademacher": 1}
 
@@ -304,24 +304,152 @@ def _kind(direction: str) -> int:
         raise ValueError(f"unknown direction {direction!r}; expected one of {sorted(DIRECTION_KINDS)}") from None
 
 
-def add_terms(theta: np.ndarray, e0: int, terms: list[tuple[int, float]], direction: str) -> None:
+# -- the numpy backend: the same definition, vectorised with numpy, rare path in plain Python ------
+# No numba/LLVM in the process (~141 MB of RSS saved): what a small trainable set (LoRA) uses.
+# Slower per element (~90 ns here, ~45x the kernels), which only matters for large sets.
+_M64 = (1 << 64) - 1
+_NP_CHUNK = 1 << 18  # elements drawn at once: bounds the temporaries (~16 MB)
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _word(key: int, n: int) -> int:
+    return _mix64((key + (n + 1) * GOLDEN) & _M64)
+
+
+def words(key: int, first: int, count: int) -> np.ndarray:
+    """``word(key, n)`` for n in first .. first + count - 1 (numpy uint64 arithmetic wraps)."""
+    n = np.arange(first, first + count, dtype=np.uint64) + np.uint64(1)
+    z = np.uint64(key) + n * np.uint64(GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+_LN2 = 6.93147180369123816490e-01 + 1.90821492927058770002e-10  # as the kernels add the fdlibm split
+_R = float(Decimal(ZIG_R))
+
+
+def _exp_neg(a: float) -> float:
+    k = int(a * 16.0)
+    r = a - k * 0.0625
+    p = float(EXP_TAYLOR[7])
+    for n in range(6, -1, -1):
+        p = p * r + float(EXP_TAYLOR[n])
+    return float(EXP_STEPS[k]) * p
+
+
+def _log_unit(u: float) -> float:
+    k = 0
+    while u < 0.7071067811865476:
+        u, k = u * 2.0, k + 1
+    s = (u - 1.0) / (u + 1.0)
+    s2 = s * s
+    p = 0.0
+    for n in range(11, -1, -1):
+        p = p * s2 + float(ODD_RECIP[n])
+    return 2.0 * s * p - k * _LN2
+
+
+def _unit53(w: int) -> float:
+    return float((w >> 11) + 1) * (1.0 / 9007199254740992.0)
+
+
+def gaussian_slow(key: int, e: int, b: int) -> float:
+    """The ziggurat's rare path for element e whose 32-bit word b failed the fast test."""
+    base = _word(key ^ SALT, e)
+    m = 0
+    while True:
+        idx, u = b & IDX_MASK, b >> U_SHIFT
+        j, sign = idx >> 1, (-1.0 if idx & 1 else 1.0)
+        x = float(u) * float(W64[j])
+        if u < int(KI2[idx]):
+            return sign * x
+        if j == 0:
+            while True:
+                a = -_log_unit(_unit53(_word(base, m + 1))) / _R
+                c = -_log_unit(_unit53(_word(base, m + 2)))
+                m += 2
+                if c + c > a * a:
+                    return sign * (_R + a)
+        m += 1
+        v = _unit53(_word(base, m))
+        below = v <= (float(XJ[j]) - x) * float(XD[j])
+        if SQUEEZE[j] == 1 and below:
+            return sign * x
+        if not (SQUEEZE[j] == -1 and not below) and float(FX[j]) + v * (float(FX[j + 1]) - float(FX[j])) < _exp_neg(0.5 * x * x):
+            return sign * x
+        m += 1
+        b = _word(base, m) & 0xFFFFFFFF
+
+
+def draw_numpy(key: int, numel: int, direction: str, e0: int = 0) -> np.ndarray:
+    """z_key(e0 .. e0 + numel - 1) by the numpy backend (the same bits as the kernels)."""
+    _kind(direction)
+    out = np.empty(numel, dtype=np.float32)
+    for lo in range(0, numel, _NP_CHUNK):
+        first, count = e0 + lo, min(_NP_CHUNK, numel - lo)
+        e = np.arange(first, first + count, dtype=np.int64)
+        if direction == "rademacher":
+            w = words(key, first >> 6, ((first + count - 1) >> 6) - (first >> 6) + 1)[(e >> 6) - (first >> 6)]
+            bits = (w >> (e & 63).astype(np.uint64)) & np.uint64(1)
+            out[lo:lo + count] = np.float32(1.0) - np.float32(2.0) * bits.astype(np.float32)
+            continue
+        w = words(key, first >> 1, ((first + count - 1) >> 1) - (first >> 1) + 1)[(e >> 1) - (first >> 1)]
+        b = np.where(e & 1, w >> np.uint64(32), w & np.uint64(0xFFFFFFFF))
+        idx, u = (b & np.uint64(IDX_MASK)).astype(np.int64), b >> np.uint64(U_SHIFT)
+        z = u.astype(np.float32) * W32[idx]
+        for i in np.flatnonzero(u >= KI2[idx]):
+            z[i] = np.float32(gaussian_slow(key, int(e[i]), int(b[i])))
+        out[lo:lo + count] = z
+    return out
+
+
+# -- the interface: backend "numba" (the kernels) or "numpy" -----------------------------------
+BACKENDS = ("numba", "numpy")
+# Up to this many trainable elements the numpy backend is used: 3 draws per step cost < 0.1 s at
+# LoRA sizes, less than the kernels' runtime would cost in memory (edge_agent.memory_plan).
+NUMPY_MAX_ELEMENTS = 1 << 21
+
+
+def backend_for(num_elements: int) -> str:
+    """The backend an agent uses for ``num_elements`` trainable elements."""
+    return "numpy" if num_elements <= NUMPY_MAX_ELEMENTS else "numba"
+
+
+def add_terms(theta: np.ndarray, e0: int, terms: list[tuple[int, float]], direction: str,
+              backend: str = "numba") -> None:
     """theta[i] += c * z_key(e0 + i) for each (key, c) of ``terms``, in order, in place.
 
-    ``theta`` is a contiguous float32 view of elements ``e0 ..`` of one parameter; releases the GIL."""
+    ``theta`` is a contiguous float32 view of elements ``e0 ..`` of one parameter; the kernels
+    release the GIL."""
     if not terms:
+        return
+    if backend == "numpy":
+        for lo in range(0, theta.shape[0], _NP_CHUNK):
+            part = theta[lo:lo + _NP_CHUNK]
+            for key, c in terms:
+                part[:] = part + np.float32(c) * draw_numpy(key, part.shape[0], direction, e0 + lo)
         return
     keys = np.array([k for k, _ in terms], dtype=np.uint64)
     coefs = np.array([c for _, c in terms], dtype=np.float32)
     _get()[0](theta, e0, keys, coefs, _kind(direction))
 
 
-def fill_scaled(out: np.ndarray, e0: int, key: int, coef: float, direction: str) -> None:
-    """out[i] = float32(c) * z_key(e0 + i) (contiguous float32 ``out``); releases the GIL."""
+def fill_scaled(out: np.ndarray, e0: int, key: int, coef: float, direction: str, backend: str = "numba") -> None:
+    """out[i] = float32(c) * z_key(e0 + i) (contiguous float32 ``out``)."""
+    if backend == "numpy":
+        out[:] = np.float32(coef) * draw_numpy(key, out.shape[0], direction, e0)
+        return
     _get()[1](out, e0, np.uint64(key), np.float32(coef), _kind(direction))
 
 
-def draw(key: int, numel: int, direction: str, e0: int = 0) -> np.ndarray:
+def draw(key: int, numel: int, direction: str, e0: int = 0, backend: str = "numba") -> np.ndarray:
     """z_key(e0 .. e0 + numel - 1) as a new float32 array."""
     out = np.empty(numel, dtype=np.float32)
-    fill_scaled(out, e0, key, 1.0, direction)
+    fill_scaled(out, e0, key, 1.0, direction, backend)
     return out
