@@ -45,8 +45,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from edge_agent.methods.zo_directions import backend_for
-
 MB = 1024 * 1024
 
 # --- calibration (CPU; see the module docstring and docs/benchmarks.md) ------------------------
@@ -339,7 +337,10 @@ def estimate(
         b["logits"] = logits * ZO_LOGIT_COPIES
         # z is added as it is drawn; only non-float32 parameters stage it (one buffer per worker)
         b["zo_buffers"] = 2 * ZO_CHUNK_BYTES
-        # numba's runtime, only where the agent draws with the kernels (large trainable sets)
+        # numba's runtime, only where the agent draws with the kernels (large trainable sets);
+        # imported here: the direction tables cost ~0.1 s, which agents that never plan zo skip
+        from edge_agent.methods.zo_directions import backend_for
+
         trainable_elements = lora if zo_target == "lora" else shape.num_params
         b["zo_kernels"] = ZO_KERNELS_MB * MB if backend_for(trainable_elements) == "numba" else 0.0
     else:

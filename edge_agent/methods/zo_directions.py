@@ -34,6 +34,8 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
+from fedmq_protocol.zo import splitmix64
+
 __all__ = ["BACKENDS", "DIRECTION_KINDS", "backend_for", "add_terms", "draw", "draw_numpy", "fill_scaled", "kernels_ready"]
 
 DIRECTION_KINDS = {"gaussian": 0, "rademacher": 1}
@@ -47,6 +49,10 @@ ZIG_V = "0.0012263246463530882"  # R f(R) + the tail's area beyond R
 IDX_MASK = 2 * LAYERS - 1  # the low bits of a 32-bit word: layer and sign
 U_SHIFT = LAYERS.bit_length()  # the remaining high bits: a uniform integer u of 32 - U_SHIFT bits
 BLOCK = 4096  # elements per block: every term of a block runs while the block is in L1
+# the rare path's constants, shared by both backends
+R_FLOAT = float(Decimal(ZIG_R))
+LN2 = 6.93147180369123816490e-01 + 1.90821492927058770002e-10  # fdlibm's two-part ln 2, summed
+TWO_M53 = 1.0 / 9007199254740992.0
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, ...]:
@@ -109,9 +115,7 @@ def _compile():
     S30, S27, S31, S32, SU, S11 = u64(30), u64(27), u64(31), u64(32), u64(U_SHIFT), u64(11)
     M32, SALT64, ONE = u64(0xFFFFFFFF), u64(SALT), u64(1)
     w32, ki2, w64, fx, xj, xd, squeeze = W32, KI2, W64, FX, XJ, XD, SQUEEZE
-    r_zig = float(Decimal(ZIG_R))
-    ln2_hi, ln2_lo = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's split
-    two_m53 = 1.0 / 9007199254740992.0
+    r_zig, ln2, two_m53 = R_FLOAT, LN2, TWO_M53
 
     @njit(inline="always")
     def mix64(z):
@@ -150,7 +154,7 @@ def _compile():
         p = 0.0
         for n in range(11, -1, -1):
             p = p * s2 + odd_recip[n]
-        return 2.0 * s * p - k * (ln2_hi + ln2_lo)
+        return 2.0 * s * p - k * ln2
 
     @njit
     def unit53(w):
@@ -311,14 +315,8 @@ _M64 = (1 << 64) - 1
 _NP_CHUNK = 1 << 18  # elements drawn at once: bounds the temporaries (~16 MB)
 
 
-def _mix64(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 def _word(key: int, n: int) -> int:
-    return _mix64((key + (n + 1) * GOLDEN) & _M64)
+    return splitmix64((key + n * GOLDEN) & _M64)  # = mix64(key + (n + 1) * GOLDEN)
 
 
 def words(key: int, first: int, count: int) -> np.ndarray:
@@ -328,10 +326,6 @@ def words(key: int, first: int, count: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-_LN2 = 6.93147180369123816490e-01 + 1.90821492927058770002e-10  # as the kernels add the fdlibm split
-_R = float(Decimal(ZIG_R))
 
 
 def _exp_neg(a: float) -> float:
@@ -352,11 +346,11 @@ def _log_unit(u: float) -> float:
     p = 0.0
     for n in range(11, -1, -1):
         p = p * s2 + float(ODD_RECIP[n])
-    return 2.0 * s * p - k * _LN2
+    return 2.0 * s * p - k * LN2
 
 
 def _unit53(w: int) -> float:
-    return float((w >> 11) + 1) * (1.0 / 9007199254740992.0)
+    return float((w >> 11) + 1) * TWO_M53
 
 
 def gaussian_slow(key: int, e: int, b: int) -> float:
@@ -371,11 +365,11 @@ def gaussian_slow(key: int, e: int, b: int) -> float:
             return sign * x
         if j == 0:
             while True:
-                a = -_log_unit(_unit53(_word(base, m + 1))) / _R
+                a = -_log_unit(_unit53(_word(base, m + 1))) / R_FLOAT
                 c = -_log_unit(_unit53(_word(base, m + 2)))
                 m += 2
                 if c + c > a * a:
-                    return sign * (_R + a)
+                    return sign * (R_FLOAT + a)
         m += 1
         v = _unit53(_word(base, m))
         below = v <= (float(XJ[j]) - x) * float(XD[j])
