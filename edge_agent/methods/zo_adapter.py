@@ -12,7 +12,7 @@ Not in the method registry: agents choose it through their memory plan, not by n
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -31,19 +31,15 @@ class ZoAdapterMethod(ZoMethod):
         model_path: str,
         adapter: AdapterSpec,
         *,
-        device: str = "auto",
-        dtype: str = "float32",
-        seed: int = 0,
         lr: float = 1e-4,
         eps: float = 1e-3,
         num_seeds: int = 4096,
-        workers: int | None = None,
         target: str = "lora",
-        gradient_checkpointing: bool = False,  # no backward pass: accepted for interface parity
+        **method_kwargs: Any,  # ZoMethod's: device, dtype, seed, workers, backend, ...
     ) -> None:
         if target != "lora":
             raise ValueError("zeroth-order training in an adapter federation trains the LoRA adapter (target lora)")
-        super().__init__(model_path, adapter, device=device, dtype=dtype, seed=seed, target="lora", workers=workers)
+        super().__init__(model_path, adapter, target="lora", **method_kwargs)
         self.zo_lr, self.zo_eps, self.num_seeds = lr, eps, num_seeds
 
     def get_adapter(self) -> dict[str, np.ndarray]:
@@ -53,16 +49,7 @@ class ZoAdapterMethod(ZoMethod):
         return ZoSpec(seed=cfg.seed, num_seeds=self.num_seeds, eps=self.zo_eps, lr=self.zo_lr,
                       direction="gaussian", target="lora")
 
-    def fit(
-        self,
-        examples: Sequence[Example],
-        cfg: FitConfig,
-        *,
-        spec: ZoSpec | None = None,
-        probabilities: np.ndarray | None = None,
-        progress: Callable[[int, float], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> FitResult:
+    def fit(self, examples: Sequence[Example], cfg: FitConfig, *, spec: ZoSpec | None = None,
+            **fit_kwargs: Any) -> FitResult:
         """``cfg.local_steps`` MeZO steps along directions of the round's local seed stream."""
-        return super().fit(examples, cfg, spec=spec or self.local_spec(cfg), probabilities=probabilities,
-                           progress=progress, should_stop=should_stop)
+        return super().fit(examples, cfg, spec=spec or self.local_spec(cfg), **fit_kwargs)
