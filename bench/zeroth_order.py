@@ -54,7 +54,7 @@ def _setup(variant: str, threads: int, direction: str | None = None, pack: int =
     from edge_agent.methods.zo import ZoMethod
     from edge_agent.models import resolve_model
     from fedmq_protocol.messages import AdapterSpec, FitConfig
-    from fedmq_protocol.zo import ZoSpec
+    from fedmq_protocol.modes.zo import ZoSpec
 
     data = Path(tempfile.gettempdir()) / "fedmq-bench-zo-data"
     if not (data / "eval.jsonl").exists():
@@ -125,7 +125,7 @@ def _naive_step(method, batch, seed: int, spec) -> None:
     """MeZO as usually written: four passes, each drawing a full-size z per parameter."""
     import torch
 
-    from fedmq_protocol.zo import param_seed
+    from fedmq_protocol.modes.zo import param_seed
 
     def perturb(coef: float) -> None:
         gen = torch.Generator()
@@ -176,7 +176,7 @@ def phase_timing(variant: str, threads: int, reps: int, pack: int = 1) -> dict:
 def phase_federation(variant: str, threads: int, rounds: int, steps: int, batch_size: int) -> dict:
     from edge_agent.data import load_jsonl
     from fedmq_protocol import messages as m
-    from fedmq_protocol.zo import ZoTask, ZoUpdate, aggregate_round, pack_pool
+    from fedmq_protocol.modes.zo import ZoTask, ZoUpdate, aggregate_round, pack_pool
 
     method, spec, _, data, _ = _setup(variant, threads)
     spec = spec.model_copy(update={"base_fingerprint": method.fingerprint})
@@ -211,7 +211,7 @@ def phase_federation(variant: str, threads: int, rounds: int, steps: int, batch_
             t2 = time.perf_counter()
             method.restore(snap)
             snapshot_s.append((t1 - t0) + (time.perf_counter() - t2))
-        entry = aggregate_round(r, spec, None, [(u.num_samples, u.zo) for u in updates])
+        entry = aggregate_round(r, spec, None, [(u.num_samples, u.payload) for u in updates])
         gm = m.GlobalModel(version=r, round=r, adapter=adapter, model="smollm2-135m", tensors={})
         t0 = time.perf_counter()
         applied = method.apply_round(entry)
@@ -339,7 +339,7 @@ def measure_uplink_200(steps: int = 200) -> dict:
     from edge_agent.methods.zo import ZoMethod
     from edge_agent.models import resolve_model
     from fedmq_protocol import messages as m
-    from fedmq_protocol.zo import ZoSpec, ZoUpdate, pack_pool
+    from fedmq_protocol.modes.zo import ZoSpec, ZoUpdate, pack_pool
 
     torch.set_num_threads(1)
     data = Path(tempfile.gettempdir()) / "fedmq-bench-zo-data"

@@ -11,7 +11,7 @@ from broker_coordinator.robust import AggregationConfig
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.zo import ZoSpec
+from fedmq_protocol.modes.zo import ZoSpec
 
 
 class CoordinatorConfig(BaseModel):

@@ -19,7 +19,7 @@ import msgpack
 
 from fedmq_protocol.messages import GlobalModel, RoundSummary, unpack_limited
 from fedmq_protocol.storage import atomic_write  # noqa: F401  (re-exported: older imports)
-from fedmq_protocol.zo import ZoLedgerRound
+from fedmq_protocol.modes.zo import ZoLedgerRound
 
 STATE_FORMAT = 1
 

@@ -90,7 +90,7 @@ class Strategy(ABC):
 def validate_update_tensors(global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, DecodedTensor]:
     """Decode an update's tensors: exactly the global's names and shapes (checked before anything is
     allocated), finite values. Returns them decoded (sparse ones stay sparse)."""
-    if update.zo is not None:
+    if update.payload is not None:
         raise ProtocolError("fit update carries a zo seed pool; this federation aggregates adapter tensors")
     shapes = {k: tuple(v.shape) for k, v in global_tensors.items()}
     try:

@@ -18,7 +18,7 @@ from broker_coordinator.state import CoordinatorState, DeviceRecord
 from broker_coordinator.strategy import FedAvg
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import Update
-from fedmq_protocol.zo import (
+from fedmq_protocol.modes.zo import (
     ZoLedgerRound, ZoSpec, ZoTask, aggregate_round, ledger_topic, pro_probabilities, unpack_pool,
 )
 
@@ -65,12 +65,12 @@ class FedKSeed(FedAvg):
         return {"zo": ZoTask(**self.current_spec().model_dump(), probabilities=probs)}
 
     def validate_fit(self, global_tensors: Mapping[str, np.ndarray], update: Update) -> dict[str, Any]:
-        if update.zo is None:
+        if update.payload is None:
             raise ProtocolError("zo federation: fit update carries no seed pool")
         if not update.tensors.empty:
             raise ProtocolError("zo federation: fit update must not carry tensors")
-        unpack_pool(update.zo.indices, update.zo.g, self.spec.num_seeds, "zo update")
-        fp = update.zo.base_fingerprint
+        unpack_pool(update.payload.indices, update.payload.g, self.spec.num_seeds, "zo update")
+        fp = update.payload.base_fingerprint
         if self._fingerprint is None:
             self._fingerprint = fp  # the first device's base defines the federation's
         elif fp != self._fingerprint:
@@ -85,7 +85,7 @@ class FedKSeed(FedAvg):
             raise ValueError("aggregation needs at least one update")
         round_no = updates[0].round
         self._pending = aggregate_round(
-            round_no, self.current_spec(), self.adapter, [(u.num_samples, u.zo) for u in updates if u.zo is not None]
+            round_no, self.current_spec(), self.adapter, [(u.num_samples, u.payload) for u in updates if u.payload is not None]
         )
         return {}
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedmq_protocol.codec import BITS_PER_VALUE, CodecSpec, EncodedTensors, ValueFormat, encode, fit_budget
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.messages import unpack_limited
+from fedmq_protocol.wire import unpack_limited
 from fedmq_protocol.storage import atomic_write
 
 log = logging.getLogger("fedmq.agent")

@@ -21,7 +21,7 @@ from edge_agent.memory_guard import OverBudget
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.topics import QOS_GLOBAL
-from fedmq_protocol.zo import ZoLedgerRound, ZoSpec, ZoUpdate, ledger_filter, ledger_topic, pack_pool
+from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoUpdate, ledger_filter, ledger_topic, pack_pool
 
 log = logging.getLogger("fedmq.agent")
 
@@ -55,9 +55,9 @@ class ZoEdgeAgent(EdgeAgent):
 
     def _on_task(self, payload: bytes) -> None:
         task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
-        if task.zo is None:
+        if task.payload is None:
             raise ProtocolError(f"task {task.task_id} carries no zo section; this device runs method zo")
-        self._spec = task.zo
+        self._spec = task.payload
         super()._on_task(payload)
 
     # ------------------------------------------------------------------ model state
@@ -149,7 +149,7 @@ class ZoEdgeAgent(EdgeAgent):
 
     # ------------------------------------------------------------------ training
     def _fit(self, task: m.Task) -> None:
-        spec = task.zo
+        spec = task.payload
         assert spec is not None
         try:
             self.method.check_spec(spec)

@@ -47,7 +47,7 @@ from typing import Callable
 import msgpack
 
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.messages import unpack_limited
+from fedmq_protocol.wire import unpack_limited
 
 FRAME_MAGIC = 0xFD
 WHOLE = b"W"

@@ -41,6 +41,7 @@ import msgpack
 import numpy as np
 
 from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.wire import unpack_limited
 from fedmq_protocol.tensors import MAX_NDIM, bfloat16_bits_to_float32, float32_to_bfloat16_bits
 
 CODEC_VERSION = 1
@@ -327,11 +328,7 @@ class EncodedTensors:
             raise ProtocolError(f"{where}: invalid zstd data ({exc})") from None
         if len(raw) != size:
             raise ProtocolError(f"{where}: zstd data holds {len(raw)}{'+' if len(raw) > size else ''} bytes, header says {size}")
-        try:
-            inner = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=size, max_str_len=min(size, 1 << 20),
-                                    max_array_len=min(size, 1 << 20), max_map_len=min(size, 1 << 20), max_ext_len=0)
-        except Exception as exc:
-            raise ProtocolError(f"{where}: zstd content is not valid msgpack ({type(exc).__name__})") from None
+        inner = unpack_limited(raw, size, what=f"{where}: zstd content")
         if not isinstance(inner, Mapping):
             raise ProtocolError(f"{where}: zstd content is not a map")
         return inner

@@ -11,106 +11,23 @@ an error that names the field.
 
 from __future__ import annotations
 
-import json
 import numbers
 import time
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, SerializerFunctionWrapHandler, field_serializer, field_validator,
+    model_serializer, model_validator,
+)
 
-from fedmq_protocol import SCHEMA_VERSION
-from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.codec import EncodedTensors, encode
-from fedmq_protocol.zo import ZoTask, ZoUpdate
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.modes import MessageKind, ModePayload, payload_modes, payload_type
+from fedmq_protocol.wire import DEFAULT_MAX_MESSAGE_BYTES, Message, unpack_limited, validation_summary
 
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a 7B-model LoRA at r=64 is a few hundred MB
+P = TypeVar("P", bound=ModePayload)
 
-M = TypeVar("M", bound="Message")
-
-
-def _validation_summary(exc: ValidationError, cls: type) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
-    return f"invalid {cls.__name__}: " + "; ".join(parts)
-
-
-class Message(BaseModel):
-    """Base of every wire message."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-    kind_name: ClassVar[str] = "message"
-
-    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_schema(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema version {v} (this build speaks {SCHEMA_VERSION})")
-        return v
-
-    def to_obj(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, mode="python")
-
-    @classmethod
-    def from_obj(cls: type[M], obj: Any) -> M:
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"invalid {cls.__name__}: expected a map, got {type(obj).__name__}")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            raise ProtocolError(_validation_summary(exc, cls)) from None
-
-    # -- JSON -------------------------------------------------------------------------------
-    def to_json(self) -> bytes:
-        obj = self.model_dump(by_alias=True, mode="json", exclude_none=True)
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls: type[M], data: bytes, max_bytes: int = 1 << 20) -> M:
-        if len(data) > max_bytes:
-            raise ProtocolError(f"{cls.__name__} JSON is {len(data)} bytes, limit {max_bytes}")
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"invalid {cls.__name__}: not JSON ({exc})") from None
-        return cls.from_obj(obj)
-
-    # -- msgpack ----------------------------------------------------------------------------
-    def to_msgpack(self) -> bytes:
-        return msgpack.packb(self.to_obj(), use_bin_type=True)
-
-    @classmethod
-    def from_msgpack(cls: type[M], data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
-        return cls.from_obj(unpack_limited(data, max_bytes, what=cls.__name__))
-
-
-def unpack_limited(data: bytes, max_bytes: int, what: str = "payload") -> Any:
-    """msgpack-decode with every container and string bounded by the payload size limit.
-
-    The size check happens before any allocation; msgpack's own ``max_*_len`` limits stop a
-    header from claiming more elements than the buffer could hold.
-    """
-    if len(data) > max_bytes:
-        raise ProtocolError(f"{what} is {len(data)} bytes, limit {max_bytes}")
-    n = len(data)
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=n,
-            max_str_len=min(n, 1 << 20),
-            max_array_len=min(n, 1 << 20),
-            max_map_len=min(n, 1 << 20),
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
-
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Message", "unpack_limited", "validation_summary"]  # re-exported
 
 # ---------------------------------------------------------------------------------------------
 # Shared parts
@@ -314,9 +231,84 @@ class RoundSummary(Message):
 
 TaskKind = Literal["fit", "evaluate", "init"]
 
+#: protocol v1 wrote Task and Update with a ``zo`` key, nil when the message had no mode payload;
+#: they still do, so their bytes are unchanged (tests/test_wire_golden.py)
+V1_EMPTY_SLOT = "zo"
 
-class Task(Message):
-    """Coordinator -> one device: train (fit), evaluate the global, or send the initial adapter."""
+
+class _CarriesModePayload(Message):
+    """A message with one slot for a federation mode's payload (``payload``).
+
+    On the wire the slot's key is the mode's name (``zo: {...}``): an externally tagged union,
+    validated by the class the mode registered for this message kind (fedmq_protocol.modes), as
+    strictly as every other field. ``empty_slot`` is the key written when there is no payload
+    (None: the key is left out).
+    """
+
+    message_kind: ClassVar[MessageKind]
+    empty_slot: ClassVar[str | None] = None
+    # each message declares ``payload`` itself, at the place of the slot in its wire map
+    if TYPE_CHECKING:
+        payload: ModePayload | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _untag_payload(cls, obj: Any) -> Any:
+        if not isinstance(obj, dict):
+            return obj
+        tags = [k for k in obj if k in payload_modes(cls.message_kind) or k == cls.empty_slot]
+        if not tags:
+            return obj
+        if "payload" in obj or len(tags) > 1:
+            raise ValueError(f"a {cls.__name__} carries at most one mode payload, got {sorted(tags) + (['payload'] if 'payload' in obj else [])}")
+        out = {k: v for k, v in obj.items() if k != tags[0]}
+        value = obj[tags[0]]
+        if value is None:
+            return out
+        payload_cls = payload_type(cls.message_kind, tags[0])
+        if payload_cls is None:
+            raise ValueError(f"{tags[0]}: mode {tags[0]!r} carries no payload in a {cls.__name__}")
+        out["payload"] = value if isinstance(value, payload_cls) else payload_cls.model_validate(value)
+        return out
+
+    @field_validator("payload", check_fields=False)
+    @classmethod
+    def _registered_payload(cls, v: ModePayload | None) -> ModePayload | None:
+        if v is not None and payload_type(cls.message_kind, v.mode) is not type(v):
+            raise ValueError(f"{type(v).__name__} is not the {cls.message_kind} payload of a registered mode")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _tag_payload(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in handler(self).items():
+            if k != "payload":
+                out[k] = v
+            elif self.payload is not None:
+                out[self.payload.mode] = v
+            elif self.empty_slot is not None:
+                out[self.empty_slot] = None
+        return out
+
+    @property
+    def mode(self) -> str | None:
+        """The mode whose payload this message carries (None: none)."""
+        return None if self.payload is None else self.payload.mode
+
+    def payload_as(self, cls: type[P], what: str = "message") -> P:
+        """The payload, which must be a ``cls``; ProtocolError naming what is there otherwise."""
+        if not isinstance(self.payload, cls):
+            got = "none" if self.payload is None else f"a {self.payload.mode} payload"
+            raise ProtocolError(f"{what} carries {got}; this federation runs mode {cls.mode}")
+        return self.payload
+
+
+class Task(_CarriesModePayload):
+    """Coordinator -> one device: train (fit), evaluate the global, or send the initial adapter.
+    ``payload``: the federation mode's part (e.g. zo: the seed spec), on the wire under its name."""
+
+    message_kind: ClassVar[MessageKind] = "task"
+    empty_slot: ClassVar[str | None] = V1_EMPTY_SLOT
 
     kind: TaskKind
     task_id: str = Field(min_length=1, max_length=128)
@@ -327,19 +319,23 @@ class Task(Message):
     adapter: AdapterSpec
     fit: FitConfig = FitConfig()
     model: str | None = None  # the federation's model name, for a device-side sanity check
-    zo: ZoTask | None = None  # zeroth-order (FedKSeed) federations only
+    payload: SerializeAsAny[ModePayload] | None = None  # the mode's part (v1 wire: key "zo")
     # per fan-out random bytes; a signed update echoes them (fedmq_protocol.signing)
     nonce: bytes | None = Field(default=None, max_length=64)
 
 
-class Update(Message):
+class Update(_CarriesModePayload):
     """Device -> coordinator: the result of a task.
 
     ``fit``: ``tensors`` holds local adapter minus the global at ``base_version`` (plus the
     device's error-feedback residual), encoded by ``fedmq_protocol.codec`` (maybe sparse/quantized).
     ``init``: ``tensors`` holds the device's freshly initialised adapter (lossless).
     ``evaluate``: no tensors; ``metrics['eval_loss']``.
+    ``payload``: the mode's part of a fit result (e.g. zo: seeds drawn and their g).
     """
+
+    message_kind: ClassVar[MessageKind] = "update"
+    empty_slot: ClassVar[str | None] = V1_EMPTY_SLOT
 
     kind: TaskKind
     task_id: str = Field(min_length=1, max_length=128)
@@ -349,7 +345,7 @@ class Update(Message):
     num_samples: int = Field(ge=0)
     metrics: dict[str, float] = {}
     tensors: EncodedTensors = EncodedTensors({"codec": 1, "tensors": {}})
-    zo: ZoUpdate | None = None  # zeroth-order fit: seeds drawn and their accumulated g
+    payload: SerializeAsAny[ModePayload] | None = None  # the mode's part (v1 wire: key "zo")
     # end-to-end identity (fedmq_protocol.signing): the task's nonce and an Ed25519 signature
     nonce: bytes | None = Field(default=None, max_length=64)
     signature: bytes | None = Field(default=None, max_length=64)
@@ -380,14 +376,17 @@ class Update(Message):
         return v.to_wire()
 
 
-class GlobalModel(Message):
+class GlobalModel(_CarriesModePayload):
     """Coordinator -> all: the global adapter at ``version``.
 
     ``base_version`` None: a snapshot, ``tensors`` holds the whole adapter (dense fp32, exact).
     Otherwise a difference: adding the decoded ``tensors`` to version ``base_version`` (in float32,
     ``edge_agent``/``broker_coordinator`` use ``fedmq_protocol.globals.apply_diff``) gives
-    ``version``; it must never be applied to any other base.
+    ``version``; it must never be applied to any other base. ``payload``: a mode's part of the
+    global, if it has one (none of today's modes: the key is absent when there is none).
     """
+
+    message_kind: ClassVar[MessageKind] = "global"
 
     version: int = Field(ge=0)
     round: int = Field(ge=0)
@@ -396,6 +395,7 @@ class GlobalModel(Message):
     base_version: int | None = Field(default=None, ge=0)
     tensors: EncodedTensors
     created_at: float = Field(default_factory=time.time)
+    payload: SerializeAsAny[ModePayload] | None = None
 
     _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import CodecSpec, encode, varint_encode
-from fedmq_protocol.zo import ZoLedgerRound, ZoSpec, ZoUpdate
+from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoUpdate
 
 NASTY: list[Any] = [
     None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**64 - 1, -(2**63), 0.5, -0.0, float("nan"), float("inf"),

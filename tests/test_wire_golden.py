@@ -22,7 +22,7 @@ NAMES = sorted(p.stem for p in GOLDEN.glob("*.msgpack"))
 
 def _decoder(name: str):
     from fedmq_protocol import messages as m
-    from fedmq_protocol.zo import ZoLedgerRound
+    from fedmq_protocol.modes.zo import ZoLedgerRound
 
     prefix = name.split("_", 1)[0]
     return {"task": m.Task, "update": m.Update, "global": m.GlobalModel, "zo": ZoLedgerRound}[prefix]

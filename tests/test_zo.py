@@ -23,7 +23,7 @@ from edge_agent.methods.zo import ZoMethod, draw_direction
 from edge_agent.models import resolve_model
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.zo import (
+from fedmq_protocol.modes.zo import (
     ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, candidate_seeds, pack_pool, param_seed,
     pro_probabilities,
 )
@@ -352,17 +352,17 @@ def test_coordinator_aggregates_sample_weighted_g_into_a_persisted_ledger(tmp_pa
 def test_ledger_rounds_beyond_the_last_completed_round_are_dropped_on_load(tmp_path):
     cfg = CoordinatorConfig(zo={"num_seeds": 4})
     state = CoordinatorState(round_completed=1, zo_ledger=[
-        aggregate_round(r, cfg.zo, None, [(1, _upd({0: 1.0}).zo)]) for r in (1, 2)])
+        aggregate_round(r, cfg.zo, None, [(1, _upd({0: 1.0}).payload)]) for r in (1, 2)])
     FileStateStore(tmp_path).save(state)
     assert [e.round for e in FileStateStore(tmp_path).load().zo_ledger] == [1]
 
 
 @pytest.mark.parametrize("bad,reason", [
-    (lambda u: u.model_copy(update={"zo": None}), "no seed pool"),
-    (lambda u: u.model_copy(update={"zo": u.zo.model_copy(update={"indices": b"\x02\x00\x01\x00", "g": b"\0" * 8})}), "ascending"),
-    (lambda u: u.model_copy(update={"zo": u.zo.model_copy(update={"indices": b"\x63\x00"})}), "below 16"),
-    (lambda u: u.model_copy(update={"zo": u.zo.model_copy(update={"g": np.float32(np.nan).tobytes()})}), "non-finite"),
-    (lambda u: u.model_copy(update={"zo": u.zo.model_copy(update={"g": b"\0" * 8})}), "pair"),
+    (lambda u: u.model_copy(update={"payload": None}), "no seed pool"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"indices": b"\x02\x00\x01\x00", "g": b"\0" * 8})}), "ascending"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"indices": b"\x63\x00"})}), "below 16"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"g": np.float32(np.nan).tobytes()})}), "non-finite"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"g": b"\0" * 8})}), "pair"),
 ])
 def test_malformed_zo_updates_are_refused_with_a_reason(bad, reason):
     strat = FedKSeed(CoordinatorConfig(zo={"num_seeds": 16}))

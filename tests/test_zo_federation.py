@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.data import synthesize
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.zo import ZoLedgerRound
+from fedmq_protocol.modes.zo import ZoLedgerRound
 from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all
 
 ZO = {"seed": 7, "num_seeds": 64, "eps": 1e-2, "lr": 1e-3, "direction": "gaussian", "target": "full"}
@@ -84,5 +84,5 @@ def test_agent_joining_at_round_5_replays_the_ledger_and_ends_bitwise_equal_to_t
     assert fresh.param_digest() == digests[0]
     # Updates are seeds and scalars: 20 steps -> at most 20 (index, g) pairs.
     fits = [u for u in capture.updates if u.kind == "fit"]
-    assert fits and all(u.zo is not None and u.tensors.empty and len(u.zo.indices) <= 40 for u in fits)
+    assert fits and all(u.payload is not None and u.tensors.empty and len(u.payload.indices) <= 40 for u in fits)
     assert all(len(json.dumps(h)) > 0 and h["uplink_bytes"] < 2 * 2048 for r, h in history.items() if r >= 1 and r <= 4)

@@ -17,7 +17,7 @@ def main() -> None:
     from edge_agent.methods.zo import ZoMethod
     from edge_agent.models import resolve_model
     from fedmq_protocol.messages import AdapterSpec
-    from fedmq_protocol.zo import ZoLedgerRound
+    from fedmq_protocol.modes.zo import ZoLedgerRound
 
     for job in sys.argv[3:]:
         model, target, ledger_file = job.split(":", 2)

@@ -31,7 +31,7 @@ from edge_agent.methods import zo_directions
 from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
 from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from fedmq_protocol.zo import ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
+from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
 
 # parameters that are not float32 on the CPU get z through a float32 staging buffer of this size
 STAGING_ELEMENTS = 1 << 20

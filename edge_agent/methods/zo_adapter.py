@@ -20,7 +20,7 @@ from edge_agent.data import Example
 from edge_agent.methods.base import FitResult, TrainingMethod
 from edge_agent.methods.zo import ZoMethod
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from fedmq_protocol.zo import ZoSpec
+from fedmq_protocol.modes.zo import ZoSpec
 
 
 class ZoAdapterMethod(ZoMethod):

@@ -3,7 +3,7 @@
 Why not ``torch.Generator.normal_``: its Mersenne Twister is sequential (one core per parameter) and
 costs ~4 ns per value here; a FedKSeed step draws every parameter three times, so on a 135M-param
 model drawing z took longer than the two forward passes. Here element ``e`` of parameter ``i``
-under seed ``s`` depends only on ``(key, e)`` with ``key = fedmq_protocol.zo.param_seed(s, i)``:
+under seed ``s`` depends only on ``(key, e)`` with ``key = fedmq_protocol.modes.zo.param_seed(s, i)``:
 work splits across threads at any element, results never depend on the split, and drawing and
 adding fuse into one pass over the weights (~2 ns per value and term on one core here).
 
@@ -34,7 +34,7 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
-from fedmq_protocol.zo import splitmix64
+from fedmq_protocol.modes.zo import splitmix64
 
 __all__ = ["BACKENDS", "DIRECTION_KINDS", "backend_for", "add_terms", "draw", "draw_numpy", "fill_scaled", "kernels_ready"]
 

@@ -27,7 +27,7 @@ def build() -> dict[str, bytes]:
     """name -> msgpack bytes (today's code: the message classes of fedmq_protocol)."""
     from fedmq_protocol import messages as m
     from fedmq_protocol.codec import CodecSpec, encode
-    from fedmq_protocol.zo import ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, pack_pool
+    from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, pack_pool
 
     adapter = m.AdapterSpec(r=4, alpha=8.0, target_modules=("q_proj",))
     fit = m.FitConfig(local_steps=5, lr=1e-3, batch_size=2, max_seq_len=64, seed=7919)
@@ -44,7 +44,7 @@ def build() -> dict[str, bytes]:
     probs = np.full(8, 1 / 8, dtype="<f4").tobytes()
     zo_spec = ZoSpec(seed=11, num_seeds=8, eps=1e-3, lr=1e-6, direction="rademacher", target="lora",
                      base_fingerprint="ab" * 8)
-    out["task_fit_zo"] = m.Task(kind="fit", **common, zo=ZoTask(**zo_spec.model_dump(), probabilities=probs)).to_msgpack()
+    out["task_fit_zo"] = m.Task(kind="fit", **common, payload=ZoTask(**zo_spec.model_dump(), probabilities=probs)).to_msgpack()
 
     delta = {k: v * np.float32(0.01) for k, v in arrays.items()}
     up = dict(task_id="r1-fit-v0-a0", round=1, device_id="dev-1", base_version=0, num_samples=12)
@@ -61,7 +61,7 @@ def build() -> dict[str, bytes]:
                                       metrics={"eval_loss": 2.5}).to_msgpack()
     indices, g = pack_pool({0: 0.5, 3: -1.25, 7: 2.0})
     zo_update = ZoUpdate(base_fingerprint="ab" * 8, indices=indices, g=g)
-    out["update_fit_zo"] = m.Update(kind="fit", **up, metrics={"train_loss": 1.5}, zo=zo_update).to_msgpack()
+    out["update_fit_zo"] = m.Update(kind="fit", **up, metrics={"train_loss": 1.5}, payload=zo_update).to_msgpack()
 
     out["global_snapshot"] = m.GlobalModel(version=0, round=0, adapter=adapter, model="tiny-llama",
                                            tensors=encode(arrays), created_at=1700000000.0).to_msgpack()

@@ -14,12 +14,14 @@ Torch-free so the coordinator can derive the K candidate seeds and keep the seed
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.modes.base import ModePayload
+from fedmq_protocol.wire import Message
 
 _M64 = (1 << 64) - 1
 MAX_SEEDS = 65536  # indices travel as uint16
@@ -98,8 +100,10 @@ class ZoSpec(BaseModel):
     base_fingerprint: str | None = Field(None, max_length=64, description="edge_agent.models.model_fingerprint of the base")
 
 
-class ZoTask(ZoSpec):
+class ZoTask(ZoSpec, ModePayload):
     """The ``zo`` part of a task: the spec plus Pro probabilities (K float32) when enabled."""
+
+    mode: ClassVar[str] = "zo"
 
     probabilities: bytes | None = None
 
@@ -115,34 +119,28 @@ class ZoTask(ZoSpec):
         return None if self.probabilities is None else np.frombuffer(self.probabilities, dtype="<f4").astype(np.float64)
 
 
-class ZoUpdate(BaseModel):
+class ZoUpdate(ModePayload):
     """The ``zo`` part of a fit update: candidate indices drawn and their accumulated g."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: ClassVar[str] = "zo"
     base_fingerprint: str = Field(max_length=64)
     indices: bytes = Field(max_length=2 * MAX_SEEDS)
     g: bytes = Field(max_length=4 * MAX_SEEDS)
 
 
-class ZoLedgerRound(BaseModel):
+class ZoLedgerRound(Message):
     """One completed round of the seed ledger (msgpack, retained on ``{base}/zo/ledger/{round}``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    schema_version: int = Field(1, alias="schema")
+    max_msgpack_bytes: ClassVar[int] = 1 << 22
+
     round: int = Field(ge=1)
     spec: ZoSpec
-    adapter: dict | None = None  # AdapterSpec fields when target is lora
+    adapter: dict[str, Any] | None = None  # AdapterSpec fields when target is lora
     indices: bytes = Field(max_length=2 * MAX_SEEDS)
     g: bytes = Field(max_length=4 * MAX_SEEDS)
     num_clients: int = Field(0, ge=0)
     num_samples: int = Field(0, ge=0)
-
-    @field_validator("schema_version")
-    @classmethod
-    def _schema(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"unsupported ledger schema {v}")
-        return v
 
     @model_validator(mode="after")
     def _pool(self) -> "ZoLedgerRound":
@@ -156,25 +154,6 @@ class ZoLedgerRound(BaseModel):
         """(candidate index, g_sum) in canonical (ascending index) order."""
         idx, val = unpack_pool(self.indices, self.g, self.spec.num_seeds, f"ledger round {self.round}")
         return [(int(i), float(v)) for i, v in zip(idx, val)]
-
-    def to_msgpack(self) -> bytes:
-        import msgpack
-
-        return msgpack.packb(self.model_dump(by_alias=True, mode="python"), use_bin_type=True)
-
-    @classmethod
-    def from_msgpack(cls, data: bytes, max_bytes: int = 1 << 22) -> "ZoLedgerRound":
-        from pydantic import ValidationError
-
-        from fedmq_protocol.messages import _validation_summary, unpack_limited
-
-        obj = unpack_limited(data, max_bytes, what="ZoLedgerRound")
-        if not isinstance(obj, dict):
-            raise ProtocolError("invalid ZoLedgerRound: expected a map")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            raise ProtocolError(_validation_summary(exc, cls)) from None
 
 
 def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict | None,
@@ -200,3 +179,7 @@ def ledger_topic(base: str, round_no: int) -> str:
 
 def ledger_filter(base: str) -> str:
     return f"{base}/zo/ledger/+"
+
+
+#: the payloads this mode puts in messages (fedmq_protocol.modes registry)
+PAYLOADS: dict[str, type[ModePayload]] = {"task": ZoTask, "update": ZoUpdate}
