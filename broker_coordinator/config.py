@@ -1,20 +1,39 @@
-"""Coordinator configuration (YAML)."""
+"""Coordinator configuration (YAML).
+
+The federation mode is ``mode:``, or the one whose section is present: a mode whose payload module
+defines ``OPTIONS`` (a pydantic model) gets a top-level section of its name (``zo:`` for FedKSeed),
+validated like every other key.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from broker_coordinator.downlink import DownlinkConfig, ServerOptimizerConfig
 from broker_coordinator.robust import AggregationConfig
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.modes.zo import ZoSpec
+from fedmq_protocol.modes import DEFAULT_MODE, MODES, check_mode
 
 
-class CoordinatorConfig(BaseModel):
+def mode_options_types() -> dict[str, type[BaseModel]]:
+    """mode name -> the model of its config section (modes without options have none)."""
+    out: dict[str, type[BaseModel]] = {}
+    for name, module in MODES.items():
+        options = getattr(importlib.import_module(module), "OPTIONS", None) if module else None
+        if options is not None:
+            out[name] = options
+    return out
+
+
+class CoordinatorConfigBase(BaseModel):
+    """The coordinator YAML; ``CoordinatorConfig`` adds a section per mode with options."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     federation: str = "default"
@@ -42,7 +61,8 @@ class CoordinatorConfig(BaseModel):
     selection_seed: int = 0
     downlink: DownlinkConfig = DownlinkConfig()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
-    zo: ZoSpec | None = Field(None, description="zeroth-order federation (FedKSeed): devices train with method zo")
+    mode: str | None = Field(
+        None, description="federation mode (fedmq_protocol.modes); default: the mode whose section is set, else adapter")
     aggregation: AggregationConfig = AggregationConfig()
     device_keys: dict[str, str] = Field(
         default_factory=dict,
@@ -57,8 +77,19 @@ class CoordinatorConfig(BaseModel):
         check_level(self.coordinator_id, "coordinator_id")
         if self.quorum is not None and self.quorum > self.min_clients:
             raise ValueError(f"quorum ({self.quorum}) cannot exceed min_clients ({self.min_clients})")
-        if self.zo is not None and not self.aggregation.is_plain:
-            raise ValueError("aggregation: robust rules and clipping apply to adapter updates, not to zo federations")
+        sections = [name for name in mode_options_types() if getattr(self, name, None) is not None]
+        if len(sections) > 1:
+            raise ValueError(f"sections {', '.join(sections)} name different federation modes; keep one")
+        if self.mode is not None:
+            check_mode(self.mode)
+            if sections and sections[0] != self.mode:
+                raise ValueError(f"mode is {self.mode!r} but the config has a {sections[0]!r} section")
+        elif sections:
+            object.__setattr__(self, "mode", sections[0])
+        else:
+            object.__setattr__(self, "mode", DEFAULT_MODE)
+        if self.mode != "adapter" and not self.aggregation.is_plain:
+            raise ValueError(f"aggregation: robust rules and clipping apply to adapter updates, not to {self.mode} federations")
         for device_id, key in self.device_keys.items():
             check_level(device_id, f"device_keys[{device_id!r}]")
             from fedmq_protocol.signing import SigningKeyError, load_public_key
@@ -72,9 +103,31 @@ class CoordinatorConfig(BaseModel):
         return self
 
     @property
+    def mode_options(self) -> BaseModel | None:
+        """The validated section of the federation's mode (None: the mode has no options)."""
+        options: BaseModel | None = getattr(self, str(self.mode), None)
+        return options
+
+    @property
     def signatures_required(self) -> bool:
         return bool(self.device_keys) if self.require_signatures is None else self.require_signatures
 
     @property
     def effective_quorum(self) -> int:
         return self.quorum or self.min_clients
+
+
+def _with_mode_sections() -> type[CoordinatorConfigBase]:
+    fields: dict[str, Any] = {
+        name: (options | None, Field(None, description=f"options of the {name} federation mode (sets mode: {name})"))
+        for name, options in mode_options_types().items()
+    }
+    model: type[CoordinatorConfigBase] = create_model(
+        "CoordinatorConfig", __base__=CoordinatorConfigBase, __module__=__name__, **fields)
+    return model
+
+
+if TYPE_CHECKING:
+    CoordinatorConfig = CoordinatorConfigBase
+else:
+    CoordinatorConfig = _with_mode_sections()

@@ -53,7 +53,8 @@ class ServerOptimizerConfig(BaseModel):
     eps: float = Field(1e-6, gt=0)
 
 
-def _lossless(arrays: Mapping[str, np.ndarray]) -> dict:
+def lossless(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The wire map of ``arrays`` in exact float32, dense."""
     return encode(arrays, CodecSpec(values="float32", auto_sparse=False)).to_wire()
 
 
@@ -72,16 +73,14 @@ class ServerModel:
         self.m: dict[str, np.ndarray] | None = None
         self.v: dict[str, np.ndarray] | None = None
         self.t = 0
-        self.retained_diffs: dict[int, int] = {}  # version -> chunk count, retained on the broker
 
     # -- persistence --------------------------------------------------------------------------
     def to_blob(self) -> dict[str, Any]:
-        blob: dict[str, Any] = {"format": BLOB_FORMAT, "exact": _lossless(self.exact), "t": self.t,
-                                "retained_diffs": [[v, n] for v, n in sorted(self.retained_diffs.items())]}
+        blob: dict[str, Any] = {"format": BLOB_FORMAT, "exact": lossless(self.exact), "t": self.t}
         if self.m is not None:
-            blob["m"] = _lossless(self.m)
+            blob["m"] = lossless(self.m)
         if self.v is not None:
-            blob["v"] = _lossless(self.v)
+            blob["v"] = lossless(self.v)
         return blob
 
     @classmethod
@@ -99,7 +98,6 @@ class ServerModel:
             sm.m = _load(blob["m"], shapes)
         if "v" in blob:
             sm.v = _load(blob["v"], shapes)
-        sm.retained_diffs = {int(v): int(n) for v, n in blob.get("retained_diffs", [])}
         return sm
 
     # -- optimizer ----------------------------------------------------------------------------
@@ -131,7 +129,7 @@ class ServerModel:
     # -- messages -----------------------------------------------------------------------------
     def snapshot(self, version: int, round_no: int, adapter: AdapterSpec, model: str | None) -> GlobalModel:
         return GlobalModel(version=version, round=round_no, adapter=adapter, model=model,
-                           tensors=EncodedTensors(_lossless(self.published)))
+                           tensors=EncodedTensors(lossless(self.published)))
 
     def advance(self, version: int, round_no: int, adapter: AdapterSpec, model: str | None) -> GlobalModel:
         """Move ``published`` to version ``version``; the message that does the same on devices."""

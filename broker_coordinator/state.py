@@ -2,9 +2,9 @@
 
 The file store writes atomically (temp file, fsync, rename, fsync dir) after every completed
 round, so a coordinator killed at any instant restarts from the last completed round with a
-global adapter that matches its round counter. While a round is open, every accepted update is
-written too (``save_open_round``), so a restarted coordinator resumes that round without asking
-the devices again.
+global that matches its round counter. While a round is open, every accepted update is written
+too (``save_open_round``, the typed journal of ``broker_coordinator.journal``), so a restarted
+coordinator resumes that round without asking the devices again.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 import msgpack
 
-from fedmq_protocol.messages import GlobalModel, RoundSummary, unpack_limited
-from fedmq_protocol.storage import atomic_write  # noqa: F401  (re-exported: older imports)
-from fedmq_protocol.modes.zo import ZoLedgerRound
+from broker_coordinator.journal import OpenRound
+from fedmq_protocol.messages import GlobalModel, RoundSummary
+from fedmq_protocol.storage import atomic_write
+from fedmq_protocol.wire import unpack_limited
 
 STATE_FORMAT = 1
 
@@ -76,13 +77,14 @@ class CoordinatorState:
     """Everything needed to resume: the last completed round and the global it produced."""
 
     round_completed: int = 0  # 0: nothing trained yet (round 0 is the baseline evaluation)
-    global_model: GlobalModel | None = None
+    global_model: GlobalModel | None = None  # the current global, as a snapshot
     history: list[RoundSummary] = field(default_factory=list)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
-    # exact (optimizer) weights, optimizer moments, retained differences: broker_coordinator.downlink
-    server: dict[str, Any] | None = None
-    # zeroth-order federations: the global is the base checkpoint + this seed ledger (rounds 1..N)
-    zo_ledger: list[ZoLedgerRound] = field(default_factory=list)
+    # the federation mode's own state (msgpack-able; CoordinatorMode.state_blob): adapter: exact
+    # weights and server optimizer moments; zo: the seed ledger
+    mode_state: Any = None
+    # global differences retained on the broker: version -> chunk count (cleared at the next snapshot)
+    retained_diffs: dict[int, int] = field(default_factory=dict)
 
     @property
     def global_version(self) -> int:
@@ -99,56 +101,63 @@ class StateStore(ABC):
         """Persist ``state`` atomically."""
 
     # -- the open round: updates accepted before the round closed (survive a coordinator crash) --
-    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
-        """Record the open round ``doc`` (task id, round, base version, attempt, selected devices,
-        ``accepted`` device ids) and, when given, the accepted update ``payload`` of ``device_id``."""
+    @abstractmethod
+    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
+        """Record the open round and, when given, the accepted update ``payload`` of ``device_id``."""
 
-    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    @abstractmethod
+    def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
         """The open round recorded before a crash and its accepted update payloads, or None."""
-        return None
 
+    @abstractmethod
     def clear_open_round(self) -> None:
         """Forget the open round (it was aggregated or abandoned)."""
 
 
+def _copy(state: CoordinatorState) -> CoordinatorState:
+    return CoordinatorState(
+        round_completed=state.round_completed,
+        global_model=state.global_model,
+        history=list(state.history),
+        devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
+        mode_state=unpack_limited(msgpack.packb(state.mode_state, use_bin_type=True), 1 << 34, "mode state"),
+        retained_diffs=dict(state.retained_diffs),
+    )
+
+
 class InMemoryStateStore(StateStore):
+    """The same contract in memory (tests, demos): saved state is a copy, not a live reference."""
+
     def __init__(self) -> None:
         self._state: CoordinatorState | None = None
+        self._open: tuple[OpenRound, dict[str, bytes]] | None = None
 
     def load(self) -> CoordinatorState | None:
-        return self._state
+        return None if self._state is None else _copy(self._state)
 
-    _open: tuple[dict[str, Any], dict[str, bytes]] | None = None
+    def save(self, state: CoordinatorState) -> None:
+        self._state = _copy(state)
 
-    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
-        payloads = dict(self._open[1]) if self._open and self._open[0].get("task_id") == doc.get("task_id") else {}
+    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
+        payloads = dict(self._open[1]) if self._open and self._open[0].task_id == record.task_id else {}
         if device_id is not None and payload is not None:
             payloads[device_id] = bytes(payload)
-        self._open = (json.loads(json.dumps(doc)), payloads)
+        self._open = (OpenRound.from_json(record.to_json()), payloads)
 
-    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
         return self._open
 
     def clear_open_round(self) -> None:
         self._open = None
 
-    def save(self, state: CoordinatorState) -> None:
-        self._state = CoordinatorState(
-            round_completed=state.round_completed,
-            global_model=state.global_model,
-            history=list(state.history),
-            devices={k: DeviceRecord.from_json(v.to_json()) for k, v in state.devices.items()},
-            server=state.server,
-            zo_ledger=list(state.zo_ledger),
-        )
-
 
 class FileStateStore(StateStore):
-    """``state.json`` (round, history, devices) + ``global-v{N}.msgpack`` (the adapter devices hold)
-    + ``server-v{N}.msgpack`` (exact weights and server optimizer state).
+    """``state.json`` (round, history, devices, retained differences) + ``global-v{N}.msgpack``
+    (the global devices hold) + ``mode-v{N}.msgpack`` (the mode's state at version N).
 
-    The global is written first under a versioned name, then ``state.json`` pointing at it, so a
-    crash between the two leaves the previous consistent pair in place.
+    The versioned files are written first, then ``state.json`` pointing at them, so a crash
+    between the two leaves the previous consistent set in place; nothing depends on write order
+    beyond that one rename.
     """
 
     def __init__(self, directory: str | Path, keep_globals: int = 2) -> None:
@@ -168,46 +177,39 @@ class FileStateStore(StateStore):
         gm = None
         if obj.get("global_file"):
             gm = GlobalModel.from_msgpack((self.dir / obj["global_file"]).read_bytes())
-        round_completed = int(obj["round_completed"])
-        ledger: list[ZoLedgerRound] = []
-        if obj.get("zo_ledger_file"):
-            raw = msgpack.unpackb((self.dir / obj["zo_ledger_file"]).read_bytes(), raw=False)
-            # written before state.json: a crash in between may leave one round too many
-            ledger = [e for e in (ZoLedgerRound.model_validate(x) for x in raw) if e.round <= round_completed]
+        mode_state, retained = None, {int(v): int(n) for v, n in obj.get("retained_diffs") or []}
+        # earlier releases: server-v{N}.msgpack (adapter) or zo-ledger.msgpack (zo) held the mode state
+        mode_file = obj.get("mode_state_file") or obj.get("server_file") or obj.get("zo_ledger_file")
+        if mode_file:
+            mode_state = unpack_limited((self.dir / mode_file).read_bytes(), 1 << 34, "mode state")
+            if isinstance(mode_state, dict) and "retained_diffs" in mode_state and not obj.get("mode_state_file"):
+                retained = {int(v): int(n) for v, n in mode_state.pop("retained_diffs")}
         return CoordinatorState(
-            round_completed=round_completed,
+            round_completed=int(obj["round_completed"]),
             global_model=gm,
             history=[RoundSummary.from_obj(h) for h in obj.get("history", [])],
             devices={k: DeviceRecord.from_json(v) for k, v in obj.get("devices", {}).items()},
-            server=unpack_limited((self.dir / obj["server_file"]).read_bytes(), 1 << 34, "server state")
-            if obj.get("server_file") else None,
-            zo_ledger=ledger,
+            mode_state=mode_state,
+            retained_diffs=retained,
         )
 
     def save(self, state: CoordinatorState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        global_file = None
+        global_file = mode_file = None
         if state.global_model is not None:
             global_file = f"global-v{state.global_model.version}.msgpack"
             if not (self.dir / global_file).exists():
                 atomic_write(self.dir / global_file, state.global_model.to_msgpack())
-        server_file = None
-        if state.server is not None and state.global_model is not None:
-            # rewritten every save: it also records which differences are retained on the broker
-            server_file = f"server-v{state.global_model.version}.msgpack"
-            atomic_write(self.dir / server_file, msgpack.packb(state.server, use_bin_type=True))
-        ledger_file = None
-        if state.zo_ledger:
-            ledger_file = "zo-ledger.msgpack"
-            atomic_write(self.dir / ledger_file, msgpack.packb(
-                [e.model_dump(by_alias=True, mode="python") for e in state.zo_ledger], use_bin_type=True))
+            if state.mode_state is not None:
+                mode_file = f"mode-v{state.global_model.version}.msgpack"
+                atomic_write(self.dir / mode_file, msgpack.packb(state.mode_state, use_bin_type=True))
         doc = {
             "format": STATE_FORMAT,
-            "zo_ledger_file": ledger_file,
             "round_completed": state.round_completed,
             "global_version": state.global_version,
             "global_file": global_file,
-            "server_file": server_file,
+            "mode_state_file": mode_file,
+            "retained_diffs": [[v, n] for v, n in sorted(state.retained_diffs.items())],
             "history": [json.loads(h.to_json()) for h in state.history],
             "devices": {k: v.to_json() for k, v in state.devices.items()},
         }
@@ -221,28 +223,27 @@ class FileStateStore(StateStore):
     def open_round_file(self) -> Path:
         return self.dir / "open-round.json"
 
-    def save_open_round(self, doc: dict[str, Any], device_id: str | None = None, payload: bytes | None = None) -> None:
+    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if device_id is not None and payload is not None:
             atomic_write(self.dir / f"open-{device_id}.msgpack", bytes(payload))
-        atomic_write(self.open_round_file, json.dumps({"format": STATE_FORMAT, **doc}, indent=1).encode())
+        atomic_write(self.open_round_file, json.dumps({"format": STATE_FORMAT, **record.to_json()}, indent=1).encode())
 
-    def load_open_round(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
         try:
             doc = json.loads(self.open_round_file.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # unreadable cannot happen with atomic writes
             return None
-        except ValueError:
-            return None  # cannot happen with atomic writes; treat as no open round
-        if doc.get("format") != STATE_FORMAT:
+        if not isinstance(doc, dict) or doc.pop("format", None) != STATE_FORMAT:
             return None
+        record = OpenRound.from_json(doc)
         payloads: dict[str, bytes] = {}
-        for device_id in doc.get("accepted", []):
+        for device_id in record.accepted:
             try:
                 payloads[device_id] = (self.dir / f"open-{device_id}.msgpack").read_bytes()
             except FileNotFoundError:
                 pass
-        return doc, payloads
+        return record, payloads
 
     def clear_open_round(self) -> None:
         self.open_round_file.unlink(missing_ok=True)
@@ -250,10 +251,11 @@ class FileStateStore(StateStore):
             p.unlink(missing_ok=True)
 
     def _prune(self, current: int) -> None:
-        for p in [*self.dir.glob("global-v*.msgpack"), *self.dir.glob("server-v*.msgpack")]:
-            try:
-                v = int(p.stem.split("-v", 1)[1])
-            except (IndexError, ValueError):
-                continue
-            if v <= current - self.keep_globals:
-                p.unlink(missing_ok=True)
+        for pattern in ("global-v*.msgpack", "mode-v*.msgpack", "server-v*.msgpack"):
+            for p in self.dir.glob(pattern):
+                try:
+                    v = int(p.stem.split("-v", 1)[1])
+                except (IndexError, ValueError):
+                    continue
+                if v <= current - self.keep_globals:
+                    p.unlink(missing_ok=True)

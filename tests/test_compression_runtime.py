@@ -126,9 +126,9 @@ def test_device_that_misses_two_globals_converges_to_the_coordinators_exact_weig
     always, flaky = Device("always"), Device("flaky")
     coord.transport.connect(10)
     try:
-        server = coord._server_model = ServerModel(_weights(0, 0.1), cfg.downlink, cfg.server_optimizer)
+        server = coord.mode.server = ServerModel(_weights(0, 0.1), cfg.downlink, cfg.server_optimizer)
         coord.state.global_model = server.snapshot(0, 0, ADAPTER, None)
-        coord._publish_global()
+        coord.publisher.publish()
         always.connect()
         flaky.connect()
         rng = np.random.default_rng(5)
@@ -141,7 +141,7 @@ def test_device_that_misses_two_globals_converges_to_the_coordinators_exact_weig
             server.step({k: rng.standard_normal(a.shape) * 0.01 for k, a in server.exact.items()})
             msg = server.advance(v, v, ADAPTER, None)
             coord.state.global_model = server.snapshot(v, v, ADAPTER, None)
-            coord._publish_global(msg)
+            coord.publisher.publish(msg)
             always.wait(v)
         flaky.wait(6)
         late = Device("late")  # joins now: retained snapshot v6

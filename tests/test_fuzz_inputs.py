@@ -28,7 +28,8 @@ import msgpack
 import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
-from broker_coordinator.coordinator import Coordinator, _Collect
+from broker_coordinator.coordinator import Coordinator
+from broker_coordinator.intake import Collection
 from broker_coordinator.downlink import ServerModel
 from broker_coordinator.state import FileStateStore
 from broker_coordinator.strategy import mean_delta
@@ -123,7 +124,7 @@ class Harness:
             cfg = CoordinatorConfig(federation=FED, state_dir=tmp_path / name, device_keys=keys,
                                     broker={"max_message_bytes": MAX_BYTES, "chunk_size": 65536})
             coord = Coordinator(cfg, transport=_StubTransport(), store=FileStateStore(cfg.state_dir))
-            coord._server_model = ServerModel(self.global_, cfg.downlink, cfg.server_optimizer)
+            coord.mode.server = ServerModel(self.global_, cfg.downlink, cfg.server_optimizer)
             self.coords[name] = coord
         self.topic = self.coords["signed"].topics.device_update("dev-0")
         self.agent = _agent(tmp_path)
@@ -135,11 +136,11 @@ class Harness:
         """One payload on the update topic of coordinator ``which`` with ``task`` open."""
         coord = self.coords[which]
         base = task.global_version if task.kind != "init" else -1
-        c = _Collect(task.kind, task.task_id, task.round, base, {"dev-0"}, nonce=task.nonce)
-        coord._collect = c
+        c = Collection(task.kind, task.task_id, task.round, base, {"dev-0"}, nonce=task.nonce)
+        coord.rounds.open = c
         errors = coord.counters.errors
         coord._handle("update", self.topic, payload, time.time())
-        coord._collect = None
+        coord.rounds.open = None
         if coord.counters.errors != errors:
             raise RuntimeError(f"coordinator error: {coord.counters.last_rejection}")
         if not c.accepted:
@@ -150,7 +151,7 @@ class Harness:
         if which == "signed" and body_digest(upd.to_obj()) not in self.valid_digests:
             self.accepted_invalid.append("signed: a signature was accepted on a modified body")
         if upd.kind == "fit":
-            dec = c.decoded["dev-0"]
+            dec = c.contributions["dev-0"]
             _check_decoded(dec, SHAPES)
             out = mean_delta(self.global_, [upd], [dec])
             assert all(np.all(np.isfinite(v)) for v in out.values())

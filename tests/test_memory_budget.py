@@ -501,7 +501,8 @@ def test_coordinator_selects_compatible_plans_and_skips_refusals():
 
 def test_coordinator_learns_plans_and_stops_waiting_for_a_device_over_budget():
     from broker_coordinator.config import CoordinatorConfig
-    from broker_coordinator.coordinator import Coordinator, _Collect
+    from broker_coordinator.coordinator import Coordinator
+    from broker_coordinator.intake import Collection
     from broker_coordinator.state import InMemoryStateStore
 
     coord = Coordinator(CoordinatorConfig(federation="t"), store=InMemoryStateStore(), transport=FakeTransport())
@@ -509,18 +510,18 @@ def test_coordinator_learns_plans_and_stops_waiting_for_a_device_over_budget():
                         estimate_host_mb=900.0)
     st = m.DeviceStatus(device_id="d1", online=True, seq=1, state="idle", num_samples=5,
                         memory=m.DeviceMemory(budget_host_mb=1024, plan=plan))
-    coord._on_status(coord.topics.device_status("d1"), st.to_json())
+    coord._handle("status", coord.topics.device_status("d1"), st.to_json(), 0.0)
     rec = coord.state.devices["d1"]
     assert rec.plan["method"] == "qlora" and rec.memory["budget_host_mb"] == 1024
-    c = _Collect("fit", "r1-fit-v0-a0", 1, 0, {"d1"})
-    coord._collect = c
+    c = Collection("fit", "r1-fit-v0-a0", 1, 0, {"d1"})
+    coord.rounds.open = c
     import time as _t
 
-    assert coord._may_answer("d1", _t.time())
+    assert coord.rounds.may_answer("d1", _t.time())
     report = m.OverBudgetReport(task_id="r1-fit-v0-a0", round=1, step=2, peak_host_mb=1100, budget_host_mb=1024)
     st2 = st.model_copy(update={"seq": 1, "memory": m.DeviceMemory(budget_host_mb=1024, plan=plan, over_budget=report)})
-    coord._on_status(coord.topics.device_status("d1"), st2.to_json())
-    assert not coord._may_answer("d1", _t.time())  # the round does not wait for it until the deadline
+    coord._handle("status", coord.topics.device_status("d1"), st2.to_json(), 0.0)
+    assert not coord.rounds.may_answer("d1", _t.time())  # the round does not wait for it until the deadline
 
 
 def test_status_json_documents_memory_fields():
@@ -542,7 +543,7 @@ def test_memory_modules_import_without_the_ml_stack():
     from pathlib import Path
 
     code = ("import sys, edge_agent.memory_plan, edge_agent.memory_guard, edge_agent.memory_agent, "
-            "broker_coordinator.coordinator, broker_coordinator.zo_strategy; "
+            "broker_coordinator.coordinator, broker_coordinator.modes.zo; "
             "from edge_agent.memory_guard import MemoryGuard; from edge_agent.memory_plan import Budget; "
             "g = MemoryGuard(Budget()); g.before_step(1); g.after_step(1); "
             "assert g.last.peak_gpu_mb is None and g.last.peak_host_mb > 0; "

@@ -15,7 +15,7 @@ import torch
 
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.state import CoordinatorState, FileStateStore
-from broker_coordinator.zo_strategy import FedKSeed
+from broker_coordinator.modes.zo import ZoMode
 from edge_agent.data import Example
 from edge_agent.methods import get_method, zo_directions
 from edge_agent.methods.qlora import disable_cpu_inference_packing
@@ -319,42 +319,48 @@ def _upd(pool: dict[int, float], fp: str = "abc", n: int = 10, dev: str = "d0") 
 
 def test_coordinator_aggregates_sample_weighted_g_into_a_persisted_ledger(tmp_path):
     cfg = CoordinatorConfig(zo={"num_seeds": 16, "pro": True}, min_clients=2)
-    strat = FedKSeed(cfg)
+    mode = ZoMode(cfg)
     state = CoordinatorState()
-    assert strat.initial_tensors() == {}
-    fields = strat.task_fields("fit", 1, state)
-    assert fields["zo"].num_seeds == 16 and fields["zo"].probabilities is not None
+    mode.restore(state)
+    assert mode.initial_global().tensors.empty  # version 0 is the base checkpoint itself
+    payload = mode.task_payload("fit", 1)
+    assert payload.num_seeds == 16 and payload.probabilities is not None
     a, b = _upd({1: 2.0, 3: -1.0}, n=10), _upd({3: 4.0}, n=30, dev="d1")
-    for u in (a, b):
-        strat.validate_fit({}, u)
-    strat.aggregate_fit({}, [a, b])
-    strat.commit_round(state, 1)
-    entry = state.zo_ledger[0]
+    contributions = [mode.validate_update(u) for u in (a, b)]
+    outcome = mode.aggregate(1, 1, [a, b], contributions)
+    assert outcome.message.is_snapshot and outcome.message.tensors.empty
+    state.global_model, state.mode_state, state.round_completed = outcome.snapshot, mode.state_blob(), 1
+    entry = mode.ledger[0]
     assert entry.entries() == [(1, pytest.approx(0.5)), (3, pytest.approx(-0.25 + 3.0))]
     assert entry.spec.base_fingerprint == "abc"
     with pytest.raises(ProtocolError, match="base"):
-        strat.validate_fit({}, _upd({1: 1.0}, fp="other"))
-    state.round_completed = 1
+        mode.validate_update(_upd({1: 1.0}, fp="other"))
     store = FileStateStore(tmp_path)
     store.save(state)
     loaded = store.load()
-    assert loaded is not None and loaded.zo_ledger == state.zo_ledger
+    reloaded = ZoMode(cfg)
+    reloaded.restore(loaded)
+    assert loaded is not None and reloaded.ledger == mode.ledger
     # the published retained ledger round decodes to the same entry, once per process
-    msgs = strat.retained_messages(state, "fedmq/x")
+    msgs = mode.retained_messages("fedmq/x")
     assert [t for t, _ in msgs] == ["fedmq/x/zo/ledger/1"]
     assert ZoLedgerRound.from_msgpack(msgs[0][1]) == entry
-    assert strat.retained_messages(state, "fedmq/x") == []
+    assert mode.retained_messages("fedmq/x") == []
     # Pro probabilities now favour the seeds that moved
-    p = np.frombuffer(strat.task_fields("fit", 2, loaded)["zo"].probabilities, dtype="<f4")
+    p = np.frombuffer(reloaded.task_payload("fit", 2).probabilities, dtype="<f4")
     assert p[3] > p[1] > p[0]
 
 
 def test_ledger_rounds_beyond_the_last_completed_round_are_dropped_on_load(tmp_path):
     cfg = CoordinatorConfig(zo={"num_seeds": 4})
-    state = CoordinatorState(round_completed=1, zo_ledger=[
-        aggregate_round(r, cfg.zo, None, [(1, _upd({0: 1.0}).payload)]) for r in (1, 2)])
+    ledger = [aggregate_round(r, cfg.mode_options, None, [(1, _upd({0: 1.0}).payload)]) for r in (1, 2)]
+    mode = ZoMode(cfg)
+    mode.ledger = ledger
+    state = CoordinatorState(round_completed=1, global_model=mode.initial_global(), mode_state=mode.state_blob())
     FileStateStore(tmp_path).save(state)
-    assert [e.round for e in FileStateStore(tmp_path).load().zo_ledger] == [1]
+    reloaded = ZoMode(cfg)
+    reloaded.restore(FileStateStore(tmp_path).load())
+    assert [e.round for e in reloaded.ledger] == [1]
 
 
 @pytest.mark.parametrize("bad,reason", [
@@ -365,9 +371,9 @@ def test_ledger_rounds_beyond_the_last_completed_round_are_dropped_on_load(tmp_p
     (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"g": b"\0" * 8})}), "pair"),
 ])
 def test_malformed_zo_updates_are_refused_with_a_reason(bad, reason):
-    strat = FedKSeed(CoordinatorConfig(zo={"num_seeds": 16}))
+    mode = ZoMode(CoordinatorConfig(zo={"num_seeds": 16}))
     with pytest.raises(ProtocolError, match=reason):
-        strat.validate_fit({}, bad(_upd({1: 1.0})))
+        mode.validate_update(bad(_upd({1: 1.0})))
 
 
 def test_zo_payloads_round_trip_through_msgpack_and_stay_small():

@@ -68,8 +68,9 @@ def test_agent_joining_at_round_5_replays_the_ledger_and_ends_bitwise_equal_to_t
     digests = {i: _zo_state(tmp_path, i)["param_digest"] for i in range(3)}
     assert len(set(digests.values())) == 1, digests
 
-    ledger = [ZoLedgerRound.model_validate(x) for x in
-              msgpack.unpackb((tmp_path / "coordinator" / "zo-ledger.msgpack").read_bytes(), raw=False)]
+    # the persisted ledger: the mode state file that state.json names
+    blob = msgpack.unpackb((tmp_path / "coordinator" / state["mode_state_file"]).read_bytes(), raw=False)
+    ledger = [ZoLedgerRound.model_validate(x) for x in blob["ledger"]]
     assert [e.round for e in ledger] == [1, 2, 3, 4, 5, 6]
     # The global is "base + ledger": replaying the coordinator's persisted ledger on a fresh base
     # gives the agents' weights bit for bit.

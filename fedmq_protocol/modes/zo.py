@@ -183,3 +183,5 @@ def ledger_filter(base: str) -> str:
 
 #: the payloads this mode puts in messages (fedmq_protocol.modes registry)
 PAYLOADS: dict[str, type[ModePayload]] = {"task": ZoTask, "update": ZoUpdate}
+#: the coordinator config section of this mode (``zo:``)
+OPTIONS = ZoSpec

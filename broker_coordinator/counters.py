@@ -1,0 +1,26 @@
+"""What the coordinator counts: accepted and refused input, restarts of either side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CoordinatorCounters:
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    duplicates: int = 0
+    late: int = 0
+    fit_accepted: int = 0  # fit updates accepted (all are aggregated: a retry carries them over)
+    restored: int = 0  # accepted before a restart, read back from the open round on disk
+    tasks_resent: int = 0  # open tasks sent again to a device that restarted, or after a broker restart
+    reconnects: int = 0
+    globals_reasserted: int = 0  # retained global re-published after the broker lost it
+    signature_rejected: int = 0  # also counted in updates_rejected
+    status_rejected: int = 0
+    frames_rejected: int = 0  # refused by the transport before decoding (framing, chunking, size)
+    errors: int = 0  # unexpected exceptions while handling input (a bug; counted, logged, survived)
+    last_rejection: str = ""
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}

@@ -1,0 +1,95 @@
+"""The coordinator side of federation modes: one module per mode, found by the mode's name.
+
+``broker_coordinator.modes.<name>`` defines ``MODE``, a :class:`CoordinatorMode` subclass. The
+round runner, update intake and global publisher call only this interface, so they know no mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from fedmq_protocol.messages import GlobalModel, TaskKind, Update
+from fedmq_protocol.modes import ModePayload, check_mode
+
+if TYPE_CHECKING:
+    from broker_coordinator.config import CoordinatorConfig
+    from broker_coordinator.state import CoordinatorState, DeviceRecord
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What aggregating one round produced."""
+
+    message: GlobalModel  # published to the devices: a snapshot, or a difference from the last version
+    snapshot: GlobalModel  # the new global in full (persisted)
+    # (topic, payload) published retained before ``message``, e.g. a ledger entry it depends on
+    retained: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class CoordinatorMode(ABC):
+    """One way of federating, coordinator side: the global, the tasks' and updates' mode payloads,
+    how updates combine, what is retained on the broker and what is persisted."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.cfg = config
+
+    # -- state ------------------------------------------------------------------------------
+    @abstractmethod
+    def restore(self, state: CoordinatorState) -> None:
+        """Take up the persisted state (``state.global_model``, ``state.mode_state``)."""
+
+    @abstractmethod
+    def state_blob(self) -> Any:
+        """The mode's state to persist with the global (msgpack-able), or None."""
+
+    # -- devices and tasks ------------------------------------------------------------------
+    def accepts(self, device: DeviceRecord) -> bool:
+        """Whether the device (its announced training plan) can take part."""
+        return True
+
+    @abstractmethod
+    def initial_global(self) -> GlobalModel | None:
+        """Version 0 of the global, or None to ask one device for its initial tensors (``init``)."""
+
+    def adopt_initial(self, arrays: dict[str, Any]) -> GlobalModel:
+        """Version 0 from the tensors of a device's ``init`` result."""
+        raise NotImplementedError(f"mode {self.name} defines version 0 itself")
+
+    def task_payload(self, kind: TaskKind, round_no: int) -> ModePayload | None:
+        """The mode's part of the tasks sent for ``kind`` in ``round_no``."""
+        return None
+
+    # -- updates ----------------------------------------------------------------------------
+    @abstractmethod
+    def validate_update(self, update: Update) -> Any:
+        """Check a fit update against the current global; returns what ``aggregate`` needs of it
+        (e.g. its decoded tensors). ProtocolError when it cannot be aggregated."""
+
+    @abstractmethod
+    def aggregate(self, round_no: int, version: int, updates: Sequence[Update],
+                  contributions: Sequence[Any]) -> RoundOutcome:
+        """Combine the round's accepted updates (sorted by device) into global ``version``."""
+
+    def retained_messages(self, base_topic: str, everything: bool = False) -> list[tuple[str, bytes]]:
+        """(topic, payload) the mode keeps retained on the broker that were not published yet
+        (``everything``: all of them, after the broker lost its retained messages)."""
+        return []
+
+
+def mode_class(name: str) -> type[CoordinatorMode]:
+    check_mode(name)
+    cls: type[CoordinatorMode] = getattr(importlib.import_module(f"broker_coordinator.modes.{name}"), "MODE")
+    return cls
+
+
+def create_mode(config: CoordinatorConfig) -> CoordinatorMode:
+    """The coordinator side of ``config.mode``."""
+    return mode_class(config.mode)(config)
+
+
+__all__ = ["CoordinatorMode", "RoundOutcome", "create_mode", "mode_class"]
