@@ -14,12 +14,15 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from edge_agent.memory.budget import parse_size
 from fedmq.configfile import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 KINDS = ("agent", "coordinator")
 DEFAULT_EXEC = "/usr/local/bin/fedmq"
@@ -184,15 +187,20 @@ def install(
     """Validate ``config_file`` and write the unit and the (rewritten) config under ``root``."""
     if kind not in KINDS:
         raise ConfigError(f"unknown service kind {kind!r}; expected agent or coordinator")
+    model: type[BaseModel]
     if kind == "agent":
-        from edge_agent.config import AgentConfig as Model
+        from edge_agent.config import AgentConfig
+
+        model = AgentConfig
     else:
-        from broker_coordinator.config import CoordinatorConfig as Model
+        from broker_coordinator.config import CoordinatorConfig
+
+        model = CoordinatorConfig
     src = Path(config_file)
     raw_text = src.read_text() if src.is_file() else ""
     raw = yaml.safe_load(raw_text) if raw_text else None
     budget = memory_budget_from(raw) if isinstance(raw, dict) and kind == "agent" else None
-    load_config(src, Model)  # refuse to install a config the service would reject
+    load_config(src, model)  # refuse to install a config the service would reject
     assert isinstance(raw, dict)
     notes: list[str] = []
     unit_name = f"fedmq-{kind}.service"
