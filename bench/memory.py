@@ -1,7 +1,7 @@
 """Memory budgets: the plan each budget gets, its estimate, and the peak actually measured.
 
 For each host budget, a fresh process (nothing shared between budgets) does what an agent does:
-plans with ``edge_agent.memory_agent.MemoryManager`` (SmolLM2-135M-Instruct's config, the
+plans with ``edge_agent.memory.MemoryManager`` (SmolLM2-135M-Instruct's config, the
 round's batch and window), loads the planned method, and trains a few local steps under the
 runtime guard on examples that fill the window. Measured: the process's peak resident set over its
 whole life (Linux ``VmHWM``, folded across the guard's per-step resets), including imports and
@@ -29,7 +29,7 @@ from bench.report import command_line, machine, md_table, update_doc_section, wr
 
 BUDGETS_MB = (600, 1024, 2048, 4096)
 TARGET_ERROR = 0.15
-# The points the estimate's constants were fitted to (edge_agent/memory_plan.py): the highest step
+# The points the estimate's constants were fitted to (edge_agent/memory/estimator.py): the highest step
 # peak (VmHWM, MiB) of 3-4 steps of the method classes on SmolLM2-135M-Instruct, LoRA r=8 on
 # q_proj/v_proj, rows filling the window, glibc mmap threshold fixed, one process per point,
 # measured on this machine while calibrating: (method, base, micro-batch, seq, checkpointing) -> MiB.
@@ -58,12 +58,12 @@ def _examples(n: int, seed: int = 0) -> list[dict]:
 
 def child(args: argparse.Namespace) -> dict:
     """One budget, in this (fresh) process."""
-    from edge_agent.memory_guard import configure_allocator, meter
+    from edge_agent.memory import configure_allocator, meter
 
     configure_allocator()
     t_start = time.perf_counter()
     from edge_agent.config import AgentConfig
-    from edge_agent.memory_agent import MemoryManager, PlanRefused
+    from edge_agent.memory import MemoryManager, PlanRefused
     from edge_agent.models import resolve_model
     from fedmq_protocol.messages import AdapterSpec, FitConfig
 
@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from edge_agent.data import load_jsonl
-    from edge_agent.memory_guard import OverBudget
+    from edge_agent.memory import OverBudget
     from edge_agent.methods import get_method
 
     torch.set_num_threads(args.threads)
@@ -237,7 +237,7 @@ def render(result: dict) -> str:
         f"{result['machine']['cores']} cores, {result['machine']['date']}, commit {result['machine']['commit']}.\n\n"
         f"Measured peak: the process's peak resident set over its whole life (imports, load, training), from the "
         f"kernel's high-water mark (`VmHWM`, reset per step by the guard and folded). Load / step: the peaks of "
-        f"loading the model and of the worst training step. Estimate: `edge_agent.memory_plan` from the model's "
+        f"loading the model and of the worst training step. Estimate: `edge_agent.memory.estimator` from the model's "
         f"config (runtime {runtime_note()}).\n\n"
         + md_table(["budget MiB", "plan", "estimate MiB", "measured peak MiB", "load / step MiB",
                     "estimate error", "peak ≤ budget", "training"], rows)
@@ -255,7 +255,7 @@ def render(result: dict) -> str:
 
 def calibration_note(model: str) -> str:
     """The fit points of the estimate's constants, with today's estimate for each."""
-    from edge_agent.memory_plan import ModelShape, estimate
+    from edge_agent.memory import ModelShape, estimate
     from edge_agent.models import resolve_model
 
     shape = ModelShape.from_path(resolve_model(model, log=lambda _m: None))
@@ -271,7 +271,7 @@ def calibration_note(model: str) -> str:
 
 
 def runtime_note() -> str:
-    from edge_agent.memory_plan import RUNTIME_MB
+    from edge_agent.memory import RUNTIME_MB
 
     return f"{RUNTIME_MB['cpu']:.0f} MiB for Python, torch, transformers, peft and the tokenizer, measured"
 

@@ -21,8 +21,7 @@ import numpy as np
 
 from edge_agent import resources
 from edge_agent.config import AgentConfig
-from edge_agent.memory_agent import MemoryManager, PlanRefused
-from edge_agent.memory_guard import OverBudget, configure_allocator
+from edge_agent.memory import MemoryManager, OverBudget, PlanRefused, configure_allocator
 from edge_agent.uplink import METRIC_KEYS as UPLINK_KEYS, UplinkEncoder
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import encode
@@ -103,12 +102,12 @@ class EdgeAgent:
         self.global_arrays: dict[str, np.ndarray] | None = None
         self._dirty = False  # adapter holds local (trained) weights, not the global
         self._global_timing: dict[str, float] = {}
-        # memory budget: the plan training runs with, the per-step guard (edge_agent.memory_agent)
+        # memory budget: the plan training runs with, the per-step guard (edge_agent.memory)
         self.memory = MemoryManager(config, self.state_file)
         self._plan_fit: m.FitConfig | None = None  # fit settings of the task being planned for
         self._method_key: tuple | None = None
         if config.memory_budget is not None:
-            configure_allocator()  # resident memory tracks what is in use (see memory_guard)
+            configure_allocator()  # resident memory tracks what is in use (see edge_agent.memory.guard)
         self.state = "loading"
         self.progress: dict[str, Any] = {}
         will = WillMessage(self.topics.device_status(self.device_id), self._status(False).to_json(), QOS_STATUS, True)
@@ -288,7 +287,7 @@ class EdgeAgent:
         if self.method is not None and self._method_adapter == adapter and self._method_key == key:
             self.memory.install(self.method)  # a new micro-batch needs no reload
             return
-        from edge_agent.memory_guard import meter
+        from edge_agent.memory import meter
         from edge_agent.methods import get_method
 
         if self.cfg.training.torch_threads:

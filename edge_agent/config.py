@@ -36,8 +36,8 @@ class TrainingOverrides(BaseModel):
 
 
 class MemoryBudgetConfig(BaseModel):
-    """``memory_budget``: what the agent may use; it plans training to fit (edge_agent.memory_plan)
-    and stops a round whose measured peak goes over (edge_agent.memory_guard).
+    """``memory_budget``: what the agent may use; it plans training to fit (edge_agent.memory.planner)
+    and stops a round whose measured peak goes over (edge_agent.memory.guard).
 
     YAML: a size (``2G``, ``2048`` MiB, ``80%`` of RAM) for host memory, or a map
     ``{host_mb: 2048, gpu_mb: 4096}`` (sizes accepted too: ``host: 2G``; ``ram``/``total`` are
@@ -56,7 +56,7 @@ class MemoryBudgetConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
-        from edge_agent.memory_plan import parse_size_mb
+        from edge_agent.memory.budget import parse_size_mb
 
         if v is None:
             return {}
@@ -86,7 +86,7 @@ class MemoryBudgetConfig(BaseModel):
     def budget(self, device: str = "cpu") -> Any:
         """The planner's ``Budget``: the GPU figure counts only when training on CUDA; the safety
         margin is taken off both."""
-        from edge_agent.memory_plan import Budget
+        from edge_agent.memory.budget import Budget
 
         keep = 1.0 - self.safety_margin
         gpu = self.gpu_mb if device.startswith("cuda") else None
@@ -95,7 +95,7 @@ class MemoryBudgetConfig(BaseModel):
 
     def limit(self, device: str = "cpu") -> Any:
         """The guard's ``Budget``: the configured figures themselves (no margin)."""
-        from edge_agent.memory_plan import Budget
+        from edge_agent.memory.budget import Budget
 
         return Budget(host_mb=self.host_mb, gpu_mb=self.gpu_mb if device.startswith("cuda") else None)
 

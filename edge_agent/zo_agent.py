@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
-from edge_agent.memory_guard import OverBudget
+from edge_agent.memory import OverBudget
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.topics import QOS_GLOBAL

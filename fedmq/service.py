@@ -9,17 +9,20 @@ service can use (state in its ``StateDirectory``, secrets through ``LoadCredenti
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from edge_agent.memory.budget import parse_size
 from fedmq.configfile import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 KINDS = ("agent", "coordinator")
 DEFAULT_EXEC = "/usr/local/bin/fedmq"
@@ -31,28 +34,21 @@ DEFAULT_MEMORY_MAX = {"agent": "80%", "coordinator": "50%"}
 # a coordinator pumps its event queue at least every 0.5 s.
 DEFAULT_WATCHDOG_S = {"agent": 600, "coordinator": 120}
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
 
 def parse_memory(value: Any, *, what: str = "memory") -> str:
-    """A systemd ``MemoryMax=`` value from ``6G``/``6GB``/``6GiB``/``512M``/``80%`` or a number of MB."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size like 6G or a number of MB, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigError(f"{what}: must be positive, got {value!r}")
-        return f"{int(value)}M"
-    text = str(value).strip()
-    if re.fullmatch(r"\d{1,3}(\.\d+)?%", text) and 0 < float(text[:-1]) <= 100:
-        return text
-    m = _SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"{what}: expected a size like 6G, 6GB, 512M or 80%, got {value!r}")
-    number, unit = m.group(1), (m.group(2) or "M").upper()
-    if "." in number:  # systemd wants integers: express fractions in the next smaller unit
-        smaller = {"T": "G", "G": "M", "M": "K", "K": ""}[unit]
-        return f"{int(float(number) * 1024)}{smaller}"
-    return f"{number}{unit}"
+    """A systemd ``MemoryMax=`` value from ``6G``/``6GB``/``6GiB``/``512M``/``80%`` or a number of MB
+    (read as the agent reads ``memory_budget``: ``edge_agent.memory.budget.parse_size``)."""
+    try:
+        size = parse_size(value, what=what, example="6G")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if size.number.is_integer():
+        return f"{int(size.number)}{size.unit}"
+    if size.is_share:
+        return f"{size.number}%"
+    # systemd wants integers: express fractions in the next smaller unit
+    smaller = {"T": "G", "G": "M", "M": "K", "K": ""}[size.unit]
+    return f"{int(size.number * 1024)}{smaller}"
 
 
 def memory_budget_from(raw: dict[str, Any]) -> str | None:
@@ -191,15 +187,20 @@ def install(
     """Validate ``config_file`` and write the unit and the (rewritten) config under ``root``."""
     if kind not in KINDS:
         raise ConfigError(f"unknown service kind {kind!r}; expected agent or coordinator")
+    model: type[BaseModel]
     if kind == "agent":
-        from edge_agent.config import AgentConfig as Model
+        from edge_agent.config import AgentConfig
+
+        model = AgentConfig
     else:
-        from broker_coordinator.config import CoordinatorConfig as Model
+        from broker_coordinator.config import CoordinatorConfig
+
+        model = CoordinatorConfig
     src = Path(config_file)
     raw_text = src.read_text() if src.is_file() else ""
     raw = yaml.safe_load(raw_text) if raw_text else None
     budget = memory_budget_from(raw) if isinstance(raw, dict) and kind == "agent" else None
-    load_config(src, Model)  # refuse to install a config the service would reject
+    load_config(src, model)  # refuse to install a config the service would reject
     assert isinstance(raw, dict)
     notes: list[str] = []
     unit_name = f"fedmq-{kind}.service"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from edge_agent.memory_plan import (
+from edge_agent.memory import (
     Budget, BudgetTooSmall, ModelShape, candidate_plans, choose_plan, estimate, lower_plan, parse_size_mb,
 )
 from fedmq_protocol import messages as m
@@ -233,7 +233,7 @@ def test_memory_budget_config_forms(tmp_path, synth, tiny_llama):
 # --------------------------------------------------------------------------------------------
 
 def test_guard_measures_steps_and_stops_over_budget():
-    from edge_agent.memory_guard import MemoryGuard, OverBudget, meter
+    from edge_agent.memory import MemoryGuard, OverBudget, meter
 
     g = MemoryGuard(Budget())  # unbounded: only measures
     g.before_step(1)
@@ -267,7 +267,7 @@ def test_guard_stops_a_training_round_cleanly(tiny_llama, synth):
     import torch
 
     from edge_agent.data import load_jsonl
-    from edge_agent.memory_guard import MemoryGuard, OverBudget, meter
+    from edge_agent.memory import MemoryGuard, OverBudget, meter
     from edge_agent.methods import get_method
 
     torch.set_num_threads(1)
@@ -391,7 +391,7 @@ def test_agent_announces_its_plan_and_a_refusal(tmp_path, synth, tiny_llama):
 
 
 def test_agent_stops_an_over_budget_round_and_lowers_its_plan(tmp_path, synth, tiny_llama):
-    from edge_agent.memory_plan import Budget as B
+    from edge_agent.memory import Budget as B
 
     agent = _agent(tmp_path, synth, tiny_llama, memory_budget={"host_mb": 4096})
     adapter = m.AdapterSpec(r=4)
@@ -443,7 +443,7 @@ def test_zo_fallback_trains_the_same_adapter(tmp_path, synth, tiny_llama, monkey
     """A device whose budget holds only the zeroth-order plan still sends a normal adapter update.
     (The random tiny-llama is so small that zo's fixed 4 MiB direction buffers would make it the
     most expensive plan; the test counts them as nothing to reach the fallback.)"""
-    import edge_agent.memory_plan as mp
+    import edge_agent.memory.estimator as mp
 
     monkeypatch.setattr(mp, "ZO_CHUNK_BYTES", 0)
     agent = _agent(tmp_path, synth, tiny_llama, memory_budget={"host_mb": 4096, "zo_lr": 1e-2})
@@ -542,9 +542,10 @@ def test_memory_modules_import_without_the_ml_stack():
     import sys
     from pathlib import Path
 
-    code = ("import sys, edge_agent.memory_plan, edge_agent.memory_guard, edge_agent.memory_agent, "
+    code = ("import sys, edge_agent.memory.budget, edge_agent.memory.estimator, edge_agent.memory.planner, "
+            "edge_agent.memory.guard, edge_agent.memory.manager, "
             "broker_coordinator.coordinator, broker_coordinator.modes.zo; "
-            "from edge_agent.memory_guard import MemoryGuard; from edge_agent.memory_plan import Budget; "
+            "from edge_agent.memory import Budget, MemoryGuard; "
             "g = MemoryGuard(Budget()); g.before_step(1); g.after_step(1); "
             "assert g.last.peak_gpu_mb is None and g.last.peak_host_mb > 0; "
             "bad = [x for x in ('torch', 'transformers', 'bitsandbytes', 'peft') if x in sys.modules]; "

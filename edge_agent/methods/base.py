@@ -104,8 +104,8 @@ class TrainingMethod(abc.ABC):
                 if ".lora_A." in pname:
                     p.requires_grad_(False)  # still part of the adapter: it travels in the global
         self._token_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-        # Memory plan (edge_agent.memory_plan): examples per forward/backward (None: the whole
-        # batch), and a guard measuring every step (edge_agent.memory_guard.MemoryGuard).
+        # Memory plan (edge_agent.memory.planner): examples per forward/backward (None: the whole
+        # batch), and a guard measuring every step (edge_agent.memory.guard.MemoryGuard).
         self.micro_batch: int | None = None
         self.guard: Any = None
         self._eos = self.tokenizer.eos_token_id

@@ -256,7 +256,7 @@ class ZoMethod(TrainingMethod):
                 batch = self._collate([encoded[i] for i in idx])
                 k = (seed_rng.randrange(spec.num_seeds) if weights is None
                      else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
-                guard = self.guard  # edge_agent.memory_guard.MemoryGuard, when a memory plan runs
+                guard = self.guard  # edge_agent.memory.guard.MemoryGuard, when a memory plan runs
                 if guard is not None:
                     guard.before_step(step + 1)
                 try:

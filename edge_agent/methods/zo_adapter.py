@@ -1,6 +1,6 @@
 """Zeroth-order training of the LoRA adapter inside an adapter (FedAvg) federation.
 
-The fallback of a device whose memory budget holds no gradient plan (edge_agent.memory_plan):
+The fallback of a device whose memory budget holds no gradient plan (edge_agent.memory.planner):
 MeZO steps (two forward passes, no gradients, no optimizer state) on the same LoRA adapter over
 an NF4 base that the other devices train with gradients. The seed stream is local (drawn from the
 round's fit seed); what leaves the device is an ordinary adapter difference, so the coordinator

@@ -406,7 +406,7 @@ def draw_numpy(key: int, numel: int, direction: str, e0: int = 0) -> np.ndarray:
 # -- the interface: backend "numba" (the kernels) or "numpy" -----------------------------------
 BACKENDS = ("numba", "numpy")
 # Up to this many trainable elements the numpy backend is used: 3 draws per step cost < 0.1 s at
-# LoRA sizes, less than the kernels' runtime would cost in memory (edge_agent.memory_plan).
+# LoRA sizes, less than the kernels' runtime would cost in memory (edge_agent.memory.estimator).
 NUMPY_MAX_ELEMENTS = 1 << 21
 
 

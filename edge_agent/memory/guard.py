@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from edge_agent.memory_plan import MB, Budget
+from edge_agent.memory.budget import MB, Budget, round_mb
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -65,13 +65,9 @@ class OverBudget(RuntimeError):
         super().__init__(f"over budget: step {step} {verb} " + ", ".join(parts or ["the budget"]))
 
     def figures(self) -> dict[str, Any]:
-        return {"step": self.step, "peak_host_mb": _r(self.peak_host_mb), "peak_gpu_mb": _r(self.peak_gpu_mb),
-                "budget_host_mb": _r(self.budget.host_mb), "budget_gpu_mb": _r(self.budget.gpu_mb),
-                "predicted": self.predicted}
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(float(v), 1)
+        return {"step": self.step, "peak_host_mb": round_mb(self.peak_host_mb),
+                "peak_gpu_mb": round_mb(self.peak_gpu_mb), "budget_host_mb": round_mb(self.budget.host_mb),
+                "budget_gpu_mb": round_mb(self.budget.gpu_mb), "predicted": self.predicted}
 
 
 def _cuda() -> Any:

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from edge_agent.memory_plan import Budget, BudgetTooSmall, ModelShape, Plan, choose_plan, lower_plan
+from edge_agent.memory.budget import Budget, BudgetTooSmall, round_mb
+from edge_agent.memory.estimator import DeviceKind, ModelShape
+from edge_agent.memory.planner import Plan, PlanKey, candidate_plans, choose_plan, lower_plan, rank
 from fedmq_protocol import messages as m
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
+    from edge_agent.memory.guard import MemoryGuard, OverBudget
 
 log = logging.getLogger("fedmq.agent")
 
@@ -29,12 +35,32 @@ class PlanRefused(RuntimeError):
     """No plan fits the memory budget (the message names the smallest budget that would)."""
 
 
+class StateStore(Protocol):
+    """Where the agent persists its state (``edge_agent.agent.AgentStateFile``)."""
+
+    data: dict[str, Any]
+
+    def save(self) -> None: ...
+
+
+class Guarded(Protocol):
+    """A training method the plan is installed into (``edge_agent.methods.base.TrainingMethod``)."""
+
+    micro_batch: int | None
+    guard: Any
+
+
+def _plan_key(value: Any) -> PlanKey | None:
+    """A persisted plan key (a list); None when there is none (or it is not one)."""
+    return PlanKey(*value) if value and len(value) == len(PlanKey._fields) else None
+
+
 class MemoryManager:
-    def __init__(self, config: Any, state_file: Any = None) -> None:
+    def __init__(self, config: AgentConfig, state_file: StateStore | None = None) -> None:
         self.cfg = config
-        self.mb_cfg = config.memory_budget  # MemoryBudgetConfig | None
+        self.mb_cfg = config.memory_budget
         self.state_file = state_file
-        self.device = "cpu"
+        self.device: DeviceKind = "cpu"
         self.shape: ModelShape | None = None
         self.plan: Plan | None = None
         self.refused: str | None = None
@@ -42,11 +68,11 @@ class MemoryManager:
         self.min_gpu_mb: float | None = None
         self.over_budget: m.OverBudgetReport | None = None
         self.load_peak_host_mb: float | None = None
-        self.guard: Any = None
+        self.guard: MemoryGuard | None = None
         self._inputs: dict[str, Any] | None = None
         data = state_file.data if state_file is not None else {}
         self.scale = float(data.get("memory_scale", 1.0))  # measured / estimated, from past rounds
-        self._lowered_from: tuple | None = tuple(data["memory_lowered_from"]) if data.get("memory_lowered_from") else None
+        self._lowered_from = _plan_key(data.get("memory_lowered_from"))
 
     # ------------------------------------------------------------------ budget
     @property
@@ -76,7 +102,7 @@ class MemoryManager:
         if running:
             self.scale *= KILLED_FIT_FACTOR
             data["memory_scale"] = self.scale
-            self._lowered_from = tuple(running["key"]) if running.get("key") else None
+            self._lowered_from = _plan_key(running.get("key"))
             data["memory_lowered_from"] = list(self._lowered_from) if self._lowered_from else None
             log.warning("the previous run was killed during a fit with plan %s (estimate %.0f MiB): "
                         "estimates are now raised %.2fx", running.get("label"), running.get("estimate_host_mb", 0),
@@ -107,10 +133,7 @@ class MemoryManager:
                     force_checkpointing=o.gradient_checkpointing, zo_target=zo_target)
 
     def _scaled_budget(self) -> Budget:
-        b = self.budget()
-        s = self.scale
-        return Budget(host_mb=None if b.host_mb is None else b.host_mb / s,
-                      gpu_mb=None if b.gpu_mb is None else b.gpu_mb / s)
+        return self.budget().scaled_down(self.scale)
 
     def plan_for(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None = None) -> Plan | None:
         """The plan for these inputs (PlanRefused when nothing fits). None without a model shape."""
@@ -128,16 +151,17 @@ class MemoryManager:
             plan = choose_plan(self.shape, budget, **kwargs)
             if self._lowered_from is not None:
                 # after an over-budget round (or a killed fit): strictly below that plan
-                ref = next((p for p in _plans(self.shape, kwargs) if _key(p) == self._lowered_from), None)
-                if ref is not None and _rank(self.shape, kwargs, plan) <= _rank(self.shape, kwargs, ref):
-                    plan = lower_plan(ref, self.shape, budget, **kwargs)
+                plans = candidate_plans(self.shape, **kwargs)
+                below = rank(plans, self._lowered_from)
+                if below >= 0 and rank(plans, plan.key) <= below:
+                    plan = lower_plan(plans[below], self.shape, budget, **kwargs)
         except BudgetTooSmall as exc:
             self._set_refused(exc)
             self._inputs = inputs
             raise PlanRefused(self.refused) from None
         if self.scale != 1.0:
             log.info("memory estimates scaled by %.2f (measured above estimates before)", self.scale)
-        changed = self.plan is None or _key(plan) != _key(self.plan) or plan.micro_batch != self.plan.micro_batch
+        changed = self.plan is None or plan.key != self.plan.key
         self.plan, self.refused, self.min_host_mb, self.min_gpu_mb = plan, None, None, None
         self._inputs = inputs
         data = self._data()
@@ -171,9 +195,9 @@ class MemoryManager:
         return 1.0 - self.mb_cfg.safety_margin if self.mb_cfg is not None else 1.0
 
     # ------------------------------------------------------------------ running
-    def install(self, method: Any) -> None:
+    def install(self, method: Guarded) -> None:
         """Give ``method`` the plan's micro-batch and a guard measuring every step."""
-        from edge_agent.memory_guard import MemoryGuard
+        from edge_agent.memory.guard import MemoryGuard
 
         if self.plan is not None:
             method.micro_batch = self.plan.micro_batch
@@ -186,7 +210,7 @@ class MemoryManager:
         if self.guard is not None:
             self.guard.start_round()
         if self.plan is not None and self.bounded:
-            self._data()["memory_fit_running"] = {"key": list(_key(self.plan)), "label": self.plan.label(),
+            self._data()["memory_fit_running"] = {"key": list(self.plan.key), "label": self.plan.label(),
                                                  "estimate_host_mb": self.plan.estimate_host_mb}
             self._save()
 
@@ -194,7 +218,7 @@ class MemoryManager:
         if self._data().pop("memory_fit_running", None) is not None:
             self._save()
 
-    def on_over_budget(self, exc: Any, task: m.Task) -> None:
+    def on_over_budget(self, exc: OverBudget, task: m.Task) -> None:
         """Record the report, raise estimates by what was measured, and lower the plan."""
         self.fit_finished()
         self.over_budget = m.OverBudgetReport(task_id=task.task_id, round=task.round, **{
@@ -207,7 +231,7 @@ class MemoryManager:
             self.scale = max(self.scale, exc.peak_host_mb / current.estimate_host_mb)
         if exc.peak_gpu_mb and current.estimate_gpu_mb:
             self.scale = max(self.scale, exc.peak_gpu_mb / current.estimate_gpu_mb)
-        self._lowered_from = _key(current)
+        self._lowered_from = current.key
         data = self._data()
         data["memory_scale"] = self.scale
         data["memory_lowered_from"] = list(self._lowered_from)
@@ -237,11 +261,11 @@ class MemoryManager:
             plan=m.MemoryPlan(**self.plan.to_info()) if self.plan is not None else None,
             refused=self.refused, min_host_mb=self.min_host_mb, min_gpu_mb=self.min_gpu_mb,
             over_budget=self.over_budget,
-            peak_host_mb=_r(g.round_peak_host_mb) if g is not None and g.round_peak_host_mb else None,
-            peak_gpu_mb=_r(g.round_peak_gpu_mb) if g is not None else None,
-            step_peak_host_mb=_r(last.peak_host_mb) if last is not None else None,
-            step_peak_gpu_mb=_r(last.peak_gpu_mb) if last is not None else None,
-            load_peak_host_mb=_r(self.load_peak_host_mb),
+            peak_host_mb=round_mb(g.round_peak_host_mb) if g is not None and g.round_peak_host_mb else None,
+            peak_gpu_mb=round_mb(g.round_peak_gpu_mb) if g is not None else None,
+            step_peak_host_mb=round_mb(last.peak_host_mb) if last is not None else None,
+            step_peak_gpu_mb=round_mb(last.peak_gpu_mb) if last is not None else None,
+            load_peak_host_mb=round_mb(self.load_peak_host_mb),
         )
 
     # ------------------------------------------------------------------ persistence
@@ -254,22 +278,3 @@ class MemoryManager:
                 self.state_file.save()
             except OSError as exc:
                 log.warning("could not save the agent state: %s", exc)
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(float(v), 1)
-
-
-def _key(p: Plan) -> tuple:
-    return (p.method, p.base, p.zo_target, p.gradient_checkpointing, p.micro_batch)
-
-
-def _plans(shape: ModelShape, kwargs: dict[str, Any]) -> list[Plan]:
-    from edge_agent.memory_plan import candidate_plans
-
-    return candidate_plans(shape, **kwargs)
-
-
-def _rank(shape: ModelShape, kwargs: dict[str, Any], plan: Plan) -> int:
-    keys = [_key(p) for p in _plans(shape, kwargs)]
-    return keys.index(_key(plan)) if _key(plan) in keys else -1
