@@ -42,7 +42,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 
@@ -142,7 +142,7 @@ class Manifest:
         return self.total_size - self.chunk_size * (self.n_chunks - 1)
 
 
-def _int_field(obj: dict, name: str, lo: int, hi: int) -> int:
+def _int_field(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
     v = obj.get(name)
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError(f"manifest field {name!r} must be an int, got {type(v).__name__}")

@@ -157,10 +157,10 @@ def _decode_indices(kind: Any, buf: bytes, nnz: int, numel: int, where: str) -> 
         bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
         if bits[numel:].any():
             raise ProtocolError(f"{where}: bitmap has bits set past the tensor's end")
-        idx = np.flatnonzero(bits[:numel])
-        if len(idx) != nnz:
-            raise ProtocolError(f"{where}: bitmap marks {len(idx)} entries, header says nnz={nnz}")
-        return idx.astype(np.int64)
+        marked = np.flatnonzero(bits[:numel])
+        if len(marked) != nnz:
+            raise ProtocolError(f"{where}: bitmap marks {len(marked)} entries, header says nnz={nnz}")
+        return marked.astype(np.int64)
     raise ProtocolError(f"{where}: unknown index coding {kind!r}")
 
 
@@ -313,7 +313,8 @@ class EncodedTensors:
 
     def _tensor_map(self, max_raw_bytes: int, where: str) -> Mapping[str, Any]:
         if "tensors" in self.obj:
-            return self.obj["tensors"]
+            tensors: Mapping[str, Any] = self.obj["tensors"]
+            return tensors
         size = self.obj["size"]
         if size > max_raw_bytes:
             raise ProtocolError(f"{where}: declares {size} uncompressed bytes, limit {max_raw_bytes}")

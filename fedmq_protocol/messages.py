@@ -372,7 +372,7 @@ class Update(_CarriesModePayload):
         return obj
 
     @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict:
+    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
         return v.to_wire()
 
 
@@ -400,7 +400,7 @@ class GlobalModel(_CarriesModePayload):
     _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
 
     @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict:
+    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
         return v.to_wire()
 
     @model_validator(mode="after")

@@ -43,7 +43,8 @@ class SigningKeyError(ValueError):
     """A key file or key string cannot be used (the message names it)."""
 
 
-def _crypto():
+def _crypto() -> tuple[Any, Any, Any, Any]:
+    """cryptography's modules, imported on first use (a device without keys never loads them)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -118,7 +119,8 @@ class Signer:
         return cls(key)
 
     def sign(self, federation: str, update_obj: Mapping[str, Any]) -> bytes:
-        return self._key.sign(signed_bytes(federation, update_obj))
+        signature: bytes = self._key.sign(signed_bytes(federation, update_obj))
+        return signature
 
 
 def _is_b64_key(text: str) -> bool:
@@ -179,7 +181,7 @@ class Verifier:
         """Raise ProtocolError unless ``update_obj`` is signed by its device's key for this task."""
         _, _, _, InvalidSignature = _crypto()
         device_id = update_obj.get("device_id")
-        key = self.keys.get(device_id)
+        key = self.keys.get(device_id) if isinstance(device_id, str) else None
         if key is None:
             raise ProtocolError(f"no public key for device {device_id!r}: unsigned devices are refused")
         sig = update_obj.get("signature")

@@ -89,7 +89,7 @@ def mode_class(name: str) -> type[CoordinatorMode]:
 
 def create_mode(config: CoordinatorConfig) -> CoordinatorMode:
     """The coordinator side of ``config.mode``."""
-    return mode_class(config.mode)(config)
+    return mode_class(config.mode or "adapter")(config)
 
 
 __all__ = ["CoordinatorMode", "RoundOutcome", "create_mode", "mode_class"]

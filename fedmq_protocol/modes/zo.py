@@ -64,7 +64,8 @@ def pro_probabilities(g_history: dict[int, list[float]], k: int, clip: float = 1
     lo, hi = float(score.min()), float(score.max())
     norm = (score - lo) / (hi - lo) if hi > lo else np.zeros(k)
     e = np.exp(norm - norm.max())
-    return e / e.sum()
+    probs: np.ndarray = e / e.sum()
+    return probs
 
 
 def pack_pool(pool: dict[int, float]) -> tuple[bytes, bytes]:
@@ -156,7 +157,7 @@ class ZoLedgerRound(Message):
         return [(int(i), float(v)) for i, v in zip(idx, val)]
 
 
-def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict | None,
+def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict[str, Any] | None,
                     updates: list[tuple[int, ZoUpdate]]) -> ZoLedgerRound:
     """FedKSeed server rule: per index, sum_i (n_i / sum n) * g_i (float64, stored float32).
     ``updates``: (num_samples, update) pairs."""
