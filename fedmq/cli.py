@@ -71,10 +71,19 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     dog = Watchdog(sd, lambda: coord.alive_at,
                    lambda: f"round {coord.state.round_completed}/{cfg.rounds}, global v{coord.state.global_version}")
     # READY once the broker accepted us (repeats on reconnect are harmless)
-    coord.transport.on_connect.append(lambda session_present: (sd.ready(f"connected to {cfg.broker.url}"), dog.start()))
+    def on_connect(session_present: bool) -> None:
+        sd.ready(f"connected to {cfg.broker.url}")
+        dog.start()
+
+    coord.transport.on_connect.append(on_connect)
     stop = threading.Event()
     _on_sigterm(stop, sd)
-    threading.Thread(target=lambda: (stop.wait(), coord.stop()), daemon=True).start()
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        coord.stop()
+
+    threading.Thread(target=stop_on_signal, daemon=True).start()
     try:
         coord.run()
     finally:

@@ -103,11 +103,12 @@ def summary_table(history: list[m.RoundSummary]) -> Table:
 
 
 def _fmt_bytes(n: int) -> str:
+    value = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
 
 
 def summary_json(history: list[m.RoundSummary], opts: DemoOptions) -> dict:
@@ -236,14 +237,14 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
             failed.set()
             coordinator.close("finished")
             watcher.close()
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
                 try:
-                    p.wait(timeout=30)
+                    proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    proc.kill()
             if embedded:
                 embedded.stop()
 

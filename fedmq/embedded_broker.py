@@ -48,8 +48,8 @@ class EmbeddedBroker:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             try:
-                self._broker = Broker(config, loop=self._loop)
-                self._loop.run_until_complete(self._broker.start())
+                broker = self._broker = Broker(config, loop=self._loop)
+                self._loop.run_until_complete(broker.start())
             except BaseException as exc:  # surfaced to the caller of start()
                 self._error = exc
                 self._ready.set()

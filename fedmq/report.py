@@ -149,8 +149,9 @@ def markdown(run: RunRecord, images: list[Path]) -> str:
     evals = [s for s in run.rounds if s.eval_loss is not None]
     if len(evals) >= 2:
         a, b = evals[0], evals[-1]
-        lines.append(f"Eval loss {a.eval_loss:.4f} (round {a.round}) → {b.eval_loss:.4f} (round {b.round}), "
-                     f"{(b.eval_loss - a.eval_loss) / a.eval_loss * 100:+.1f}%.")
+        first, last = float(a.eval_loss or 0.0), float(b.eval_loss or 0.0)
+        lines.append(f"Eval loss {first:.4f} (round {a.round}) → {last:.4f} (round {b.round}), "
+                     f"{(last - first) / first * 100:+.1f}%.")
     total_up = sum(s.uplink_bytes for s in run.rounds)
     total_down = sum(s.downlink_bytes for s in run.rounds)
     lines += [f"{len(run.rounds)} rounds; uplink {_human(total_up)}, downlink {_human(total_down)} in total.", ""]
@@ -174,9 +175,9 @@ def markdown(run: RunRecord, images: list[Path]) -> str:
             per_dev.setdefault(d, [0, 0, 0])[2] += 1
     lines += ["", "| device | method | rounds trained | uplink | downlink |", "|---|---|---:|---:|---:|"]
     for d in sorted(per_dev):
-        up, down, n = per_dev[d]
+        sent, received, trained = per_dev[d]
         method = run.devices.get(d, {}).get("method") or ""
-        lines.append(f"| {d} | {method} | {n} | {_human(up)} | {_human(down)} |")
+        lines.append(f"| {d} | {method} | {trained} | {_human(sent)} | {_human(received)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,8 @@ interval, the pings stop and systemd restarts the hung process.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import logging
 import os
 import socket
@@ -76,7 +78,7 @@ class Notifier:
                 self._sock = None
 
 
-def _watchdog_interval(env: dict[str, str]) -> float | None:
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     """Seconds of ``$WATCHDOG_USEC`` when the watchdog is meant for this process, else None."""
     usec = env.get("WATCHDOG_USEC")
     if not usec:

@@ -86,7 +86,7 @@ class FleetView:
                 dev = self.devices.setdefault(msg.device_id, {})
                 if msg.seq >= dev.get("status", {}).get("seq", -1):  # a stale Will never wins
                     dev["status"] = obj
-            else:
+            elif isinstance(msg, m.Telemetry):
                 self.devices.setdefault(msg.device_id, {})["telemetry"] = obj
         return obj
 

@@ -8,6 +8,7 @@ Figures go to $FEDMQ_RELIABILITY_OUT (JSON) when set; docs/reliability.md is ren
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -38,17 +39,18 @@ def _count(text: str, needle: str) -> int:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["file", "memory"])
 def test_open_round_store_keeps_accepted_updates_until_cleared(tmp_path, kind):
+    from broker_coordinator.journal import OpenRound
     from broker_coordinator.state import FileStateStore, InMemoryStateStore
 
     store = FileStateStore(tmp_path) if kind == "file" else InMemoryStateStore()
     assert store.load_open_round() is None
-    doc = {"task_id": "r1-fit-v0-a0", "kind": "fit", "round": 1, "base_version": 0, "attempt": 0,
-           "selected": ["dev-0", "dev-1"], "accepted": []}
-    store.save_open_round(doc)
-    store.save_open_round({**doc, "accepted": ["dev-0"]}, "dev-0", b"update-0")
+    record = OpenRound(task_id="r1-fit-v0-a0", kind="fit", round=1, base_version=0, attempt=0,
+                       selected=("dev-0", "dev-1"), accepted=())
+    store.save_open_round(record)
+    store.save_open_round(dataclasses.replace(record, accepted=("dev-0",)), "dev-0", b"update-0")
     reread = FileStateStore(tmp_path) if kind == "file" else store  # as a restarted process sees it
     got, payloads = reread.load_open_round()
-    assert got["task_id"] == "r1-fit-v0-a0" and got["accepted"] == ["dev-0"] and payloads == {"dev-0": b"update-0"}
+    assert got.task_id == "r1-fit-v0-a0" and got.accepted == ("dev-0",) and payloads == {"dev-0": b"update-0"}
     store.clear_open_round()
     assert reread.load_open_round() is None
     if kind == "file":
