@@ -28,7 +28,7 @@ from fedmq_protocol.codec import DecodedTensor
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.signing import Verifier, new_nonce
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_ROUNDS, QOS_STATUS, QOS_TASK, QOS_UPDATE, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+from fedmq_protocol.transport import MqttTransport, WillMessage
 
 log = logging.getLogger("fedmq.coordinator")
 

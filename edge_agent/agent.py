@@ -29,7 +29,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_TELEMETRY, QOS_UPDATE, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+from fedmq_protocol.transport import MqttTransport, WillMessage
 
 log = logging.getLogger("fedmq.agent")
 

@@ -21,7 +21,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.signing import Signer
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 
 
 def tiny_adapter(seed: int = 0) -> dict[str, np.ndarray]:

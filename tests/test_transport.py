@@ -299,7 +299,7 @@ def test_will_published_on_abrupt_loss_not_on_close(mqtt_broker, transports):
     clean.close()
     abrupt = transports(cfg, "abrupt", will=WillMessage("status/abrupt", b'{"online":false}', 1, False))
     abrupt.connect()
-    abrupt._client._sock.close()  # simulate a vanished device  # noqa: SLF001
+    abrupt.client._paho.socket().close()  # simulate a vanished device  # noqa: SLF001
     got = inbox.wait(1, timeout=10)
     assert got == [("status/abrupt", b'{"online":false}')]
 
