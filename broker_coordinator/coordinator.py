@@ -23,7 +23,7 @@ from broker_coordinator.downlink import ServerModel
 from broker_coordinator.state import CoordinatorState, DeviceRecord, FileStateStore, StateStore
 from broker_coordinator.strategy import FedAvg, Strategy
 from fedmq_protocol import messages as m
-from fedmq_protocol.chunking import chunk_topic, frame_payload
+from fedmq_protocol.chunking import chunk_topic
 from fedmq_protocol.codec import DecodedTensor
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.signing import Verifier, new_nonce
@@ -376,7 +376,7 @@ class Coordinator:
             nonce=c.nonce,
             **self.strategy.task_fields(c.kind, c.round_no, self.state),
         )
-        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True).bytes
         self._count_bytes("down", dev, n)
         return n
 
@@ -509,7 +509,7 @@ class Coordinator:
     # ------------------------------------------------------------------ phases
     def _publish_strategy_retained(self) -> int:
         """The mode's retained messages (zo: ledger rounds), published before the global they back."""
-        return sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        return sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
                    for topic, payload in self.strategy.retained_messages(self.state, self.topics.base))
 
     def _publish_global(self, msg: m.GlobalModel | None = None) -> tuple[int, float]:
@@ -523,14 +523,14 @@ class Coordinator:
         t0 = time.perf_counter()
         payload = gm.to_msgpack()
         if gm.is_snapshot:
-            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
             for v, chunks in sorted(server.retained_diffs.items()):
                 self._clear_retained(self.topics.global_diff(v), chunks)
             server.retained_diffs.clear()
         else:
             topic = self.topics.global_diff(gm.version)
-            n = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
-            server.retained_diffs[gm.version] = len(frame_payload(payload, self.transport.effective_chunk_size(topic))) - 1
+            published = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            n, server.retained_diffs[gm.version] = published.bytes, published.chunks
         self.state.server = server.to_blob()
         return n + extra_bytes, time.perf_counter() - t0
 

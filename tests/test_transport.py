@@ -10,7 +10,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from fedmq_protocol.transport import BrokerConfig, MqttTransport, TransportError, WillMessage
+from fedmq_protocol.chunking import frame_payload
+from fedmq_protocol.transport import BrokerConfig, MqttTransport, Published, TransportError, WillMessage
 from mosquitto import free_port
 
 
@@ -60,10 +61,10 @@ def test_framed_5mb_through_64k_broker_limit(mosquitto, transports):
     pub.connect()
     payload = os.urandom(5 * 1024 * 1024)
     sent = pub.publish("fedmq/f/devices/d1/update", payload, framed=True)
-    assert sent > len(payload)
+    assert sent.bytes > len(payload)
     got = inbox.wait(1, timeout=20)
     assert got == [("fedmq/f/devices/d1/update", payload)]
-    assert sub.bytes_received == sent
+    assert sub.bytes_received == sent.bytes
     assert sub.messages_rejected == 0
 
     # The same payload unframed exceeds the broker limit and never arrives.
@@ -320,3 +321,32 @@ def test_config_validation(tmp_path):
         BrokerConfig(unknown=1)
     c = BrokerConfig(url="mqtts://broker.example")
     assert (c.host, c.port, c.tls) == ("broker.example", 8883, True)
+
+
+# -- publish results -------------------------------------------------------------------------------
+
+
+def test_publish_returns_the_chunk_count_of_a_payload_larger_than_chunk_size(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, chunk_size=4096)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("p/t", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    payload = os.urandom(3 * 4096 + 100)
+
+    sent = pub.publish("p/t", payload, framed=True)
+
+    assert sent.chunks == 4 == len(frame_payload(payload, 4096)) - 1  # the manifest is not a chunk
+    assert inbox.wait(1) == [("p/t", payload)]
+    assert sent.bytes == sub.bytes_received > len(payload)
+    assert pub.publish("p/t", b"small", framed=True) == Published(bytes=2 + 5, chunks=0)  # one WHOLE frame
+    assert pub.publish("p/raw", b"raw") == Published(bytes=3, chunks=0)
+
+
+def test_retained_publish_counts_its_own_chunks_not_the_stale_ones_it_clears(mqtt_broker, transports):
+    pub = transports(BrokerConfig(url=mqtt_broker.url, chunk_size=4096))
+    pub.connect()
+    assert pub.publish("r/t", os.urandom(40_000), retain=True, framed=True).chunks == 10
+    assert pub.publish("r/t", os.urandom(9_000), retain=True, framed=True).chunks == 3

@@ -7,7 +7,7 @@ connection, subscriptions that survive reconnects, one ``Future`` per unacknowle
 lives in errors.py, ``BrokerConfig`` in config.py.
 """
 
-from fedmq_protocol.transport.channel import MqttTransport, Subscription
+from fedmq_protocol.transport.channel import MqttTransport, Published, Subscription
 from fedmq_protocol.transport.client import MqttClient
 from fedmq_protocol.transport.config import BrokerConfig, parse_broker_url
 from fedmq_protocol.transport.connection import WillMessage
@@ -17,6 +17,7 @@ __all__ = [
     "BrokerConfig",
     "MqttClient",
     "MqttTransport",
+    "Published",
     "Subscription",
     "TransportError",
     "WillMessage",

@@ -5,7 +5,7 @@
   subscription has its own :class:`~fedmq_protocol.chunking.Reassembler`; its handler receives
   ``(logical_topic, payload)``. Malformed frames are counted and logged, never fatal.
 - ``publish(framed=True)`` chunks with the configured chunk size, capped below the broker's
-  MQTT 5 Maximum-Packet-Size when announced, and returns the bytes it put on the wire.
+  MQTT 5 Maximum-Packet-Size when announced, and returns :class:`Published` (bytes and chunks).
 - A retained framed payload leaves retained chunk topics behind; the channel remembers how many
   per topic and clears the stale higher-index ones when a retained payload shrinks or is cleared.
 - Connecting, re-subscribing after reconnects, in-flight limiting, acknowledgement timeouts and
@@ -29,6 +29,14 @@ from fedmq_protocol.transport.connection import WillMessage
 from fedmq_protocol.transport.errors import SubscriptionRefused, TransportError
 
 _PACKET_OVERHEAD = 64  # fixed header, lengths, packet id, properties: generous
+
+
+@dataclass(frozen=True)
+class Published:
+    """What one ``publish()`` put on the wire."""
+
+    bytes: int  # payload bytes including frames, without MQTT headers
+    chunks: int  # chunk sub-topic messages (``T/c/i``; the manifest on ``T`` not counted); 0: one message
 
 
 @dataclass
@@ -224,8 +232,8 @@ class MqttTransport:
         retain: bool = False,
         framed: bool = False,
         timeout: float | None = None,
-    ) -> int:
-        """Publish; returns the bytes sent on the wire (payload incl. frames, no MQTT headers).
+    ) -> Published:
+        """Publish; returns what went on the wire (payload incl. frames, no MQTT headers).
 
         Waits until every QoS >= 1 message is acknowledged (QoS 0: written), at most
         ``max_inflight`` outstanding at a time; raises ``TransportError`` on timeout or when the
@@ -262,11 +270,11 @@ class MqttTransport:
                     self._retained_chunks[topic] = n_chunks
                 else:
                     self._retained_chunks.pop(topic, None)
-        return sum(len(frame) for _, frame in messages)
+        return Published(bytes=sum(len(frame) for _, frame in messages), chunks=n_chunks)
 
     def publish_json(
         self, topic: str, obj: Any, *, qos: int = 1, retain: bool = False, timeout: float | None = None
-    ) -> int:
+    ) -> Published:
         """Publish raw JSON (never framed): bytes as is, objects with ``to_json()``, or json.dumps."""
         if isinstance(obj, (bytes, bytearray, memoryview)):
             data = bytes(obj)
