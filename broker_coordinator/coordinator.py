@@ -32,7 +32,7 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.signing import Verifier
 from fedmq_protocol.topics import QOS_ROUNDS, QOS_STATUS, QOS_UPDATE, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+from fedmq_protocol.transport import MqttTransport, WillMessage
 
 log = logging.getLogger("fedmq.coordinator")
 

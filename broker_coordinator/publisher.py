@@ -16,9 +16,9 @@ import time
 from broker_coordinator.modes import CoordinatorMode
 from broker_coordinator.state import CoordinatorState
 from fedmq_protocol import messages as m
-from fedmq_protocol.chunking import chunk_topic, frame_payload
+from fedmq_protocol.chunking import chunk_topic
 from fedmq_protocol.topics import QOS_GLOBAL, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -34,21 +34,21 @@ class GlobalPublisher:
         """Publish ``message`` (default: the current global, a snapshot) and what it depends on.
         ``everything``: also the mode's retained messages published before (the broker lost
         them). Returns (bytes sent, seconds spent publishing the global)."""
-        extra = sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+        extra = sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
                     for topic, payload in self.mode.retained_messages(self.topics.base, everything))
         gm = message or self.state.global_model
         assert gm is not None
         t0 = time.perf_counter()
         payload = gm.to_msgpack()
         if gm.is_snapshot:
-            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
             for v, chunks in sorted(self.state.retained_diffs.items()):
                 self._clear_retained(self.topics.global_diff(v), chunks)
             self.state.retained_diffs.clear()
         else:
             topic = self.topics.global_diff(gm.version)
-            n = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
-            self.state.retained_diffs[gm.version] = len(frame_payload(payload, self.transport.effective_chunk_size(topic))) - 1
+            sent = self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            n, self.state.retained_diffs[gm.version] = sent.bytes, sent.chunks
         return n + extra, time.perf_counter() - t0
 
     def _clear_retained(self, topic: str, chunks: int) -> None:

@@ -23,7 +23,7 @@ from broker_coordinator.strategy import mean_eval_loss, select_devices
 from fedmq_protocol import messages as m
 from fedmq_protocol.signing import new_nonce
 from fedmq_protocol.topics import QOS_TASK, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -81,7 +81,7 @@ class RoundRunner:
             fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + c.round_no * 7919 + c.attempt}),
             model=self.cfg.model, payload=self.mode.task_payload(c.kind, c.round_no), nonce=c.nonce,
         )
-        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True)
+        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True).bytes
         self.traffic.add("down", dev, n)
         return n
 

@@ -28,7 +28,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_TELEMETRY, QOS_UPDATE, Topics
-from fedmq_protocol.transport.mqtt import MqttTransport, WillMessage
+from fedmq_protocol.transport import MqttTransport, WillMessage
 
 log = logging.getLogger("fedmq.agent")
 
@@ -385,7 +385,7 @@ class EdgeAgent:
             # idempotent by task id: this task was answered from this very global; maybe the
             # answer was lost, so send the same bytes again (a same-named task of another
             # federation run, on other weights, is trained anew)
-            n = self.transport.publish(self.topics.device_update(self.device_id), cached[2], qos=QOS_UPDATE, framed=True)
+            n = self.transport.publish(self.topics.device_update(self.device_id), cached[2], qos=QOS_UPDATE, framed=True).bytes
             self.results_resent += 1
             log.info("task %s came again: its result sent again (%d bytes)", task.task_id, n)
             return
@@ -498,7 +498,7 @@ class EdgeAgent:
         payload = msgpack.packb(obj, use_bin_type=True)
         if task.kind == "fit":  # before publishing: after a crash these bytes are sent again
             self._remember_result(task.task_id, self._global_digest(), payload)
-        n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True)
+        n = self.transport.publish(self.topics.device_update(self.device_id), payload, qos=QOS_UPDATE, framed=True).bytes
         log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)
 
 

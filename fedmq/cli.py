@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
     try:
-        from fedmq_protocol.transport.mqtt import TransportError
+        from fedmq_protocol.transport import TransportError
 
         expected += (TransportError,)
     except ImportError:  # pragma: no cover

@@ -139,7 +139,7 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
     from edge_agent.models import resolve_model
     from fedmq.configfile import load_config
     from fedmq.embedded_broker import EmbeddedBroker
-    from fedmq_protocol.transport.mqtt import MqttTransport
+    from fedmq_protocol.transport import MqttTransport
 
     console = Console(stderr=True)
     wd = opts.workdir

@@ -217,7 +217,7 @@ class Recorder:
 
 def connect_view(broker, topics: Topics, recorder: Recorder | None = None):  # noqa: ANN001, ANN201
     """Subscribe a :class:`FleetView` to the federation's JSON topics; returns (view, transport)."""
-    from fedmq_protocol.transport.mqtt import MqttTransport
+    from fedmq_protocol.transport import MqttTransport
 
     view = FleetView(topics)
 

@@ -21,7 +21,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.signing import Signer
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport, Published
 
 
 def tiny_adapter(seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,7 +79,7 @@ class FakeDevice:
         self._thread.start()
         return self
 
-    def publish_update(self, payload: bytes, *, device_topic: str | None = None, framed: bool = True) -> int:
+    def publish_update(self, payload: bytes, *, device_topic: str | None = None, framed: bool = True) -> Published:
         topic = self.topics.device_update(device_topic or self.device_id)
         self.sent.append(payload)
         return self.transport.publish(topic, payload, qos=1, framed=framed)

@@ -17,7 +17,7 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from edge_agent.data import synthesize
 from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all
 
 FEDERATION = "test"

@@ -18,7 +18,7 @@ from fedmq_protocol.codec import CodecSpec, encode
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 
 ADAPTER = m.AdapterSpec(r=2, target_modules=("q_proj",))
 

@@ -41,7 +41,7 @@ from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.signing import Signer, body_digest, generate_keypair, new_nonce
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport, Published
 from fedmq_protocol.modes.zo import ZoLedgerRound
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
@@ -84,7 +84,7 @@ class _StubTransport:
     connected = False
 
     def publish(self, *a, **kw):  # noqa: ANN002, ANN003
-        return 0
+        return Published(0, 0)
 
 
 class _ProbeAgent(EdgeAgent):

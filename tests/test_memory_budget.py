@@ -12,6 +12,7 @@ from edge_agent.memory import (
     Budget, BudgetTooSmall, ModelShape, candidate_plans, choose_plan, estimate, lower_plan, parse_size_mb,
 )
 from fedmq_protocol import messages as m
+from fedmq_protocol.transport import Published
 from tests.tiny_model import ALL_LINEAR, synth, tiny_llama  # noqa: F401
 
 # A round of the tiny model large enough that activations, logits and attention dominate the plan.
@@ -331,7 +332,7 @@ class FakeTransport:
 
     def publish(self, topic, payload, qos=0, retain=False, framed=False, timeout=None):
         self.published.append((topic, bytes(payload)))
-        return len(payload)
+        return Published(len(payload), 0)
 
     def subscribe(self, *a, **k):
         pass

@@ -18,7 +18,7 @@ import pytest
 
 from fedmq_protocol.chunking import frame_payload
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport.mqtt import MqttTransport
+from fedmq_protocol.transport import MqttTransport
 from tests.federation import Capture
 from tests.reliability import CHUNKED, SIZE_LIMIT, TOPICS, Federation, record, wait_until
 

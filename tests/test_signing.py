@@ -20,6 +20,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.signing import Signer, Verifier, generate_keypair, load_public_key, new_nonce
 from fedmq_protocol.topics import Topics
+from fedmq_protocol.transport import Published
 from tests.fake_device import FakeDevice, read_retained_json, tiny_adapter, update_obj
 from tests.federation import Capture, coordinator_config, spawn, stop_all
 
@@ -199,7 +200,7 @@ def test_unsigned_agent_is_refused_and_agent_signs_with_nonce(tmp_path):
 
         def publish(self, topic, payload, **kw):  # noqa: ANN001
             sent.append((topic, payload))
-            return len(payload)
+            return Published(len(payload), 0)
 
     agent = EdgeAgent(cfg, transport=StubTransport())
     task = _task(kind="fit")

@@ -10,7 +10,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from fedmq_protocol.transport import BrokerConfig, MqttTransport, TransportError, WillMessage
+from fedmq_protocol.chunking import frame_payload
+from fedmq_protocol.transport import BrokerConfig, MqttClient, MqttTransport, Published, TransportError, WillMessage
 from mosquitto import free_port
 
 
@@ -60,10 +61,10 @@ def test_framed_5mb_through_64k_broker_limit(mosquitto, transports):
     pub.connect()
     payload = os.urandom(5 * 1024 * 1024)
     sent = pub.publish("fedmq/f/devices/d1/update", payload, framed=True)
-    assert sent > len(payload)
+    assert sent.bytes > len(payload)
     got = inbox.wait(1, timeout=20)
     assert got == [("fedmq/f/devices/d1/update", payload)]
-    assert sub.bytes_received == sent
+    assert sub.bytes_received == sent.bytes
     assert sub.messages_rejected == 0
 
     # The same payload unframed exceeds the broker limit and never arrives.
@@ -299,7 +300,7 @@ def test_will_published_on_abrupt_loss_not_on_close(mqtt_broker, transports):
     clean.close()
     abrupt = transports(cfg, "abrupt", will=WillMessage("status/abrupt", b'{"online":false}', 1, False))
     abrupt.connect()
-    abrupt._client._sock.close()  # simulate a vanished device  # noqa: SLF001
+    abrupt.client._paho.socket().close()  # simulate a vanished device  # noqa: SLF001
     got = inbox.wait(1, timeout=10)
     assert got == [("status/abrupt", b'{"online":false}')]
 
@@ -320,3 +321,156 @@ def test_config_validation(tmp_path):
         BrokerConfig(unknown=1)
     c = BrokerConfig(url="mqtts://broker.example")
     assert (c.host, c.port, c.tls) == ("broker.example", 8883, True)
+
+
+# -- publish results, per-message completions, the network thread ----------------------------------
+
+
+def test_publish_returns_the_chunk_count_of_a_payload_larger_than_chunk_size(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, chunk_size=4096)
+    inbox = Inbox()
+    sub = transports(cfg)
+    sub.connect()
+    sub.subscribe("p/t", inbox, framed=True)
+    pub = transports(cfg)
+    pub.connect()
+    payload = os.urandom(3 * 4096 + 100)
+
+    sent = pub.publish("p/t", payload, framed=True)
+
+    assert sent.chunks == 4 == len(frame_payload(payload, 4096)) - 1  # the manifest is not a chunk
+    assert inbox.wait(1) == [("p/t", payload)]
+    assert sent.bytes == sub.bytes_received > len(payload)
+    assert pub.publish("p/t", b"small", framed=True) == Published(bytes=2 + 5, chunks=0)  # one WHOLE frame
+    assert pub.publish("p/raw", b"raw") == Published(bytes=3, chunks=0)
+
+
+def test_retained_publish_counts_its_own_chunks_not_the_stale_ones_it_clears(mqtt_broker, transports):
+    pub = transports(BrokerConfig(url=mqtt_broker.url, chunk_size=4096))
+    pub.connect()
+    assert pub.publish("r/t", os.urandom(40_000), retain=True, framed=True).chunks == 10
+    assert pub.publish("r/t", os.urandom(9_000), retain=True, framed=True).chunks == 3
+
+
+def test_client_publish_returns_a_future_completed_by_the_acknowledgement(mqtt_broker):
+    client = MqttClient(BrokerConfig(url=mqtt_broker.url), f"c-{uuid.uuid4().hex[:8]}")
+    try:
+        client.connect()
+        done = client.publish("f/t", b"x", qos=1)
+        assert not done.result(timeout=5).is_failure
+        assert client.pending_messages == 0
+    finally:
+        client.close()
+
+
+def test_no_message_id_is_left_pending_after_a_publish_times_out_when_the_broker_stops(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, chunk_size=4096, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    stopped = threading.Event()
+
+    def stop_broker_at_the_first_chunk(topic: str, payload: bytes) -> None:
+        if not stopped.is_set():
+            stopped.set()
+            mqtt_broker.stop()
+
+    watcher = transports(cfg)
+    watcher.connect()
+    watcher.subscribe("slow/t/c/+", stop_broker_at_the_first_chunk)
+    pub = transports(cfg)
+    pub.connect()
+
+    with pytest.raises(TransportError, match="not acknowledged"):
+        pub.publish("slow/t", os.urandom(400_000), framed=True, timeout=2)  # ~100 chunks
+    assert stopped.is_set()
+    assert pub.client.pending_messages == 0
+    assert pub.client.abandoned_messages > 0  # paho still holds them until the reconnect
+
+    mqtt_broker.start()
+    assert pub.wait_connected(10)
+    assert pub.client.abandoned_messages == 0  # dropped at the reconnect, not re-sent
+    pub.publish("slow/t", b"after", framed=True)
+    assert pub.client.pending_messages == 0
+
+
+def test_a_publish_awaited_across_the_reconnect_completes_while_an_abandoned_one_is_dropped(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    pub = transports(cfg)
+    pub.connect()
+    mqtt_broker.stop()
+    assert wait_for(lambda: not pub.connected)
+    with pytest.raises(TransportError, match="not acknowledged"):
+        pub.publish("given/up", b"abandoned", retain=True, timeout=0.5)
+    outcome: list[object] = []
+    waiter = threading.Thread(target=lambda: outcome.append(pub.publish("still/awaited", b"kept", retain=True, timeout=20)))
+    waiter.start()
+    assert wait_for(lambda: pub.client.pending_messages == 1)
+
+    mqtt_broker.start()
+    waiter.join(20)
+    assert outcome == [Published(bytes=4, chunks=0)]
+    assert pub.client.pending_messages == 0 and pub.client.abandoned_messages == 0
+    retained = Inbox()
+    late = transports(cfg)
+    late.connect()
+    late.subscribe("#", retained)
+    time.sleep(0.5)
+    assert retained.items == [("still/awaited", b"kept")]
+
+
+def test_close_fails_a_waiting_publish_and_leaves_no_message_id_behind(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    pub = transports(cfg)
+    pub.connect()
+    mqtt_broker.stop()
+    assert wait_for(lambda: not pub.connected)
+    errors: list[BaseException] = []
+
+    def publish_while_the_broker_is_away() -> None:
+        try:
+            pub.publish("away/t", b"queued by paho", timeout=30)
+        except TransportError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=publish_while_the_broker_is_away)
+    waiter.start()
+    assert wait_for(lambda: pub.client.pending_messages == 1)
+    pub.close()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert len(errors) == 1 and "closed" in str(errors[0])
+    assert pub.client.pending_messages == 0 and pub.client.abandoned_messages == 0
+
+
+def test_publish_from_a_handler_or_hook_is_queued_not_awaited(mqtt_broker, transports):
+    cfg = BrokerConfig(url=mqtt_broker.url, chunk_size=1024, max_inflight=2)
+    replies = Inbox()
+    listener = transports(cfg)
+    listener.connect()
+    listener.subscribe("reply/#", replies, framed=True)
+    responder = transports(cfg)
+    handler_returned = threading.Event()
+    reply = os.urandom(20 * 1024)  # 20 chunks: more than max_inflight, so a waiting publish would block
+
+    def answer(topic: str, payload: bytes) -> None:
+        responder.publish("reply/handler", reply, framed=True)
+        handler_returned.set()
+
+    responder.on_connect.append(lambda session_present: responder.publish("reply/hook", reply, framed=True))
+    responder.subscribe("ask", answer)
+    responder.connect(timeout=5)  # the hook runs inside connect(), on the thread driving paho's loop
+    asker = transports(cfg)
+    asker.connect()
+    asker.publish("ask", b"?")
+
+    assert handler_returned.wait(5)
+    got = dict(replies.wait(2, timeout=10))
+    assert got == {"reply/hook": reply, "reply/handler": reply}
+    assert wait_for(lambda: responder.client.pending_messages == 0)
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

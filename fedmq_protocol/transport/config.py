@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -73,7 +73,7 @@ class BrokerConfig(BaseModel):
 
     @field_validator("password_file", "ca_file", "cert_file", "key_file")
     @classmethod
-    def _file_exists(cls, v: Path | None, info) -> Path | None:
+    def _file_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is not None:
             v = Path(os.path.expanduser(str(v)))
             if not v.is_file():
