@@ -26,17 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.report import command_line, machine, md_table, update_doc_section, write_json  # noqa: E402
-from broker_coordinator.downlink import DownlinkConfig, ServerModel, ServerOptimizerConfig  # noqa: E402
-from broker_coordinator.strategy import mean_delta, validate_update_tensors  # noqa: E402
-from edge_agent.data import load_jsonl, synthesize  # noqa: E402
-from edge_agent.models import resolve_model  # noqa: E402
-from edge_agent.uplink import METRIC_KEYS, UplinkConfig, UplinkEncoder  # noqa: E402
-from fedmq_protocol import messages as m  # noqa: E402
-from fedmq_protocol.codec import CodecSpec, encode  # noqa: E402
-from fedmq_protocol.globals import GlobalSync  # noqa: E402
+from bench.report import command_line, machine, md_table, update_doc_section, write_json
+from broker_coordinator.downlink import DownlinkConfig, ServerModel, ServerOptimizerConfig
+from broker_coordinator.strategy import mean_delta, validate_update_tensors
+from edge_agent.data import load_jsonl, synthesize
+from edge_agent.models import resolve_model
+from edge_agent.uplink import METRIC_KEYS, UplinkConfig, UplinkEncoder
+from fedmq_protocol import messages as m
+from fedmq_protocol.codec import CodecSpec, encode
+from fedmq_protocol.globals import GlobalSync
 
 N_CLIENTS = 4
 
@@ -135,7 +135,7 @@ def main() -> int:
 
         def probe_metrics() -> dict:
             return {"train_loss": 0.0, "steps": 0.0, "train_s": 0.0, "tokens": 0.0, "diff_s": 0.0,
-                    **{k: 0.0 for k in METRIC_KEYS}, "encode_s": 0.0, "sent_at": 0.0}
+                    **dict.fromkeys(METRIC_KEYS, 0.0), "encode_s": 0.0, "sent_at": 0.0}
 
         # every element as fp32 (auto_sparse off): the reference size of a dense LoRA update
         enc0 = encode(round1[False][0][0], CodecSpec(auto_sparse=False))

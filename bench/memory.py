@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import command_line, machine, md_table, update_doc_section, write_json  # noqa: E402
+from bench.report import command_line, machine, md_table, update_doc_section, write_json
 
 BUDGETS_MB = (600, 1024, 2048, 4096)
 TARGET_ERROR = 0.15

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import command_line, machine, md_table, update_doc_section, write_json  # noqa: E402
-from edge_agent.data import synthesize  # noqa: E402
-from edge_agent.models import resolve_model  # noqa: E402
-from tests.federation import agent_config, coordinator_config, spawn, stop_all  # noqa: E402
-from tests.mosquitto import MosquittoBroker, find_mosquitto  # noqa: E402
+from bench.report import command_line, machine, md_table, update_doc_section, write_json
+from edge_agent.data import synthesize
+from edge_agent.models import resolve_model
+from tests.federation import agent_config, coordinator_config, spawn, stop_all
+from tests.mosquitto import MosquittoBroker, find_mosquitto
 
 PROTOCOL_KEYS = ("update_encode_s", "update_transfer_s", "update_decode_s", "aggregate_s",
                  "global_receive_s", "global_decode_s", "global_apply_s")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import command_line, machine, md_table, update_doc_section, write_json  # noqa: E402
+from bench.report import command_line, machine, md_table, update_doc_section, write_json
 
 VARIANTS = {
     # lr/eps per MeZO's recommendations (field notes): full-param lr ~1e-6, eps 1e-3; LoRA lr ~1e-4..1e-3, eps 1e-2.

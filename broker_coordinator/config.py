@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from broker_coordinator.downlink import DownlinkConfig, ServerOptimizerConfig
 from broker_coordinator.robust import AggregationConfig
 from fedmq_protocol.messages import AdapterSpec, FitConfig
+from fedmq_protocol.modes import DEFAULT_MODE, MODES, check_mode
 from fedmq_protocol.topics import check_level
 from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.modes import DEFAULT_MODE, MODES, check_mode
 
 
 def mode_options_types() -> dict[str, type[BaseModel]]:
@@ -71,7 +71,7 @@ class CoordinatorConfigBase(BaseModel):
         None, description="refuse updates not signed by their device's key (default: on when device_keys is set)")
 
     @model_validator(mode="after")
-    def _check(self) -> "CoordinatorConfig":
+    def _check(self) -> CoordinatorConfig:
         check_level(self.federation, "federation")
         check_level(self.topic_root, "topic_root")
         check_level(self.coordinator_id, "coordinator_id")

@@ -18,7 +18,8 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.counters import CoordinatorCounters
@@ -160,7 +161,7 @@ class Coordinator:
                 self._on_connected(session_present=bool(payload))
         except ProtocolError as exc:
             self._reject(kind, topic, str(exc))
-        except Exception as exc:  # noqa: BLE001 - input must never stop the coordinator
+        except Exception as exc:
             self.counters.errors += 1
             log.exception("unexpected error handling %s on %s", kind, topic)
             self._reject(kind, topic, f"{type(exc).__name__}: {exc}")

@@ -11,7 +11,8 @@ and the coordinator checks updates against it, so both sides always agree bitwis
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,7 +86,7 @@ class ServerModel:
 
     @classmethod
     def from_blob(cls, blob: Mapping[str, Any] | None, published: Mapping[str, np.ndarray],
-                  downlink: DownlinkConfig, optimizer: ServerOptimizerConfig) -> "ServerModel":
+                  downlink: DownlinkConfig, optimizer: ServerOptimizerConfig) -> ServerModel:
         sm = cls(published, downlink, optimizer)
         if not blob:
             return sm

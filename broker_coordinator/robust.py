@@ -14,7 +14,8 @@ trimmed mean / median of n >= 3 devices by at most the spread of the honest ones
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,7 +36,7 @@ class AggregationConfig(BaseModel):
         None, gt=0, description="clip each update's L2 norm to this many times the round's median norm")
 
     @model_validator(mode="after")
-    def _finite(self) -> "AggregationConfig":
+    def _finite(self) -> AggregationConfig:
         for name in ("clip_norm", "clip_median_factor"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):

@@ -67,7 +67,7 @@ class DeviceRecord:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "DeviceRecord":
+    def from_json(cls, obj: dict[str, Any]) -> DeviceRecord:
         known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

@@ -12,7 +12,6 @@ import sys
 import threading
 from pathlib import Path
 
-
 LOADING_ALLOWANCE_S = 900.0  # how long a model load may go without progress before the watchdog fires
 
 
@@ -24,8 +23,8 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _on_sigterm(stop: threading.Event, notifier=None) -> None:  # noqa: ANN001
-    def handler(signum, frame):  # noqa: ARG001
+def _on_sigterm(stop: threading.Event, notifier=None) -> None:
+    def handler(signum, frame):
         if notifier is not None:
             notifier.stopping("stopping: finishing or abandoning the current step")
         stop.set()
@@ -40,7 +39,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, AgentConfig)
     from edge_agent.agent import create_agent
-
     from fedmq.sdnotify import Notifier, Watchdog
 
     agent = create_agent(cfg)
@@ -129,9 +127,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     import os
 
     from fedmq.configfile import ConfigError
+    from fedmq_protocol.errors import ProtocolError
     from fedmq_protocol.signing import generate_keypair
     from fedmq_protocol.topics import check_level
-    from fedmq_protocol.errors import ProtocolError
 
     try:
         check_level(args.device_id, "device id")

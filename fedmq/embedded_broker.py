@@ -32,7 +32,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as exc:  # pragma: no cover - depends on the install

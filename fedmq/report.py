@@ -143,7 +143,7 @@ def plot_bytes(run: RunRecord, out: Path) -> Path:
 
 
 def markdown(run: RunRecord, images: list[Path]) -> str:
-    lines = [f"# fedmq run report", "", f"Source: `{run.source}`" + (f" (topics `{run.federation}/...`)" if run.federation else ""), ""]
+    lines = ["# fedmq run report", "", f"Source: `{run.source}`" + (f" (topics `{run.federation}/...`)" if run.federation else ""), ""]
     if not run.rounds:
         return "\n".join(lines + ["No round summaries were found.", ""])
     evals = [s for s in run.rounds if s.eval_loss is not None]
@@ -189,14 +189,14 @@ def make_report(run: RunRecord, out: Path) -> list[Path]:
     return [*images, md]
 
 
-def cmd_report(args) -> int:  # noqa: ANN001
+def cmd_report(args) -> int:
     run = load_log(Path(args.log)) if args.log else load_state(Path(args.state))
     for p in make_report(run, Path(args.out)):
         print(f"wrote {p}")
     return 0
 
 
-def add_parser(sub) -> None:  # noqa: ANN001
+def add_parser(sub) -> None:
     r = sub.add_parser("report", help="PNG plots and a markdown summary of a run")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--log", help="a topic log written by `fedmq watch --record FILE`")

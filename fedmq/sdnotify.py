@@ -12,14 +12,12 @@ interval, the pings stop and systemd restarts the hung process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("fedmq.sdnotify")
 
@@ -144,7 +142,7 @@ class Watchdog:
         log.error("no progress for %.0fs (allowed %.0fs): withholding WATCHDOG=1", age, limit)
         return False
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if not self.notifier.enabled or self._thread is not None:
             return self
         period = self.interval / 2 if self.interval else 5.0

@@ -252,7 +252,7 @@ def install(
     return InstallResult(unit_path, config_path, unit, config, notes)
 
 
-def cmd_service_install(args) -> int:  # noqa: ANN001
+def cmd_service_install(args) -> int:
     res = install(
         args.kind, args.config, root=args.root, exec_start=args.exec_start, memory_max=args.memory_max,
         watchdog_s=args.watchdog_sec, user=args.user,
@@ -266,7 +266,7 @@ def cmd_service_install(args) -> int:  # noqa: ANN001
     return 0
 
 
-def add_parser(sub) -> None:  # noqa: ANN001
+def add_parser(sub) -> None:
     svc = sub.add_parser("service", help="systemd units")
     ssub = svc.add_subparsers(dest="service_command", required=True)
     i = ssub.add_parser("install", help="write the systemd unit and config of an agent or the coordinator")

@@ -106,7 +106,7 @@ class FleetView:
             }))
 
     # ------------------------------------------------------------------ rendering
-    def render(self):  # noqa: ANN201 - a rich renderable
+    def render(self):
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
@@ -215,7 +215,7 @@ class Recorder:
             self.fh.close()
 
 
-def connect_view(broker, topics: Topics, recorder: Recorder | None = None):  # noqa: ANN001, ANN201
+def connect_view(broker, topics: Topics, recorder: Recorder | None = None):
     """Subscribe a :class:`FleetView` to the federation's JSON topics; returns (view, transport)."""
     from fedmq_protocol.transport import MqttTransport
 
@@ -233,7 +233,7 @@ def connect_view(broker, topics: Topics, recorder: Recorder | None = None):  # n
     return view, t
 
 
-def _broker_from_args(args):  # noqa: ANN001, ANN202
+def _broker_from_args(args):
     """BrokerConfig and Topics from --config (an agent or coordinator YAML) and explicit flags."""
     import yaml
 
@@ -256,7 +256,7 @@ def _broker_from_args(args):  # noqa: ANN001, ANN202
     return cfg, topics
 
 
-def cmd_watch(args) -> int:  # noqa: ANN001
+def cmd_watch(args) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -303,7 +303,7 @@ def cmd_watch(args) -> int:  # noqa: ANN001
             recorder.close()
 
 
-def add_parser(sub) -> None:  # noqa: ANN001
+def add_parser(sub) -> None:
     w = sub.add_parser("watch", help="live view of the fleet from the broker's topics")
     w.add_argument("--config", help="take broker, federation and topic_root from this agent/coordinator YAML")
     w.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)")

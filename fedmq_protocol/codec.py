@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import msgpack
 import numpy as np
 
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.wire import unpack_limited
 from fedmq_protocol.tensors import MAX_NDIM, bfloat16_bits_to_float32, float32_to_bfloat16_bits
+from fedmq_protocol.wire import unpack_limited
 
 CODEC_VERSION = 1
 ValueFormat = Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"]
@@ -287,7 +288,7 @@ class EncodedTensors:
         return "tensors" in self.obj and not self.obj["tensors"]
 
     @classmethod
-    def from_wire(cls, obj: Any, where: str = "tensors") -> "EncodedTensors":
+    def from_wire(cls, obj: Any, where: str = "tensors") -> EncodedTensors:
         if isinstance(obj, EncodedTensors):
             return obj
         if not isinstance(obj, Mapping):

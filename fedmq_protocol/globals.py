@@ -8,7 +8,7 @@ hold bitwise identical weights whatever the difference's (lossy) encoding.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

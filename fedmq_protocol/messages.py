@@ -16,8 +16,15 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, SerializerFunctionWrapHandler, field_serializer, field_validator,
-    model_serializer, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
 )
 
 from fedmq_protocol.codec import EncodedTensors, encode
@@ -404,7 +411,7 @@ class GlobalModel(_CarriesModePayload):
         return v.to_wire()
 
     @model_validator(mode="after")
-    def _base_before_version(self) -> "GlobalModel":
+    def _base_before_version(self) -> GlobalModel:
         if self.base_version is not None and self.base_version >= self.version:
             raise ValueError(f"difference v{self.version} cannot have base v{self.base_version}")
         return self

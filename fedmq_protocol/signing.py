@@ -26,8 +26,9 @@ import base64
 import binascii
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import msgpack
 
@@ -101,7 +102,7 @@ class Signer:
         self.public_key_b64 = base64.b64encode(raw).decode()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Signer":
+    def from_file(cls, path: str | Path) -> Signer:
         serialization, Priv, _, _ = _crypto()
         p = Path(path)
         try:
@@ -174,7 +175,7 @@ class Verifier:
         self.federation = federation
 
     @classmethod
-    def from_config(cls, device_keys: Mapping[str, str], federation: str, base_dir: Path | None = None) -> "Verifier":
+    def from_config(cls, device_keys: Mapping[str, str], federation: str, base_dir: Path | None = None) -> Verifier:
         return cls({d: load_public_key(s, base_dir) for d, s in device_keys.items()}, federation)
 
     def verify(self, update_obj: Mapping[str, Any], expected_nonce: bytes | None) -> None:

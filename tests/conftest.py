@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mosquitto import MosquittoBroker, find_mosquitto  # noqa: E402
+from mosquitto import MosquittoBroker, find_mosquitto
 
 _SKIP_REASON = "mosquitto is not installed (apt-get install mosquitto mosquitto-clients)"
 

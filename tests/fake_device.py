@@ -10,8 +10,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -20,8 +21,8 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.codec import encode
 from fedmq_protocol.signing import Signer
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport, Published
+from fedmq_protocol.transport.config import BrokerConfig
 
 
 def tiny_adapter(seed: int = 0) -> dict[str, np.ndarray]:
@@ -56,7 +57,7 @@ class FakeDevice:
     signer: Signer | None = None
     adapter: dict[str, np.ndarray] = field(default_factory=tiny_adapter)
     delta: Callable[[m.Task], dict[str, np.ndarray]] | None = None
-    before_fit_answer: Callable[["FakeDevice", m.Task], None] | None = None
+    before_fit_answer: Callable[[FakeDevice, m.Task], None] | None = None
     username: str | None = None
     password: str | None = None
     chunk_size: int = 256 * 1024
@@ -64,7 +65,7 @@ class FakeDevice:
     sent: list[bytes] = field(default_factory=list)  # update payloads published (in order)
     errors: list[str] = field(default_factory=list)  # exceptions while answering tasks
 
-    def start(self) -> "FakeDevice":
+    def start(self) -> FakeDevice:
         self.topics = Topics("fedmq", self.federation)
         cfg = BrokerConfig(url=self.url, username=self.username, password=self.password, chunk_size=self.chunk_size)
         self.transport = MqttTransport(cfg, f"fake-{self.device_id}-{time.time_ns()}", clean_start=True)

@@ -16,8 +16,8 @@ import yaml
 from fedmq_protocol import messages as m
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport
+from fedmq_protocol.transport.config import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ class Capture:
     rounds: list[m.RoundSummary] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> "Capture":
+    def start(self) -> Capture:
         self.transport = MqttTransport(BrokerConfig(url=self.url, chunk_size=self.chunk_size), f"capture-{time.time_ns()}", clean_start=True)
 
         def on_update(topic: str, payload: bytes) -> None:

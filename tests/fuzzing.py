@@ -8,12 +8,12 @@ import copy
 import math
 import random
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 
-from fedmq_protocol import messages as m
 from fedmq_protocol.codec import CodecSpec, encode, varint_encode
 from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoUpdate
 

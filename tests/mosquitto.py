@@ -62,7 +62,7 @@ def make_tls_files(directory: Path, hostname: str = "127.0.0.1") -> TlsFiles:
     directory.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
 
-    def key_pem(key) -> bytes:  # noqa: ANN001
+    def key_pem(key) -> bytes:
         return key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -90,7 +90,7 @@ def make_tls_files(directory: Path, hostname: str = "127.0.0.1") -> TlsFiles:
         .sign(ca_key, hashes.SHA256())
     )
 
-    def leaf(cn: str, server: bool):  # noqa: ANN202
+    def leaf(cn: str, server: bool):
         key = ec.generate_private_key(ec.SECP256R1())
         b = (
             x509.CertificateBuilder()
@@ -237,7 +237,7 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         if self.running:
             return self
         self.proc = subprocess.Popen(
@@ -276,11 +276,11 @@ class MosquittoBroker:
         if proc.stderr:
             proc.stderr.close()
 
-    def restart(self) -> "MosquittoBroker":
+    def restart(self) -> MosquittoBroker:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> MosquittoBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

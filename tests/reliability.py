@@ -15,17 +15,17 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from edge_agent.data import synthesize
 from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport
+from fedmq_protocol.transport.config import BrokerConfig
 from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all
 
 FEDERATION = "test"
@@ -63,7 +63,7 @@ class Observer:
     chunks_seen: list[float] = field(default_factory=list)  # arrival of update chunk frames
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> "Observer":
+    def start(self) -> Observer:
         self.t = MqttTransport(BrokerConfig(url=self.url, chunk_size=CHUNKED["chunk_size"]),
                                f"observer-{time.time_ns()}", clean_start=True)
 

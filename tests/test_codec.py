@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmq_protocol.codec import (
-    CodecSpec, EncodedTensors, encode, fit_budget, max_abs_error, varint_decode, varint_encode,
+    CodecSpec,
+    EncodedTensors,
+    encode,
+    fit_budget,
+    max_abs_error,
+    varint_decode,
+    varint_encode,
 )
 from fedmq_protocol.errors import ProtocolError
 

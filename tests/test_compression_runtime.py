@@ -17,8 +17,8 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.codec import CodecSpec, encode
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport
+from fedmq_protocol.transport.config import BrokerConfig
 
 ADAPTER = m.AdapterSpec(r=2, target_modules=("q_proj",))
 

@@ -11,8 +11,6 @@ from edge_agent.data import synthesize
 from fedmq_protocol.topics import Topics
 from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all, wait_for_status
 
-
-
 # The broker refuses any MQTT message over 8 KiB; the adapter is larger, so every update and
 # global must travel chunked (4 KiB chunks) and be reassembled.
 SIZE_LIMIT = 8 * 1024

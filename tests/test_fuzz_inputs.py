@@ -24,27 +24,26 @@ import os
 import random
 import time
 
-import msgpack
 import numpy as np
 
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.coordinator import Coordinator
-from broker_coordinator.intake import Collection
 from broker_coordinator.downlink import ServerModel
+from broker_coordinator.intake import Collection
 from broker_coordinator.state import FileStateStore
 from broker_coordinator.strategy import mean_delta
-from fedmq_protocol import messages as m
-from fedmq_protocol.chunking import Reassembler, chunk_topic, frame_payload, frame_whole
-from fedmq_protocol.codec import CodecSpec, encode
-from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.globals import GlobalSync
-from fedmq_protocol.signing import Signer, body_digest, generate_keypair, new_nonce
-from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
-from fedmq_protocol.transport import MqttTransport, Published
-from fedmq_protocol.modes.zo import ZoLedgerRound
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
+from fedmq_protocol import messages as m
+from fedmq_protocol.chunking import Reassembler, frame_payload, frame_whole
+from fedmq_protocol.codec import encode
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.globals import GlobalSync
+from fedmq_protocol.modes.zo import ZoLedgerRound
+from fedmq_protocol.signing import Signer, body_digest, generate_keypair, new_nonce
+from fedmq_protocol.topics import Topics
+from fedmq_protocol.transport import MqttTransport, Published
+from fedmq_protocol.transport.config import BrokerConfig
 from tests import fuzzing as fz
 from tests.fake_device import FakeDevice, read_retained_json, tiny_adapter, update_obj
 from tests.federation import coordinator_config, spawn, stop_all
@@ -83,14 +82,14 @@ class _StubTransport:
     messages_rejected = 0
     connected = False
 
-    def publish(self, *a, **kw):  # noqa: ANN002, ANN003
+    def publish(self, *a, **kw):
         return Published(0, 0)
 
 
 class _ProbeAgent(EdgeAgent):
     """The real agent event path (``_pump``), without a model: a valid task stops before training."""
 
-    def _ensure_method(self, adapter):  # noqa: ANN001
+    def _ensure_method(self, adapter):
         self.tasks_valid += 1
         raise _TaskReached
 

@@ -9,7 +9,14 @@ import math
 import pytest
 
 from edge_agent.memory import (
-    Budget, BudgetTooSmall, ModelShape, candidate_plans, choose_plan, estimate, lower_plan, parse_size_mb,
+    Budget,
+    BudgetTooSmall,
+    ModelShape,
+    candidate_plans,
+    choose_plan,
+    estimate,
+    lower_plan,
+    parse_size_mb,
 )
 from fedmq_protocol import messages as m
 from fedmq_protocol.transport import Published

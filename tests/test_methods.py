@@ -39,7 +39,7 @@ def test_registry():
         get_method("sgd")
     from edge_agent.methods import METHODS
 
-    assert METHODS == {"lora": get_method("lora"), "qlora": get_method("qlora"), "zo": get_method("zo")}
+    assert {"lora": get_method("lora"), "qlora": get_method("qlora"), "zo": get_method("zo")} == METHODS
 
 
 def test_adapter_names_and_params(lora):

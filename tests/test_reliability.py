@@ -17,8 +17,8 @@ import time
 import pytest
 
 from fedmq_protocol.chunking import frame_payload
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport
+from fedmq_protocol.transport.config import BrokerConfig
 from tests.federation import Capture
 from tests.reliability import CHUNKED, SIZE_LIMIT, TOPICS, Federation, record, wait_until
 

@@ -162,7 +162,7 @@ def test_sign_flipped_x100_agent_does_not_move_the_global(mosquitto, tmp_path):
     spread = max(dist(h, honest_mean) for h in honest)
     total = sum(u.num_samples for u in fits.values())
     fedavg = {k: sum(fits[d].num_samples / total * dec[d][k].astype(np.float64) for d in fits) for k in names}
-    err, fedavg_err, norm = dist(got, honest_mean), dist(fedavg, honest_mean), dist(honest_mean, {k: 0 for k in names})
+    err, fedavg_err, norm = dist(got, honest_mean), dist(fedavg, honest_mean), dist(honest_mean, dict.fromkeys(names, 0))
     print(f"robust error {err:.3g}, plain fedavg error {fedavg_err:.3g}, honest spread {spread:.3g}, "
           f"honest mean norm {norm:.3g}")
     assert err <= spread

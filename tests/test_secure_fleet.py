@@ -17,8 +17,8 @@ import pytest
 from edge_agent.data import synthesize
 from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
-from fedmq_protocol.transport.config import BrokerConfig
 from fedmq_protocol.transport import MqttTransport, TransportError
+from fedmq_protocol.transport.config import BrokerConfig
 from tests.federation import REPO, agent_config, coordinator_config, spawn, stop_all
 from tests.mosquitto import MosquittoBroker, find_mosquitto
 

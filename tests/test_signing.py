@@ -198,7 +198,7 @@ def test_unsigned_agent_is_refused_and_agent_signs_with_nonce(tmp_path):
     class StubTransport:
         bytes_sent = bytes_received = 0
 
-        def publish(self, topic, payload, **kw):  # noqa: ANN001
+        def publish(self, topic, payload, **kw):
             sent.append((topic, payload))
             return Published(len(payload), 0)
 

@@ -8,11 +8,11 @@ import time
 import uuid
 
 import pytest
+from mosquitto import free_port
 from pydantic import ValidationError
 
 from fedmq_protocol.chunking import frame_payload
 from fedmq_protocol.transport import BrokerConfig, MqttClient, MqttTransport, Published, TransportError, WillMessage
-from mosquitto import free_port
 
 
 class Inbox:
@@ -300,7 +300,7 @@ def test_will_published_on_abrupt_loss_not_on_close(mqtt_broker, transports):
     clean.close()
     abrupt = transports(cfg, "abrupt", will=WillMessage("status/abrupt", b'{"online":false}', 1, False))
     abrupt.connect()
-    abrupt.client._paho.socket().close()  # simulate a vanished device  # noqa: SLF001
+    abrupt.client._paho.socket().close()  # simulate a vanished device
     got = inbox.wait(1, timeout=10)
     assert got == [("status/abrupt", b'{"online":false}')]
 
@@ -467,7 +467,7 @@ def test_publish_from_a_handler_or_hook_is_queued_not_awaited(mqtt_broker, trans
     assert wait_for(lambda: responder.client.pending_messages == 0)
 
 
-def wait_for(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+def wait_for(condition, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

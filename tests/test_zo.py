@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from broker_coordinator.config import CoordinatorConfig
-from broker_coordinator.state import CoordinatorState, FileStateStore
 from broker_coordinator.modes.zo import ZoMode
+from broker_coordinator.state import CoordinatorState, FileStateStore
 from edge_agent.data import Example
 from edge_agent.methods import get_method, zo_directions
 from edge_agent.methods.qlora import disable_cpu_inference_packing
@@ -24,7 +24,14 @@ from edge_agent.models import resolve_model
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.modes.zo import (
-    ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, candidate_seeds, pack_pool, param_seed,
+    ZoLedgerRound,
+    ZoSpec,
+    ZoTask,
+    ZoUpdate,
+    aggregate_round,
+    candidate_seeds,
+    pack_pool,
+    param_seed,
     pro_probabilities,
 )
 

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import msgpack
-import pytest
 
 from edge_agent.data import synthesize
-from fedmq_protocol.topics import Topics
 from fedmq_protocol.modes.zo import ZoLedgerRound
+from fedmq_protocol.topics import Topics
 from tests.federation import Capture, agent_config, coordinator_config, spawn, stop_all
 
 ZO = {"seed": 7, "num_seeds": 64, "eps": 1e-2, "lr": 1e-3, "direction": "gaussian", "target": "full"}

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedmq_protocol.messages import GlobalModel, TaskKind, Update
 from fedmq_protocol.modes import ModePayload, check_mode
@@ -83,7 +84,7 @@ class CoordinatorMode(ABC):
 
 def mode_class(name: str) -> type[CoordinatorMode]:
     check_mode(name)
-    cls: type[CoordinatorMode] = getattr(importlib.import_module(f"broker_coordinator.modes.{name}"), "MODE")
+    cls: type[CoordinatorMode] = importlib.import_module(f"broker_coordinator.modes.{name}").MODE
     return cls
 
 

@@ -8,7 +8,8 @@ previous version, or as a snapshot every ``downlink.snapshot_every`` versions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

@@ -9,7 +9,8 @@ it has not applied. Every version is a snapshot: there are no tensors to send di
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +20,14 @@ from fedmq_protocol.codec import EncodedTensors
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import GlobalModel, TaskKind, Update
 from fedmq_protocol.modes.zo import (
-    ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, aggregate_round, ledger_topic, pro_probabilities, unpack_pool,
+    ZoLedgerRound,
+    ZoSpec,
+    ZoTask,
+    ZoUpdate,
+    aggregate_round,
+    ledger_topic,
+    pro_probabilities,
+    unpack_pool,
 )
 
 if TYPE_CHECKING:

@@ -68,4 +68,4 @@ def payload_modes(kind: MessageKind) -> set[str]:
     return {mode for (k, mode) in payload_types() if k == kind}
 
 
-__all__ = ["DEFAULT_MODE", "MODES", "ModePayload", "check_mode", "mode_names", "payload_type", "payload_modes"]
+__all__ = ["DEFAULT_MODE", "MODES", "ModePayload", "check_mode", "mode_names", "payload_modes", "payload_type"]

@@ -109,7 +109,7 @@ class ZoTask(ZoSpec, ModePayload):
     probabilities: bytes | None = None
 
     @model_validator(mode="after")
-    def _probs(self) -> "ZoTask":
+    def _probs(self) -> ZoTask:
         if self.probabilities is not None:
             p = np.frombuffer(self.probabilities, dtype="<f4") if len(self.probabilities) == 4 * self.num_seeds else None
             if p is None or not np.all(np.isfinite(p)) or np.any(p < 0) or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-3):
@@ -144,7 +144,7 @@ class ZoLedgerRound(Message):
     num_samples: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _pool(self) -> "ZoLedgerRound":
+    def _pool(self) -> ZoLedgerRound:
         try:
             unpack_pool(self.indices, self.g, self.spec.num_seeds, f"ledger round {self.round}")
         except ProtocolError as exc:

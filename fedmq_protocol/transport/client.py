@@ -279,13 +279,13 @@ class MqttClient:
                 for sub in subs:
                     if any(mqtt.topic_matches_sub(_matched_filter(f), topic) for f in sub.filters):
                         self._safe_call(sub.handler, f"handler for {sub.name!r}", topic, payload)
-            except Exception:  # noqa: BLE001 - never let anything kill the loop
+            except Exception:
                 self.log.exception("error while dispatching a message")
 
     def _safe_call(self, fn: Callable[..., None], what: str, *args: Any) -> None:
         try:
             fn(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.handler_errors += 1
             self.log.exception("%s raised", what)
 

@@ -81,7 +81,7 @@ class BrokerConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "BrokerConfig":
+    def _consistent(self) -> BrokerConfig:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give either password or password_file, not both")
         if (self.password is not None or self.password_file is not None) and not self.username:

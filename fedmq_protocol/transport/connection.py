@@ -104,7 +104,7 @@ def connect_first_time(
         raise failure("connection refused (is a broker listening there?)") from None
     except socket.gaierror as exc:
         raise failure(f"unreachable: cannot resolve host ({exc.strerror or exc})") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise failure(f"unreachable: no TCP connection within {timeout:g}s") from None
     except OSError as exc:
         raise failure(f"unreachable ({exc.strerror or exc})") from None
