@@ -151,7 +151,8 @@ def _decode_indices(kind: Any, buf: bytes, nnz: int, numel: int, where: str) -> 
         # each step adds < numel + 1, so a uint64 wrap-around would show as a decrease
         if nnz and (int(idx[-1]) >= numel or (nnz > 1 and not np.all(np.diff(idx) > 0))):
             raise ProtocolError(f"{where}: indices run past the tensor's {numel} elements")
-        return idx.astype(np.int64)
+        out: np.ndarray = idx.astype(np.int64)
+        return out
     if kind == "bitmap":
         if len(buf) != (numel + 7) // 8:
             raise ProtocolError(f"{where}: bitmap is {len(buf)} bytes, {numel} elements need {(numel + 7) // 8}")

@@ -15,7 +15,8 @@ def float32_to_bfloat16_bits(arr: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest, ties to even) and return the uint16 bit patterns."""
     bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
+    out: np.ndarray = ((bits + rounding) >> 16).astype(np.uint16)
+    return out
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
