@@ -20,7 +20,7 @@ from edge_agent.memory import (
 )
 from fedmq_protocol import messages as m
 from fedmq_protocol.transport import Published
-from tests.tiny_model import ALL_LINEAR, synth, tiny_llama  # noqa: F401
+from tests.tiny_model import ALL_LINEAR
 
 # A round of the tiny model large enough that activations, logits and attention dominate the plan.
 BIG = dict(batch_size=64, seq_len=512)

@@ -10,7 +10,7 @@ from edge_agent.data import Example, load_jsonl
 from edge_agent.methods import get_method, method_names
 from edge_agent.methods.base import FitResult, TrainingMethod
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from tests.tiny_model import ALL_LINEAR, family_examples, synth, tiny_llama  # noqa: F401  (fixtures)
+from tests.tiny_model import ALL_LINEAR, family_examples
 
 SPEC = AdapterSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 BIG = AdapterSpec(r=8, alpha=16.0, target_modules=ALL_LINEAR)

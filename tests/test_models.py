@@ -9,7 +9,6 @@ import pytest
 
 from edge_agent import models
 from edge_agent.models import fedmq_home, model_fingerprint, resolve_model
-from tests.tiny_model import tiny_llama  # noqa: F401  (fixture)
 
 
 def test_import_does_not_pull_ml_stack():
