@@ -50,17 +50,25 @@ def settings(dense_bytes: int) -> list[dict]:
         {"name": "dense fp32", "uplink": {}, "downlink": {}},
         {"name": "dense sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down},
         {"name": "dense int2 +EF", "uplink": {"values": "int2", "zstd": True}, "downlink": lossy_down},
-        {"name": "frozen-A sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down, "freeze_a": True},
-        {"name": "top-10% int8 +EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True}, "downlink": lossy_down},
+        {"name": "frozen-A sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down,
+         "freeze_a": True},
+        {"name": "top-10% int8 +EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True},
+         "downlink": lossy_down},
         {"name": "dense int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down},
         {"name": "budget dense/50 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 50, "downlink": lossy_down},
         {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16"}},
-        {"name": "top-10% int8 no EF", "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False}, "downlink": lossy_down},
-        {"name": "top-25% int8 +EF", "uplink": {"values": "int8", "density": 0.25, "zstd": True}, "downlink": lossy_down},
-        {"name": "top-10% fp16 +EF", "uplink": {"values": "float16", "density": 0.10, "zstd": True}, "downlink": lossy_down},
-        {"name": "frozen-A int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down, "freeze_a": True},
+        {"name": "top-10% int8 no EF",
+         "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False},
+         "downlink": lossy_down},
+        {"name": "top-25% int8 +EF", "uplink": {"values": "int8", "density": 0.25, "zstd": True},
+         "downlink": lossy_down},
+        {"name": "top-10% fp16 +EF", "uplink": {"values": "float16", "density": 0.10, "zstd": True},
+         "downlink": lossy_down},
+        {"name": "frozen-A int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down,
+         "freeze_a": True},
         {"name": "frozen-A dense fp32", "uplink": {}, "downlink": {}, "freeze_a": True},
-        {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True}, "downlink": lossy_down},
+        {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True},
+         "downlink": lossy_down},
         {"name": "frozen-A budget dense/100 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 100,
          "downlink": lossy_down, "freeze_a": True},
     ]
@@ -100,7 +108,8 @@ def main() -> int:
         def method_for(frozen: bool):
             if frozen not in methods:
                 methods.clear()  # one model in memory at a time
-                methods[frozen] = get_method("lora")(model_path, adapters[frozen], device="cpu", dtype="float32", seed=0)
+                lora = get_method("lora")
+                methods[frozen] = lora(model_path, adapters[frozen], device="cpu", dtype="float32", seed=0)
             return methods[frozen]
 
         method = method_for(False)
@@ -154,7 +163,8 @@ def main() -> int:
             server = ServerModel(v0, down, ServerOptimizerConfig())
             device = GlobalSync(max_elements=1 << 26)  # what each device reconstructs
             device.offer(server.snapshot(0, 0, adapter, None))
-            encoders = [UplinkEncoder(UplinkConfig(**st["uplink"]), st.get("budget"), tmp / st["name"].replace(" ", "_") / f"dev-{i}")
+            encoders = [UplinkEncoder(UplinkConfig(**st["uplink"]), st.get("budget"),
+                                      tmp / st["name"].replace(" ", "_") / f"dev-{i}")
                         for i in range(N_CLIENTS)]
             up_bytes, down_bytes, choices, train_losses = [], [], [], []
             for r in range(1, args.rounds + 1):
@@ -165,7 +175,8 @@ def main() -> int:
                     delta, n, tl = round1[frozen][i] if r == 1 else local_fit(device.arrays, i, r, frozen)
                     train_losses.append(tl)
                     metrics = probe_metrics()
-                    enc, um = encoders[i].encode(delta, lambda e: len(update_msg(i, n, metrics, e).to_msgpack()))
+                    enc, um = encoders[i].encode(
+                        delta, lambda e, i=i, n=n, metrics=metrics: len(update_msg(i, n, metrics, e).to_msgpack()))
                     payload = update_msg(i, n, {**metrics, **um}, enc).to_msgpack()
                     assert len(payload) == um["uplink_bytes"]
                     up_bytes.append(len(payload))
@@ -183,8 +194,8 @@ def main() -> int:
             assert all(np.array_equal(device.arrays[k], final[k]) for k in final)  # bitwise agreement
             loss = evaluate(final, frozen)
             res = {
-                "name": st["name"], "uplink": st["uplink"], "budget_bytes": st.get("budget"), "downlink": st["downlink"],
-                "freeze_a": frozen,
+                "name": st["name"], "uplink": st["uplink"], "budget_bytes": st.get("budget"),
+                "downlink": st["downlink"], "freeze_a": frozen,
                 "uplink_bytes_per_round_per_client": float(np.mean(up_bytes)),
                 "uplink_bytes_max": int(max(up_bytes)),
                 "downlink_bytes_per_round_per_client": float(np.mean(down_bytes)),
@@ -195,24 +206,30 @@ def main() -> int:
             }
             results.append(res)
             print(f"{st['name']:24s} up {res['uplink_bytes_per_round_per_client']:10.0f} B  down "
-                  f"{res['downlink_bytes_per_round_per_client']:10.0f} B  eval {loss:.4f}  ({res['seconds']:.0f}s)", flush=True)
+                  f"{res['downlink_bytes_per_round_per_client']:10.0f} B  eval {loss:.4f}  ({res['seconds']:.0f}s)",
+                  flush=True)
             report(args, baseline, dense_bytes, results)  # partial results survive an interrupted run
     report(args, baseline, dense_bytes, results, final=True)
     return 0
 
 
-def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results: list[dict], final: bool = False) -> None:
+def report(
+    args: argparse.Namespace, baseline: float, dense_bytes: int, results: list[dict], final: bool = False,
+) -> None:
 
     results = [dict(r) for r in results]
     ref = next((r for r in results if r["name"] == "dense fp32"), None)
     for r in results:
         if ref:
-            r["uplink_reduction_x"] = ref["uplink_bytes_per_round_per_client"] / r["uplink_bytes_per_round_per_client"]
-            r["downlink_reduction_x"] = ref["downlink_bytes_per_round_per_client"] / r["downlink_bytes_per_round_per_client"]
+            r["uplink_reduction_x"] = (ref["uplink_bytes_per_round_per_client"]
+                                       / r["uplink_bytes_per_round_per_client"])
+            r["downlink_reduction_x"] = (ref["downlink_bytes_per_round_per_client"]
+                                         / r["downlink_bytes_per_round_per_client"])
             r["eval_loss_vs_dense_pct"] = 100 * (r["final_eval_loss"] / ref["final_eval_loss"] - 1)
 
     def best(min_x: float, max_pct: float) -> dict | None:
-        ok = [r for r in results if r.get("uplink_reduction_x", 0) >= min_x and r.get("eval_loss_vs_dense_pct", 1e9) <= max_pct]
+        ok = [r for r in results
+              if r.get("uplink_reduction_x", 0) >= min_x and r.get("eval_loss_vs_dense_pct", 1e9) <= max_pct]
         return max(ok, key=lambda r: r["uplink_reduction_x"]) if ok else None
 
     targets = {"10x_at_2pct": best(10, 2.0), "50x_at_5pct": best(50, 5.0)}
@@ -234,11 +251,12 @@ def report(args: argparse.Namespace, baseline: float, dense_bytes: int, results:
                 f"eval loss {r['eval_loss_vs_dense_pct']:+.2f} % vs dense fp32)")
 
     md = (
-        f"## Compression, {args.rounds} rounds × {args.local_steps} local steps: uplink/downlink bytes vs final eval loss (`bench/compression.py`)\n\n"
+        f"## Compression, {args.rounds} rounds × {args.local_steps} local steps: "
+        "uplink/downlink bytes vs final eval loss (`bench/compression.py`)\n\n"
         f"`{out['command']}` — SmolLM2-135M-Instruct, LoRA r=8 on q_proj/v_proj (fp32 base), {N_CLIENTS} clients "
         f"with non-IID synthetic data ({args.samples} examples each), {args.rounds} rounds × {args.local_steps} local "
-        f"AdamW steps (batch {args.batch_size}, ≤{args.max_seq_len} tokens, lr {args.lr}), FedAvg, same seeds for every "
-        f"setting; final loss on {args.eval_samples} held-out examples (baseline before training "
+        f"AdamW steps (batch {args.batch_size}, ≤{args.max_seq_len} tokens, lr {args.lr}), FedAvg, "
+        f"same seeds for every setting; final loss on {args.eval_samples} held-out examples (baseline before training "
         f"{baseline:.4f}). {machine()['cores']} cores, {out['machine']['date']}, commit {out['machine']['commit']}.\n\n"
         "In-process harness: the 4 clients run in sequence on one model instance (adapters swapped), through "
         "the production training method, uplink encoder (error feedback, byte budget), msgpack messages, "

@@ -185,7 +185,8 @@ def main() -> int:
     trained = [r for r in runs if "estimate_mb" in r]
     command = command_line()
     if args.merge:
-        command = (f"python bench/memory.py --budgets {' '.join(str(r['budget_mb']) for r in runs)} --steps {args.steps}"
+        budgets = " ".join(str(r["budget_mb"]) for r in runs)
+        command = (f"python bench/memory.py --budgets {budgets} --steps {args.steps}"
                    f" (budgets run by separate invocations with --raw-out, threads per run in the table; "
                    f"merged with --merge)")
     result = {"benchmark": "memory", "command": command, "machine": machine(), "args": vars(args),
@@ -215,7 +216,9 @@ def render(result: dict) -> str:
         p = r["plan"]
         what = (f"{p['method']} ({p['base']} base{', ' + p['zo_target'] if p['zo_target'] else ''}), micro-batch "
                 f"{p['micro_batch']} × {p['grad_accum']}" + (", checkpointing" if p["gradient_checkpointing"] else ""))
-        status = f"{r['steps']} steps" + (f"; over budget at step {r['over_budget']['step']}" if r["over_budget"] else "")
+        status = f"{r['steps']} steps"
+        if r["over_budget"]:
+            status += f"; over budget at step {r['over_budget']['step']}"
         if r.get("threads"):
             status += f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}, {r['fit_s']:.0f} s"
         rows.append([r["budget_mb"], what, f"{r['estimate_mb']:.0f}", f"{r['peak_mb']:.0f}",

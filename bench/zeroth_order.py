@@ -118,7 +118,8 @@ def phase_memory(variant: str, what: str, threads: int) -> dict:
         return {"peak_rss_infer": infer, "peak_rss_zo": _peak_rss_of(method, batch, seeds, spec, "zo")}
     base = psutil.Process().memory_info().rss
     peak = _peak_rss_of(method, batch, seeds, spec, what)
-    return {"peak_rss": peak, "rss_before": base, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss": peak, "rss_before": base, "ru_maxrss": ru_maxrss}
 
 
 def _naive_step(method, batch, seed: int, spec) -> None:
@@ -168,8 +169,8 @@ def phase_timing(variant: str, threads: int, reps: int, pack: int = 1) -> dict:
             t0 = time.perf_counter()
             _naive_step(method, batch, seeds[100 + i], spec)
             naive.append(time.perf_counter() - t0)
-    return {"two_forward_s": fwd2, "zo_step_s": zo, "naive_step_s": naive, "batch_shape": list(batch["input_ids"].shape),
-            "tokens": int(batch["attention_mask"].sum()),
+    return {"two_forward_s": fwd2, "zo_step_s": zo, "naive_step_s": naive,
+            "batch_shape": list(batch["input_ids"].shape), "tokens": int(batch["attention_mask"].sum()),
             "trainable_params": method.num_trainable_params(), "workers": method._perturb.workers}
 
 
@@ -258,7 +259,8 @@ def main() -> int:
     ap.add_argument("--raw-out", help="write raw results here instead of bench/results and the doc")
     ap.add_argument("--merge", nargs="+", metavar="RAW_JSON", help="combine raw results of partial runs and render")
     ap.add_argument("--retime", metavar="RESULTS_JSON", help="re-run only the timing phase on a results file")
-    ap.add_argument("--remeasure-memory", metavar="RESULTS_JSON", help="re-run only the memory phases on a results file")
+    ap.add_argument("--remeasure-memory", metavar="RESULTS_JSON",
+                    help="re-run only the memory phases on a results file")
     a = ap.parse_args()
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
@@ -284,11 +286,12 @@ def main() -> int:
         results = json.loads(Path(a.remeasure_memory).read_text())
         common = ["--threads", str(a.threads)]
         for variant, r in results["variants"].items():
-            r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
-            r["memory_zo"] = _child(["--phase", "memory", "--variant", variant, "--what", "zo", *common])
+            memory = ["--phase", "memory", "--variant", variant]
+            r["memory_infer"] = _child([*memory, "--what", "infer", *common])
+            r["memory_zo"] = _child([*memory, "--what", "zo", *common])
             if VARIANTS[variant]["direction"] != "gaussian":
-                r["memory_zo_gaussian"] = _child(["--phase", "memory", "--variant", variant, "--what", "gaussian", *common])
-            r["memory_same_process"] = _child(["--phase", "memory", "--variant", variant, "--what", "same_process", *common])
+                r["memory_zo_gaussian"] = _child([*memory, "--what", "gaussian", *common])
+            r["memory_same_process"] = _child([*memory, "--what", "same_process", *common])
         results["command"] += f" ; {command_line()}"
         return _finish(results)
 
@@ -308,11 +311,12 @@ def main() -> int:
     common = ["--threads", str(a.threads), "--timing-reps", str(a.timing_reps), "--fed-batch", str(a.fed_batch)]
     for variant in a.variants.split(","):
         r: dict = {"hyper": VARIANTS[variant]}
-        r["memory_infer"] = _child(["--phase", "memory", "--variant", variant, "--what", "infer", *common])
-        r["memory_zo"] = _child(["--phase", "memory", "--variant", variant, "--what", "zo", *common])
-        r["memory_same_process"] = _child(["--phase", "memory", "--variant", variant, "--what", "same_process", *common])
+        memory = ["--phase", "memory", "--variant", variant]
+        r["memory_infer"] = _child([*memory, "--what", "infer", *common])
+        r["memory_zo"] = _child([*memory, "--what", "zo", *common])
+        r["memory_same_process"] = _child([*memory, "--what", "same_process", *common])
         if VARIANTS[variant]["direction"] != "gaussian":
-            r["memory_zo_gaussian"] = _child(["--phase", "memory", "--variant", variant, "--what", "gaussian", *common])
+            r["memory_zo_gaussian"] = _child([*memory, "--what", "gaussian", *common])
         r["timing"] = _child(["--phase", "timing", "--variant", variant, *common])
         steps = a.full_steps if variant == "full" else a.lora_steps
         r["local_steps"] = steps
@@ -345,7 +349,8 @@ def measure_uplink_200(steps: int = 200) -> dict:
     data = Path(tempfile.gettempdir()) / "fedmq-bench-zo-data"
     method = ZoMethod(resolve_model("tiny-llama"), m.AdapterSpec(), device="cpu", target="full")
     spec = ZoSpec(seed=2024, num_seeds=4096, eps=1e-3, lr=1e-5)
-    res = method.fit(load_jsonl(data / "device_0.jsonl"), m.FitConfig(local_steps=steps, batch_size=1, max_seq_len=SEQ), spec=spec)
+    fit = m.FitConfig(local_steps=steps, batch_size=1, max_seq_len=SEQ)
+    res = method.fit(load_jsonl(data / "device_0.jsonl"), fit, spec=spec)
     idx, g = pack_pool(method.last_pool)
     upd = m.Update(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id="dev-0", base_version=0,
                    num_samples=res.num_samples,
@@ -394,7 +399,8 @@ def render(res: dict) -> str:
         tp = r.get("timing_packed")
         ratios_packed = {k: med(v) / med(tp["two_forward_s"]) for k, v in tp["zo_step_s"].items()} if tp else {}
         naive_packed = med(tp["naive_step_s"]) / med(tp["two_forward_s"]) if tp else None
-        mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]) if "memory_zo_gaussian" in r else mem
+        mem_g = (r["memory_zo_gaussian"]["peak_rss"] / r["memory_infer"]["peak_rss"]
+                 if "memory_zo_gaussian" in r else mem)
         naive_ratio = med(t["naive_step_s"]) / med(t["two_forward_s"])
         f = r["federation"]["rounds"]
         up = max(max(x["uplink_bytes"]) for x in f)
@@ -403,12 +409,17 @@ def render(res: dict) -> str:
         losses = r["federation"]["eval_loss"]
         r["summary"] = {"uplink_bytes_max": up, "downlink_bytes_max": down, "memory_ratio": mem,
                         "memory_ratio_gaussian": mem_g, "step_ratio": step_ratio, "step_ratio_by_direction": ratios,
-                        "step_ratio_packed_by_direction": ratios_packed, "naive_step_ratio_packed": naive_packed, "naive_step_ratio": naive_ratio, "replay_over_train": replay,
+                        "step_ratio_packed_by_direction": ratios_packed, "naive_step_ratio_packed": naive_packed,
+                        "naive_step_ratio": naive_ratio, "replay_over_train": replay,
                         "eval_loss_first_last": [losses[0], losses[-1]]}
+        if sp:
+            mib_zo, mib_infer = sp["peak_rss_zo"] / 2**20, sp["peak_rss_infer"] / 2**20
+            mem_cell = f"{mem:.3f} ({mib_zo:.0f} / {mib_infer:.0f} MiB, one process)"
+        else:
+            mib_zo, mib_infer = r["memory_zo"]["peak_rss"] / 2**20, r["memory_infer"]["peak_rss"] / 2**20
+            mem_cell = f"{mem:.3f} ({mib_zo:.0f} / {mib_infer:.0f} MiB)"
         rows.append([variant, d, f"{t['trainable_params']:,}", r["local_steps"], f"{up:,}", f"{down:,}",
-                     (f"{mem:.3f} ({sp['peak_rss_zo'] / 2**20:.0f} / {sp['peak_rss_infer'] / 2**20:.0f} MiB, one process)" if sp else
-                      f"{mem:.3f} ({r['memory_zo']['peak_rss'] / 2**20:.0f} / {r['memory_infer']['peak_rss'] / 2**20:.0f} MiB)")
-                     + ("" if mem_g == mem else f"; gaussian {mem_g:.3f}"),
+                     mem_cell + ("" if mem_g == mem else f"; gaussian {mem_g:.3f}"),
                      f"{step_ratio:.2f} ({med(t['zo_step_s'][d]):.2f} / {med(t['two_forward_s']):.2f} s)",
                      ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
                      f"{naive_ratio:.2f}", f"{replay:.3f}"])
@@ -425,35 +436,44 @@ def render(res: dict) -> str:
     lora_up = s.get("lora", {}).get("summary", {}).get("uplink_bytes_max")
     u2 = res["uplink_200"]
     targets = [f"- **uplink at 200 local steps**: {u2['update_bytes']:,} B per client per round "
-               f"({u2['distinct_seeds']} distinct seeds of K = 4096; {'meets' if u2['update_bytes'] <= 2048 else 'misses'} ≤ 2 KB) — "
-               "a real 200-step fit and its Update message, run on the tiny model: the message does not depend on model size."]
+               f"({u2['distinct_seeds']} distinct seeds of K = 4096; "
+               f"{'meets' if u2['update_bytes'] <= 2048 else 'misses'} ≤ 2 KB) — "
+               "a real 200-step fit and its Update message, run on the tiny model: "
+               "the message does not depend on model size."]
     for variant, r in s.items():
         sm = r["summary"]
+        packed = ""
+        if sm["step_ratio_packed_by_direction"]:
+            rows_, tokens_ = r["timing_packed"]["batch_shape"]
+            packed = f"; on {rows_} × {tokens_}-token rows: " + ", ".join(
+                f"{k} {v:.2f}×" for k, v in sm["step_ratio_packed_by_direction"].items())
+        loss_first, loss_last = sm["eval_loss_first_last"]
         targets.append(f"- **{variant}**: uplink {sm['uplink_bytes_max']:,} B at {r['local_steps']} local steps "
                        f"({'meets' if sm['uplink_bytes_max'] <= 2048 else 'misses'} ≤ 2 KB); peak memory "
-                       f"{sm['memory_ratio']:.3f}× inference ({'meets' if sm['memory_ratio'] <= 1.1 else 'misses'} ≤ 1.1×"
+                       f"{sm['memory_ratio']:.3f}× inference "
+                       f"({'meets' if sm['memory_ratio'] <= 1.1 else 'misses'} ≤ 1.1×"
                        f"{_baseline_note(r)}); "
                        f"step {sm['step_ratio']:.2f}× two forwards with {r['hyper']['direction']} "
                        f"({'meets' if sm['step_ratio'] <= 1.3 else 'misses'} ≤ 1.3×; "
                        + ", ".join(f"{k} {v:.2f}×" for k, v in sm["step_ratio_by_direction"].items())
-                       + ("" if not sm["step_ratio_packed_by_direction"] else
-                          f"; on {r['timing_packed']['batch_shape'][0]} × {r['timing_packed']['batch_shape'][1]}-token rows: " + ", ".join(
-                           f"{k} {v:.2f}×" for k, v in sm["step_ratio_packed_by_direction"].items())) + "; "
-                       f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {sm['eval_loss_first_last'][0]:.4f} → "
-                       f"{sm['eval_loss_first_last'][1]:.4f} ({'down' if sm['eval_loss_first_last'][1] < sm['eval_loss_first_last'][0] else 'NOT down'}).")
+                       + packed + "; "
+                       f"naive {sm['naive_step_ratio']:.2f}×); held-out loss {loss_first:.4f} → "
+                       f"{loss_last:.4f} ({'down' if loss_last < loss_first else 'NOT down'}).")
     for variant, pr in res.get("partial", {}).items():
         mi, mz = pr["memory_infer"], pr["memory_zo"]
         targets.append(
             f"- **{variant}** (partial run: {pr['note']}): peak RSS of a ZO step {mz['peak_rss'] / 2**20:.0f} MiB vs "
             f"inference {mi['peak_rss'] / 2**20:.0f} MiB = {mz['peak_rss'] / mi['peak_rss']:.3f}× (meets ≤ 1.1×; the "
-            f"processes' post-load baselines differ by {abs(mi['rss_before'] - mz['rss_before']) / 2**20:.0f} MiB, more than "
-            f"the step adds: {(mz['peak_rss'] - mz['rss_before']) / 2**20:.0f} MiB over its baseline vs "
-            f"{(mi['peak_rss'] - mi['rss_before']) / 2**20:.0f} MiB for inference). Step time and federation: not measured.")
+            f"processes' post-load baselines differ by {abs(mi['rss_before'] - mz['rss_before']) / 2**20:.0f} MiB, "
+            f"more than the step adds: {(mz['peak_rss'] - mz['rss_before']) / 2**20:.0f} MiB over its baseline vs "
+            f"{(mi['peak_rss'] - mi['rss_before']) / 2**20:.0f} MiB for inference). "
+            "Step time and federation: not measured.")
     return "\n".join([
         f"SmolLM2-135M-Instruct, CPU, {res['threads']} torch threads, batch of {res['batch'][0]} synthetic examples "
-        "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process (snapshot → local ZO fit → real Update "
-        "message → restore → coordinator aggregation → ledger replay), K = 4096 seeds; direction: the paper's i.i.d. "
-        "Gaussian (counter-based SplitMix64 + 1024-layer ziggurat, drawn and added in one pass, 2 worker threads).",
+        "(their natural length: ~21 tokens per row) for memory and time; federation: 2 clients in one process "
+        "(snapshot → local ZO fit → real Update message → restore → coordinator aggregation → ledger replay), "
+        "K = 4096 seeds; direction: the paper's i.i.d. Gaussian (counter-based SplitMix64 + 1024-layer ziggurat, "
+        "drawn and added in one pass, 2 worker threads).",
         "Memory: peak RSS (psutil, 1 ms sampling, after load and one warm-up forward); the ratio compares "
         "inference and ZO steps run one after the other in one process (the same post-load baseline); "
         "separate-process figures are given beside it. "
@@ -461,12 +481,14 @@ def render(res: dict) -> str:
         "",
         f"Command: `{res['command']}` ({res['bench_s'] / 60:.1f} min). Machine: {res['machine']}",
         "",
-        md_table(["variant", "direction", "trainable", "local steps", "uplink B/client (max)", "downlink B/client (max)",
-                  "ZO step / inference peak RSS", "ZO step / two forwards", "by direction", "naive / two forwards",
-                  "replay / local training"], rows),
+        md_table(["variant", "direction", "trainable", "local steps", "uplink B/client (max)",
+                  "downlink B/client (max)", "ZO step / inference peak RSS", "ZO step / two forwards",
+                  "by direction", "naive / two forwards", "replay / local training"], rows),
         "",
-        *(["Step time on longer rows (examples packed per row, nearer the field notes' 4 × ~80-token batch), same method:", "",
-           md_table(["variant", "batch", "two forwards s", "ZO step / two forwards", "naive / two forwards"], packed_rows), ""]
+        *(["Step time on longer rows (examples packed per row, nearer the field notes' 4 × ~80-token batch), "
+           "same method:", "",
+           md_table(["variant", "batch", "two forwards s", "ZO step / two forwards", "naive / two forwards"],
+                    packed_rows), ""]
           if packed_rows else []),
         md_table(["variant", "round", "uplink B per client", "distinct seeds", "downlink B", "seeds replayed",
                   "train s (slowest)", "replay s", "snapshot+restore s", "held-out loss"], fed_rows),
@@ -476,11 +498,13 @@ def render(res: dict) -> str:
         "Targets:",
         *targets,
         "" if lora_up is None else
-        "Uplink is the msgpack Update (index uint16 + g float32 per distinct seed, plus metrics); MQTT framing adds a few dozen bytes.",
+        "Uplink is the msgpack Update (index uint16 + g float32 per distinct seed, plus metrics); "
+        "MQTT framing adds a few dozen bytes.",
         "",
         "Where a full-parameter step's time goes beyond the two forwards: three draws of z per parameter element (the "
         "+eps, -2 eps and fused restore-and-update terms; ~2 ns per element and draw for the Gaussian on one core, "
-        "0.2 ns for Rademacher) and two trips of the float32 weights through memory (~0.07 s per trip for 538 MB here). "
+        "0.2 ns for Rademacher) and two trips of the float32 weights through memory "
+        "(~0.07 s per trip for 538 MB here). "
         "Rademacher, whose drawing is nearly free, shows the memory-bound floor: at short rows two forwards take "
         "~0.5 s, so the floor alone is ~1.25×; the Gaussian adds ~0.4 s of drawing per step on 2 cores.",
     ])

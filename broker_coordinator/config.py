@@ -62,7 +62,9 @@ class CoordinatorConfigBase(BaseModel):
     downlink: DownlinkConfig = DownlinkConfig()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     mode: str | None = Field(
-        None, description="federation mode (fedmq_protocol.modes); default: the mode whose section is set, else adapter")
+        None,
+        description="federation mode (fedmq_protocol.modes); default: the mode whose section is set, else adapter",
+    )
     aggregation: AggregationConfig = AggregationConfig()
     device_keys: dict[str, str] = Field(
         default_factory=dict,
@@ -89,7 +91,8 @@ class CoordinatorConfigBase(BaseModel):
         else:
             object.__setattr__(self, "mode", DEFAULT_MODE)
         if self.mode != "adapter" and not self.aggregation.is_plain:
-            raise ValueError(f"aggregation: robust rules and clipping apply to adapter updates, not to {self.mode} federations")
+            raise ValueError(
+                f"aggregation: robust rules and clipping apply to adapter updates, not to {self.mode} federations")
         for device_id, key in self.device_keys.items():
             check_level(device_id, f"device_keys[{device_id!r}]")
             from fedmq_protocol.signing import SigningKeyError, load_public_key

@@ -75,7 +75,8 @@ class Coordinator:
         self.transport = transport or MqttTransport(config.broker, config.coordinator_id, will=will)
         self.registry = DeviceRegistry(self.state.devices, self.topics, config.offline_grace_s)
         verifier = Verifier.from_config(config.device_keys, config.federation) if config.device_keys else None
-        self.intake = UpdateIntake(self.topics, self.mode, self.counters, max_message_bytes=config.broker.max_message_bytes,
+        self.intake = UpdateIntake(self.topics, self.mode, self.counters,
+                                   max_message_bytes=config.broker.max_message_bytes,
                                    verifier=verifier, signatures_required=config.signatures_required)
         self.publisher = GlobalPublisher(self.transport, self.topics, self.mode, self.state)
         self.rounds = RoundRunner(config, self.topics, self.transport, self.store, self.state, self.mode,
@@ -122,7 +123,7 @@ class Coordinator:
         )
         try:
             self.transport.publish(self.topics.coordinator_status, msg.to_json(), qos=QOS_STATUS, retain=True)
-        except Exception as exc:  # status is best effort; the loop must go on
+        except Exception as exc:  # noqa: BLE001 - status is best effort; the loop must go on
             log.warning("could not publish coordinator status: %s", exc)
 
     # ------------------------------------------------------------------ event handling
@@ -203,7 +204,7 @@ class Coordinator:
         self.store.save(self.state)
         try:
             self.transport.publish(self.topics.rounds, summary.to_json(), qos=QOS_ROUNDS, retain=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the round is saved already; publishing it is best effort
             log.warning("could not publish round summary: %s", exc)
         if self.on_round:
             self.on_round(summary)

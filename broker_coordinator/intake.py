@@ -52,7 +52,8 @@ class Collection:
         if not old.accepted:
             return
         already = {d for e in old.earlier for d in e.devices}
-        self.earlier = [*old.earlier, EarlierAttempt(old.task_id, old.nonce, tuple(sorted(set(old.accepted) - already)))]
+        newly = tuple(sorted(set(old.accepted) - already))
+        self.earlier = [*old.earlier, EarlierAttempt(old.task_id, old.nonce, newly)]
         self.expected |= set(old.accepted)
         for d, u in old.accepted.items():
             self.accepted[d], self.received_at[d] = u, old.received_at[d]
@@ -73,7 +74,8 @@ def check_update_fields(upd: m.Update) -> None:
         raise ProtocolError(f"update carries {len(upd.metrics)} metrics, limit {MAX_METRICS}")
     for k, v in upd.metrics.items():
         if len(k) > 64 or not math.isfinite(v):
-            raise ProtocolError(f"update metric {k[:64]!r} must have a name of <= 64 chars and a finite value, got {v!r}")
+            raise ProtocolError(
+                f"update metric {k[:64]!r} must have a name of <= 64 chars and a finite value, got {v!r}")
     if upd.num_samples > MAX_NUM_SAMPLES:
         raise ProtocolError(f"update reports {upd.num_samples} samples, limit {MAX_NUM_SAMPLES}")
 

@@ -24,7 +24,9 @@ log = logging.getLogger("fedmq.coordinator")
 
 
 class GlobalPublisher:
-    def __init__(self, transport: MqttTransport, topics: Topics, mode: CoordinatorMode, state: CoordinatorState) -> None:
+    def __init__(
+        self, transport: MqttTransport, topics: Topics, mode: CoordinatorMode, state: CoordinatorState,
+    ) -> None:
         self.transport = transport
         self.topics = topics
         self.mode = mode
@@ -41,7 +43,8 @@ class GlobalPublisher:
         t0 = time.perf_counter()
         payload = gm.to_msgpack()
         if gm.is_snapshot:
-            n = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
+            sent = self.transport.publish(self.topics.global_model, payload, qos=QOS_GLOBAL, retain=True, framed=True)
+            n = sent.bytes
             for v, chunks in sorted(self.state.retained_diffs.items()):
                 self._clear_retained(self.topics.global_diff(v), chunks)
             self.state.retained_diffs.clear()
@@ -56,5 +59,5 @@ class GlobalPublisher:
             self.transport.publish(topic, b"", qos=QOS_GLOBAL, retain=True)
             for i in range(chunks):  # known from state even after a restart
                 self.transport.publish(chunk_topic(topic, i), b"", qos=QOS_GLOBAL, retain=True)
-        except Exception as exc:  # a stale retained difference is harmless (older than any snapshot)
+        except Exception as exc:  # noqa: BLE001 - a stale retained difference is harmless (older than any snapshot)
             log.warning("could not clear retained %s: %s", topic, exc)

@@ -81,11 +81,11 @@ def robust_delta(
             raise ValueError("updates report zero samples in total")
         for name, base in global_tensors.items():
             acc = np.zeros(base.size, dtype=np.float64)
-            for w, s, d in zip(num_samples, scales, decoded):
+            for w, s, d in zip(num_samples, scales, decoded, strict=True):
                 d[name].add_into(acc, s * w / total)
             out[name] = acc.reshape(base.shape)
         return out
-    k = int(math.floor(cfg.trim_fraction * n)) if cfg.rule == "trimmed_mean" else 0
+    k = math.floor(cfg.trim_fraction * n) if cfg.rule == "trimmed_mean" else 0
     for name, base in global_tensors.items():
         numel = base.size
         acc = np.empty(numel, dtype=np.float64)

@@ -58,7 +58,8 @@ class RoundRunner:
         handle: EventHandler,
     ) -> None:
         self.cfg, self.topics, self.transport, self.store, self.state = cfg, topics, transport, store, state
-        self.mode, self.registry, self.intake, self.publisher, self.counters = mode, registry, intake, publisher, counters
+        self.mode, self.registry, self.intake = mode, registry, intake
+        self.publisher, self.counters = publisher, counters
         self._pump, self._stopped, self._set_status, self._handle = pump, stopped, set_status, handle
         self.open: Collection | None = None  # the fan-out whose results are being collected
         self.traffic = Traffic()
@@ -107,7 +108,8 @@ class RoundRunner:
         c = self.open
         upd = self.intake.receive(topic, payload, arrived_at, c)
         if upd is None:
-            log.info("duplicate update from %s for %s ignored", self.topics.device_id_from(topic), c.task_id if c else None)
+            log.info("duplicate update from %s for %s ignored",
+                     self.topics.device_id_from(topic), c.task_id if c else None)
             return
         assert c is not None
         self.traffic.add("up", upd.device_id, len(payload))
@@ -306,7 +308,8 @@ class RoundRunner:
                 self.open = old
                 for device_id in e.devices:
                     if device_id in payloads:
-                        self._handle("update", self.topics.device_update(device_id), payloads.pop(device_id), time.time())
+                        self._handle("update", self.topics.device_update(device_id), payloads.pop(device_id),
+                                     time.time())
                 c.carry_over(old)
             self.open = c
             for device_id, payload in sorted(payloads.items()):

@@ -9,6 +9,7 @@ coordinator resumes that round without asking the devices again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -239,10 +240,8 @@ class FileStateStore(StateStore):
         record = OpenRound.from_json(doc)
         payloads: dict[str, bytes] = {}
         for device_id in record.accepted:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 payloads[device_id] = (self.dir / f"open-{device_id}.msgpack").read_bytes()
-            except FileNotFoundError:
-                pass
         return record, payloads
 
     def clear_open_round(self) -> None:

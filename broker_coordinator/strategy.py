@@ -55,7 +55,8 @@ def validate_update_tensors(global_tensors: Mapping[str, np.ndarray], update: Up
     """Decode an update's tensors: exactly the global's names and shapes (checked before anything is
     allocated), finite values. Returns them decoded (sparse ones stay sparse)."""
     if update.payload is not None:
-        raise ProtocolError(f"fit update carries a {update.payload.mode} payload; this federation aggregates adapter tensors")
+        raise ProtocolError(
+            f"fit update carries a {update.payload.mode} payload; this federation aggregates adapter tensors")
     shapes = {k: tuple(v.shape) for k, v in global_tensors.items()}
     try:
         return update.tensors.decode(max_elements=sum(v.size for v in global_tensors.values()),
@@ -79,7 +80,7 @@ def mean_delta(
     out: dict[str, np.ndarray] = {}
     for name, base in global_tensors.items():
         acc = np.zeros(base.size, dtype=np.float64)
-        for u, d in zip(updates, decoded):
+        for u, d in zip(updates, decoded, strict=True):
             d[name].add_into(acc, u.num_samples / total)
         out[name] = acc.reshape(base.shape)
     return out

@@ -174,11 +174,11 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
     procs: list[subprocess.Popen] = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for i, p in enumerate(agent_paths):
-        log_file = open(logs / f"device-{i}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fedmq", "agent", "--config", str(p)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env,
-        ))
+        with open(logs / f"device-{i}.log", "w") as log_file:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedmq", "agent", "--config", str(p)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            ))
     console.print(f"[bold]agents[/] {opts.agents} processes ({opts.method}); logs in {logs}")
 
     cfg = load_config(coord_path, CoordinatorConfig)
@@ -199,7 +199,7 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
         def on_telemetry(topic: str, payload: bytes) -> None:
             try:
                 t = m.Telemetry.from_json(payload)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a bad telemetry message must not break the progress display
                 return
             bar = device_bars.get(t.device_id)
             if bar is None:

@@ -7,6 +7,7 @@ not for a fleet (use Mosquitto or EMQX there; see configs/mosquitto/).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -50,7 +51,7 @@ class EmbeddedBroker:
             try:
                 broker = self._broker = Broker(config, loop=self._loop)
                 self._loop.run_until_complete(broker.start())
-            except BaseException as exc:  # surfaced to the caller of start()
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the caller of start()
                 self._error = exc
                 self._ready.set()
                 return
@@ -69,10 +70,8 @@ class EmbeddedBroker:
         if self._loop is None or self._broker is None:
             return
         fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
-        try:
+        with contextlib.suppress(Exception):  # shutdown is best effort; the loop is stopped either way
             fut.result(timeout=10)
-        except Exception:
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(timeout=5)

@@ -117,7 +117,7 @@ def plot_bytes(run: RunRecord, out: Path) -> Path:
     import numpy as np
 
     rounds = [s.round for s in run.rounds]
-    ups, downs = zip(*(per_device_bytes(s) for s in run.rounds)) if run.rounds else ((), ())
+    ups, downs = zip(*(per_device_bytes(s) for s in run.rounds), strict=True) if run.rounds else ((), ())
     devices = sorted({d for per in (*ups, *downs) for d in per})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100, sharey=False)
     x = np.arange(len(rounds))
@@ -143,9 +143,10 @@ def plot_bytes(run: RunRecord, out: Path) -> Path:
 
 
 def markdown(run: RunRecord, images: list[Path]) -> str:
-    lines = ["# fedmq run report", "", f"Source: `{run.source}`" + (f" (topics `{run.federation}/...`)" if run.federation else ""), ""]
+    source = f"Source: `{run.source}`" + (f" (topics `{run.federation}/...`)" if run.federation else "")
+    lines = ["# fedmq run report", "", source, ""]
     if not run.rounds:
-        return "\n".join(lines + ["No round summaries were found.", ""])
+        return "\n".join([*lines, "No round summaries were found.", ""])
     evals = [s for s in run.rounds if s.eval_loss is not None]
     if len(evals) >= 2:
         a, b = evals[0], evals[-1]
@@ -159,9 +160,12 @@ def markdown(run: RunRecord, images: list[Path]) -> str:
     lines += ["| round | global | participants | stragglers | train loss | eval loss | uplink | downlink | time |",
               "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for s in run.rounds:
+        participants = ", ".join(s.participants) or "-"
+        stragglers = ", ".join(s.stragglers) or "-"
+        train_loss = "" if s.train_loss is None else f"{s.train_loss:.4f}"
+        eval_loss = "" if s.eval_loss is None else f"{s.eval_loss:.4f}"
         lines.append(
-            f"| {s.round} | v{s.global_version} | {', '.join(s.participants) or '-'} | {', '.join(s.stragglers) or '-'} | "
-            f"{'' if s.train_loss is None else f'{s.train_loss:.4f}'} | {'' if s.eval_loss is None else f'{s.eval_loss:.4f}'} | "
+            f"| {s.round} | v{s.global_version} | {participants} | {stragglers} | {train_loss} | {eval_loss} | "
             f"{_human(s.uplink_bytes)} | {_human(s.downlink_bytes)} | {s.duration_s:.1f} s |"
         )
     per_dev: dict[str, list[int]] = {}

@@ -126,7 +126,7 @@ class Watchdog:
         if self.status_fn is not None:
             try:
                 text = self.status_fn()
-            except Exception:  # a status read must never stop the watchdog
+            except Exception:  # noqa: BLE001 - a status read must never stop the watchdog
                 text = None
             if text and text != self._last_status:
                 self._last_status = text

@@ -116,7 +116,8 @@ class FleetView:
         c = snap["coordinator"]
         if c:
             head = (f"coordinator {'online' if c.get('online') else 'OFFLINE'} · {c.get('state', '?')} · "
-                    f"round {c.get('round', '?')}/{c.get('rounds_total', '?')} · global v{c.get('global_version', '-')}")
+                    f"round {c.get('round', '?')}/{c.get('rounds_total', '?')} · "
+                    f"global v{c.get('global_version', '-')}")
         else:
             head = "coordinator: no status on the broker"
         online = sum(1 for d in snap["devices"].values() if d.get("status", {}).get("online"))
@@ -200,7 +201,7 @@ class Recorder:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh: IO[str] = open(path, "a", encoding="utf-8")
+        self.fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open until close()
         self.lock = threading.Lock()
         self.lines = 0
 
@@ -252,7 +253,8 @@ def _broker_from_args(args):
         if value is not None:
             broker[key] = value
     cfg = validate_config(broker, BrokerConfig, f"{args.config or 'watch'}: broker")
-    topics = Topics(args.topic_root or raw.get("topic_root", "fedmq"), args.federation or raw.get("federation", "default"))
+    topics = Topics(args.topic_root or raw.get("topic_root", "fedmq"),
+                    args.federation or raw.get("federation", "default"))
     return cfg, topics
 
 

@@ -271,7 +271,7 @@ class Reassembler:
                 self.rejected += 1
                 self.last_reason = str(exc)
                 raise
-            except Exception as exc:  # defensive: never leak another exception type
+            except Exception as exc:  # noqa: BLE001 - defensive: any failure on a frame becomes a ProtocolError
                 self.rejected += 1
                 self.last_reason = f"malformed frame on {topic!r}: {type(exc).__name__}: {exc}"
                 raise ProtocolError(self.last_reason) from None

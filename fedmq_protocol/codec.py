@@ -295,7 +295,8 @@ class EncodedTensors:
         if not isinstance(obj, Mapping):
             raise ProtocolError(f"{where}: expected a codec map, got {type(obj).__name__}")
         if obj.get("codec") != CODEC_VERSION:
-            raise ProtocolError(f"{where}: unsupported codec version {obj.get('codec')!r} (this build: {CODEC_VERSION})")
+            raise ProtocolError(
+                f"{where}: unsupported codec version {obj.get('codec')!r} (this build: {CODEC_VERSION})")
         keys = set(obj)
         if keys == {"codec", "tensors"}:
             if not isinstance(obj["tensors"], Mapping):
@@ -330,7 +331,8 @@ class EncodedTensors:
         except zstandard.ZstdError as exc:
             raise ProtocolError(f"{where}: invalid zstd data ({exc})") from None
         if len(raw) != size:
-            raise ProtocolError(f"{where}: zstd data holds {len(raw)}{'+' if len(raw) > size else ''} bytes, header says {size}")
+            held = f"{len(raw)}{'+' if len(raw) > size else ''}"
+            raise ProtocolError(f"{where}: zstd data holds {held} bytes, header says {size}")
         inner = unpack_limited(raw, size, what=f"{where}: zstd content")
         if not isinstance(inner, Mapping):
             raise ProtocolError(f"{where}: zstd content is not a map")
@@ -475,7 +477,8 @@ def _wrap(tmap: dict[str, Any], spec: CodecSpec) -> EncodedTensors:
 def _global_order(arrays: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
     names = list(arrays)
     sizes = np.array([arrays[n].size for n in names], dtype=np.int64)
-    mags = np.concatenate([np.abs(np.asarray(arrays[n], dtype=np.float32)).reshape(-1) for n in names]) if names else np.zeros(0, np.float32)
+    mags = (np.concatenate([np.abs(np.asarray(arrays[n], dtype=np.float32)).reshape(-1) for n in names])
+            if names else np.zeros(0, np.float32))
     # stable descending sort: ties broken by position, so selection is deterministic
     order = np.argsort(-mags, kind="stable")
     return names, np.concatenate([[0], np.cumsum(sizes)]), order
@@ -504,12 +507,12 @@ def encode(arrays: Mapping[str, np.ndarray], spec: CodecSpec = CodecSpec()) -> E
     if spec.topk == "per_tensor":
         for name, arr in arrays.items():
             flat = np.abs(np.asarray(arr, dtype=np.float32).reshape(-1))
-            k = max(1, int(round(spec.density * flat.size))) if flat.size else 0
+            k = max(1, round(spec.density * flat.size)) if flat.size else 0
             idx = np.argsort(-flat, kind="stable")[:k]
             tmap[name] = _encode_one(arr, idx, spec)
         return _wrap(tmap, spec)
     names, offsets, order = _global_order(arrays)
-    k = max(1, int(round(spec.density * order.size))) if order.size else 0
+    k = max(1, round(spec.density * order.size)) if order.size else 0
     return _encode_topk(arrays, names, offsets, order[:k], spec)
 
 
@@ -571,7 +574,8 @@ def fit_budget(
     one entry fits.
     """
     names, offsets, order = _global_order(arrays)
-    flat = np.concatenate([np.asarray(arrays[n], dtype=np.float32).reshape(-1) for n in names]) if names else np.zeros(0, np.float32)
+    flat = (np.concatenate([np.asarray(arrays[n], dtype=np.float32).reshape(-1) for n in names])
+            if names else np.zeros(0, np.float32))
     n_total = max(1, flat.size)
     best: BudgetChoice | None = None
 
@@ -595,24 +599,24 @@ def fit_budget(
         if best is not None and best.sq_error == 0.0:
             return best
     per_tensor = topk == "per_tensor"
+
+    def build(fmt: str, k: int) -> EncodedTensors:
+        if per_tensor:
+            return encode(arrays, CodecSpec(values=fmt, density=k / n_total, topk=topk, block=block, zstd=zstd))
+        return _encode_topk(arrays, names, offsets, order[:k], CodecSpec(values=fmt, topk=topk, block=block, zstd=zstd))
+
     for fmt in formats:
         if fmt == "float32" and "float16" in formats:
             continue  # at equal bytes fp16 keeps twice the entries; its rounding is far below top-k's loss
-
-        def build(k: int) -> EncodedTensors:
-            if per_tensor:
-                return encode(arrays, CodecSpec(values=fmt, density=k / n_total, topk=topk, block=block, zstd=zstd))
-            return _encode_topk(arrays, names, offsets, order[:k], CodecSpec(values=fmt, topk=topk, block=block, zstd=zstd))
-
         lo, hi = 0, flat.size  # lo: largest k known to fit
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if size_of(build(mid)) <= budget:
+            if size_of(build(fmt, mid)) <= budget:
                 lo = mid
             else:
                 hi = mid - 1
         if lo >= 1:
-            consider(build(lo), CodecSpec(values=fmt, density=lo / n_total, topk=topk, block=block, zstd=zstd))
+            consider(build(fmt, lo), CodecSpec(values=fmt, density=lo / n_total, topk=topk, block=block, zstd=zstd))
     if best is None:
         raise ValueError(f"no encoding of the update fits {budget} bytes (raise uplink_budget_bytes)")
     return best

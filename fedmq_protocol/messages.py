@@ -73,7 +73,8 @@ def _encoded_validator(v: Any) -> EncodedTensors:
     losslessly (a convenience for code building messages)."""
     if isinstance(v, EncodedTensors):
         return v
-    if isinstance(v, dict) and "codec" not in v and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in v.values()):
+    if (isinstance(v, dict) and "codec" not in v
+            and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in v.values())):
         return encode(v)  # built in code from arrays; a wire map always names its codec
     return EncodedTensors.from_wire(v)
 
@@ -202,10 +203,10 @@ class Telemetry(Message):
     method: str | None = None
     resources: Resources | None = None
     # encoding of the last fit update: density, value bits, bytes, budget (edge_agent.uplink)
-    uplink: dict[str, float] = {}
+    uplink: dict[str, float] = Field(default_factory=dict)
     memory: DeviceMemory | None = None  # budget, plan, measured peaks (MiB)
     # payloads this agent refused since start, by kind (task, global, ledger)
-    rejected: dict[str, int] = {}
+    rejected: dict[str, int] = Field(default_factory=dict)
 
 
 class RoundSummary(Message):
@@ -223,12 +224,12 @@ class RoundSummary(Message):
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     # per device: result payloads received from it / task payloads + globals sent to it
-    uplink_bytes_by_device: dict[str, int] = {}
-    downlink_bytes_by_device: dict[str, int] = {}
+    uplink_bytes_by_device: dict[str, int] = Field(default_factory=dict)
+    downlink_bytes_by_device: dict[str, int] = Field(default_factory=dict)
     duration_s: float = 0.0
     aggregate_s: float = 0.0
     # protocol-time breakdown in seconds (encode, transfer, decode, aggregate, publish, apply)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = Field(default_factory=dict)
     ts: float = Field(default_factory=time.time)
 
 
@@ -267,7 +268,8 @@ class _CarriesModePayload(Message):
         if not tags:
             return obj
         if "payload" in obj or len(tags) > 1:
-            raise ValueError(f"a {cls.__name__} carries at most one mode payload, got {sorted(tags) + (['payload'] if 'payload' in obj else [])}")
+            found = sorted(tags) + (["payload"] if "payload" in obj else [])
+            raise ValueError(f"a {cls.__name__} carries at most one mode payload, got {found}")
         out = {k: v for k, v in obj.items() if k != tags[0]}
         value = obj[tags[0]]
         if value is None:
@@ -350,7 +352,7 @@ class Update(_CarriesModePayload):
     device_id: str
     base_version: int = Field(ge=-1)
     num_samples: int = Field(ge=0)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = Field(default_factory=dict)
     tensors: EncodedTensors = EncodedTensors({"codec": 1, "tensors": {}})
     payload: SerializeAsAny[ModePayload] | None = None  # the mode's part (v1 wire: key "zo")
     # end-to-end identity (fedmq_protocol.signing): the task's nonce and an Ed25519 signature

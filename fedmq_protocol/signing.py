@@ -161,7 +161,8 @@ def load_public_key(spec: str, base_dir: Path | None = None) -> Any:
                 raise ValueError(f"{len(raw)} bytes, an Ed25519 public key has {PUBLIC_KEY_BYTES}")
             key = Pub.from_public_bytes(raw)
     except (ValueError, TypeError, binascii.Error) as exc:
-        raise SigningKeyError(f"public key {text[:60]!r} is not an Ed25519 public key (PEM or base64 of 32 bytes): {exc}") from None
+        raise SigningKeyError(
+            f"public key {text[:60]!r} is not an Ed25519 public key (PEM or base64 of 32 bytes): {exc}") from None
     if not isinstance(key, Pub):
         raise SigningKeyError(f"public key {text[:60]!r} is not an Ed25519 key")
     return key

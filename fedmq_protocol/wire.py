@@ -50,7 +50,7 @@ def unpack_limited(data: bytes, max_bytes: int, what: str = "payload") -> Any:
             max_map_len=min(n, 1 << 20),
             max_ext_len=0,
         )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 

@@ -5,6 +5,9 @@ acl="...", tls=True, max_queued_messages=100)`` returns a started
 :class:`tests.mosquitto.MosquittoBroker` (``host``, ``port``, ``url``, ``restart()``, ``stop()``,
 ``log_path``, ``tls_files``); every broker is killed at teardown. ``mqtt_broker`` is one broker
 with defaults (anonymous, no limits). Tests using them are skipped when mosquitto is missing.
+
+``tiny_llama`` and ``synth`` are a session-wide tiny random Llama checkpoint and synthetic data
+set (helpers for them: :mod:`tests.tiny_model`).
 """
 
 from __future__ import annotations
@@ -43,3 +46,22 @@ def mosquitto(tmp_path_factory):
 @pytest.fixture
 def mqtt_broker(mosquitto) -> MosquittoBroker:
     return mosquitto()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """Path of a tiny random Llama checkpoint (built once per session in a private cache)."""
+    from edge_agent.models import resolve_model
+
+    home = tmp_path_factory.mktemp("fedmq-home")
+    return resolve_model("tiny-llama", cache_dir=home, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A synthetic data set: 3 devices × 120 samples, 70 eval samples, seed 0."""
+    from edge_agent.data import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, num_devices=3, samples_per_device=120, eval_samples=70, seed=0)
+    return out

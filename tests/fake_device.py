@@ -38,10 +38,10 @@ def tiny_adapter(seed: int = 0) -> dict[str, np.ndarray]:
 def update_obj(task: m.Task, device_id: str, arrays: dict[str, np.ndarray] | None, *, federation: str,
                signer: Signer | None = None, num_samples: int = 10, **fields: Any) -> dict[str, Any]:
     """The msgpack map of an Update answering ``task`` (signed with ``signer``)."""
-    kw: dict[str, Any] = dict(kind=task.kind, task_id=task.task_id, round=task.round, device_id=device_id,
-                              base_version=task.global_version if task.kind != "init" else -1,
-                              num_samples=num_samples, metrics={"train_loss": 1.0},
-                              tensors=encode(arrays or {}), nonce=task.nonce)
+    kw: dict[str, Any] = {"kind": task.kind, "task_id": task.task_id, "round": task.round, "device_id": device_id,
+                          "base_version": task.global_version if task.kind != "init" else -1,
+                          "num_samples": num_samples, "metrics": {"train_loss": 1.0},
+                          "tensors": encode(arrays or {}), "nonce": task.nonce}
     kw.update(fields)
     obj = m.Update(**kw).to_obj()
     if signer is not None:
@@ -120,7 +120,8 @@ class FakeDevice:
     def close(self) -> None:
         self._queue.put(None)
         try:
-            offline = m.DeviceStatus(device_id=self.device_id, online=False, seq=int(time.time() * 1000), state="offline")
+            offline = m.DeviceStatus(device_id=self.device_id, online=False, seq=int(time.time() * 1000),
+                                     state="offline")
             self.transport.publish(self.topics.device_status(self.device_id), offline.to_json(), qos=1, retain=True)
         except Exception:  # noqa: BLE001 - best effort at teardown
             pass

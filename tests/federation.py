@@ -75,7 +75,8 @@ class Capture:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Capture:
-        self.transport = MqttTransport(BrokerConfig(url=self.url, chunk_size=self.chunk_size), f"capture-{time.time_ns()}", clean_start=True)
+        self.transport = MqttTransport(BrokerConfig(url=self.url, chunk_size=self.chunk_size),
+                                       f"capture-{time.time_ns()}", clean_start=True)
 
         def on_update(topic: str, payload: bytes) -> None:
             with self.lock:

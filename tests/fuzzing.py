@@ -20,7 +20,8 @@ from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoUpdate
 NASTY: list[Any] = [
     None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**64 - 1, -(2**63), 0.5, -0.0, float("nan"), float("inf"),
     -float("inf"), 1e308, "", "x" * 300, "r1-fit-v0-a0", "dev-1", b"", b"\x00" * 17, b"\xff" * 64, [], {},
-    [1, 2, 3], {"a": 1}, {"codec": 1, "tensors": {}}, [[[[[]]]]], {"shape": [2**40, 2**40], "values": "float32", "data": b""},
+    [1, 2, 3], {"a": 1}, {"codec": 1, "tensors": {}}, [[[[[]]]]],
+    {"shape": [2**40, 2**40], "values": "float32", "data": b""},
 ]
 
 
@@ -32,10 +33,10 @@ def _nodes(obj: Any, path: tuple = ()) -> list[tuple]:
     out = [path]
     if isinstance(obj, dict):
         for k, v in obj.items():
-            out += _nodes(v, path + (k,))
+            out += _nodes(v, (*path, k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            out += _nodes(v, path + (i,))
+            out += _nodes(v, (*path, i))
     return out
 
 
@@ -88,7 +89,8 @@ def tree_mutate(rng: random.Random, obj: Any) -> Any:
         if isinstance(parent, dict) and op < 0.15:
             del parent[key]
         elif isinstance(parent, dict) and op < 0.25:
-            parent[rng.choice(["extra", "schema", "kind", "nnz", "index", "zstd", "size", key + "_"])] = copy.deepcopy(rng.choice(NASTY))
+            value = copy.deepcopy(rng.choice(NASTY))  # drawn before the key, so seeded cases stay the same
+            parent[rng.choice(["extra", "schema", "kind", "nnz", "index", "zstd", "size", key + "_"])] = value
         elif isinstance(parent, list) and op < 0.25:
             parent.append(copy.deepcopy(rng.choice(NASTY)))
         else:
@@ -143,8 +145,8 @@ def shapes_of(arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
 def encodings(delta: dict[str, np.ndarray]) -> list[Any]:
     """The same difference in every codec variant (dense, sparse varint/bitmap, fp16/bf16/int8, zstd)."""
     specs = [CodecSpec(), CodecSpec(values="int8", density=0.2), CodecSpec(values="float16", density=0.7),
-             CodecSpec(values="bfloat16", topk="per_tensor", density=0.4), CodecSpec(values="int8", density=0.5, zstd=True),
-             CodecSpec(values="float32", density=0.05, zstd=True)]
+             CodecSpec(values="bfloat16", topk="per_tensor", density=0.4),
+             CodecSpec(values="int8", density=0.5, zstd=True), CodecSpec(values="float32", density=0.05, zstd=True)]
     return [encode(delta, s) for s in specs]
 
 
@@ -194,7 +196,7 @@ def _extra_tensor(o, rng):
 
 
 def _rename_tensor(o, rng):
-    t, name = _tensor(o, rng)
+    _, name = _tensor(o, rng)
     o["tensors"]["tensors"][name + "x"] = o["tensors"]["tensors"].pop(name)
 
 
@@ -298,7 +300,8 @@ def invalid_update(rng: random.Random, valid_obj: dict) -> tuple[dict, bool, boo
     if not applied:
         o["round"] += 1
         applied.append(None)
-    LAST_APPLIED[:] = [getattr(f, "__name__", "round+1") + (f"@{f.__code__.co_firstlineno}" if f else "") for f in applied]
+    LAST_APPLIED[:] = [getattr(f, "__name__", "round+1") + (f"@{f.__code__.co_firstlineno}" if f else "")
+                       for f in applied]
     return o, _bad_signature not in applied, all(f in (_bad_signature, _bad_nonce) for f in applied)
 
 

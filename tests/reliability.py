@@ -239,7 +239,7 @@ class Federation:
             # what each device sent for round v: one task, or (after a retry, whose task may also be
             # answered late under the earlier attempt) the one task of it not refused as late
             sent: dict[str, list[m.Update]] = {}
-            for (d, t), copies in by_task.items():
+            for (d, _), copies in by_task.items():
                 if copies[0].round == v:
                     sent.setdefault(d, []).append(copies[0])
             used = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -137,10 +138,8 @@ def test_garbage_raises_protocol_error_only(garbage, topic_index):
     topic = TOPIC if topic_index == 0 else f"{TOPIC}/c/{topic_index}"
     for frame in (garbage, bytes((FRAME_MAGIC,)) + garbage, bytes((FRAME_MAGIC,)) + MANIFEST + garbage,
                   bytes((FRAME_MAGIC,)) + CHUNK + garbage, bytes((FRAME_MAGIC,)) + WHOLE + garbage):
-        try:
+        with contextlib.suppress(ProtocolError):
             r.feed(topic, frame)
-        except ProtocolError:
-            pass
 
 
 @settings(max_examples=100, deadline=None)
@@ -149,10 +148,8 @@ def test_truncated_frames_raise_protocol_error_only(cut, seed):
     frames = frame_payload(random.Random(seed).randbytes(3000), 1024)
     r = make()
     for suffix, frame in frames:
-        try:
+        with contextlib.suppress(ProtocolError):
             r.feed(TOPIC + suffix, frame[: cut % (len(frame) + 1)])
-        except ProtocolError:
-            pass
     assert r.completed == 0 or r.pending_bytes == 0
 
 
@@ -167,7 +164,7 @@ def test_corrupted_chunk_is_rejected(manifest_first):
     bad = bytearray(frame)
     bad[-1] ^= 0xFF
     r = make()
-    order = [frames[-1]] + frames[:-1] if manifest_first else frames
+    order = [frames[-1], *frames[:-1]] if manifest_first else frames
     outs = []
     with pytest.raises(ProtocolError, match="SHA-256"):
         for s, f in order:
@@ -317,7 +314,7 @@ def test_progress_keeps_a_transfer_alive():
     frames = frame_payload(payload, 1024)
     r = make(timeout=10.0, clock=clock)
     outs = []
-    for s, f in [frames[-1]] + frames[:-1]:
+    for s, f in [frames[-1], *frames[:-1]]:
         clock.t += 8
         outs += [o for o in [r.feed(TOPIC + s, f)] if o]
     assert outs == [(TOPIC, payload)]
@@ -337,7 +334,7 @@ def test_newer_manifest_supersedes_incomplete_older_transfer():
     r.feed(TOPIC, old_frames[-1][1])
     r.feed(TOPIC + old_frames[0][0], old_frames[0][1])
     assert r.pending_transfers == 1
-    outs = feed_all(r, [new_frames[-1]] + new_frames[:-1])
+    outs = feed_all(r, [new_frames[-1], *new_frames[:-1]])
     assert outs == [(TOPIC, new)]
     assert r.pending_transfers == 0 and r.pending_bytes == 0
     # Late chunks of the superseded transfer only make orphans, which never complete.
@@ -361,7 +358,7 @@ def test_chunk_length_checked_against_manifest():
     payload = os.urandom(3000)
     frames = frame_payload(payload, 1024)
     s, f = frames[0]
-    tid, idx = struct.unpack_from(">16sI", f, 2)
+    tid, _ = struct.unpack_from(">16sI", f, 2)
     r = make()
     r.feed(TOPIC, frames[-1][1])
     with pytest.raises(ProtocolError, match="bytes, manifest says"):

@@ -17,7 +17,7 @@ def run_fedmq(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("fedmq: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fedmq: error:")]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -23,7 +23,7 @@ def _read(p):
 def test_synthesize_is_deterministic(tmp_path):
     m1 = synthesize(tmp_path / "a", seed=7, samples_per_device=50, eval_samples=30)
     m2 = synthesize(tmp_path / "b", seed=7, samples_per_device=50, eval_samples=30)
-    m3 = synthesize(tmp_path / "c", seed=8, samples_per_device=50, eval_samples=30)
+    synthesize(tmp_path / "c", seed=8, samples_per_device=50, eval_samples=30)
     assert m1 == m2
     for name in ["device_0.jsonl", "device_1.jsonl", "device_2.jsonl", "eval.jsonl", "manifest.json"]:
         assert _read(tmp_path / "a" / name) == _read(tmp_path / "b" / name)
@@ -68,7 +68,7 @@ def test_eval_prompts_held_out_where_possible(tmp_path):
 
 def test_check_answer_on_synthesized_examples(tmp_path):
     synthesize(tmp_path, num_devices=2, samples_per_device=100, eval_samples=80, seed=4,
-               families=list(DEFAULT_FAMILIES) + ["first_letter"])
+               families=[*DEFAULT_FAMILIES, "first_letter"])
     exs = load_jsonl(tmp_path / "eval.jsonl")
     for e in exs:
         assert check_answer(e, e.response), e

@@ -105,7 +105,8 @@ def test_compressed_federation_sparse_updates_budget_and_lossy_downlink_agree_bi
     uplinks = [{"uplink": {"values": "int8", "density": 0.1, "zstd": True}},
                {"uplink": {"values": "float16", "density": 0.2}},
                {"uplink": {"zstd": True}, "uplink_budget_bytes": budget}]
-    procs = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, broker=CHUNKED, **uplinks[i]))],
+    procs = [spawn(["agent", "--config",
+                    str(agent_config(tmp_path, i, broker.url, data, broker=CHUNKED, **uplinks[i]))],
                    tmp_path / f"a{i}.log") for i in range(3)]
     try:
         cfg = coordinator_config(

@@ -30,7 +30,7 @@ def test_smollm2_qlora_two_agents_two_rounds_lowers_heldout_loss(mosquitto, tmp_
         stop_all(procs)
     state = json.loads((tmp_path / "coordinator" / "state.json").read_text())
     losses = [h["eval_loss"] for h in state["history"]]
-    assert len(losses) == 3 and all(l is not None for l in losses)
+    assert len(losses) == 3 and all(loss is not None for loss in losses)
     assert losses[2] < losses[0], losses
     logs = "".join((tmp_path / f"a{i}.log").read_text() for i in range(2))
     assert "qlora" in logs

@@ -20,10 +20,10 @@ from edge_agent.memory import (
 )
 from fedmq_protocol import messages as m
 from fedmq_protocol.transport import Published
-from tests.tiny_model import ALL_LINEAR, synth, tiny_llama  # noqa: F401
+from tests.tiny_model import ALL_LINEAR
 
 # A round of the tiny model large enough that activations, logits and attention dominate the plan.
-BIG = dict(batch_size=64, seq_len=512)
+BIG = {"batch_size": 64, "seq_len": 512}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_shape_reads_other_config_spellings():
 
 
 def test_estimate_components_follow_the_arithmetic(shape):
-    h32, gpu, b32 = estimate(shape, method="lora", base="float32", micro_batch=4, seq_len=64)
+    _, gpu, b32 = estimate(shape, method="lora", base="float32", micro_batch=4, seq_len=64)
     assert gpu is None
     assert b32["weights"] == pytest.approx(shape.num_params * 4 / 2**20)
     assert b32["trainable"] == pytest.approx(shape.lora_params(8, ("q_proj", "v_proj")) * 16 / 2**20)
@@ -77,7 +77,7 @@ def test_estimate_components_follow_the_arithmetic(shape):
     _, _, bzo = estimate(shape, method="zo", base="nf4", micro_batch=8, seq_len=64, zo_target="lora")
     assert bzo["activations"] < b2["activations"] and bzo["trainable"] < b2["trainable"]
     # on CUDA the model goes to the GPU figure
-    host, gpu, _ = estimate(shape, method="lora", base="bfloat16", micro_batch=4, seq_len=64, device="cuda")
+    _, gpu, _ = estimate(shape, method="lora", base="bfloat16", micro_batch=4, seq_len=64, device="cuda")
     assert gpu is not None and gpu > b32["weights"] / 2
 
 
@@ -95,7 +95,8 @@ def test_sizes_parse_like_the_service_does():
 
 def test_unbounded_budget_runs_the_configured_method_as_asked(shape):
     p = choose_plan(shape, Budget(), method="lora", **BIG)
-    assert (p.method, p.base, p.micro_batch, p.grad_accum, p.gradient_checkpointing) == ("lora", "float32", 64, 1, False)
+    assert ((p.method, p.base, p.micro_batch, p.grad_accum, p.gradient_checkpointing)
+            == ("lora", "float32", 64, 1, False))
     q = choose_plan(shape, Budget(), method="qlora", **BIG)
     assert (q.method, q.base) == ("qlora", "nf4")
     forced = choose_plan(shape, Budget(), method="lora", force_checkpointing=True, **BIG)
@@ -104,7 +105,7 @@ def test_unbounded_budget_runs_the_configured_method_as_asked(shape):
 
 def test_order_is_best_first_and_every_plan_covers_the_batch(shape):
     plans = candidate_plans(shape, method="lora", **BIG)
-    assert [(p.method, p.base) for p in plans][0] == ("lora", "float32")
+    assert (plans[0].method, plans[0].base) == ("lora", "float32")
     assert plans[-1].method == "zo" and plans[-1].zo_target == "lora"
     for p in plans:
         assert p.micro_batch * p.grad_accum >= p.batch_size and (p.grad_accum - 1) * p.micro_batch < p.batch_size
@@ -123,7 +124,7 @@ def _first_fit(plans, budget):
 
 @pytest.mark.parametrize("pick", ["accumulate", "checkpoint", "4bit", "zo"])
 def test_the_largest_plan_that_fits_is_chosen(pick):
-    kw = dict(method="lora", batch_size=16, seq_len=256)
+    kw = {"method": "lora", "batch_size": 16, "seq_len": 256}
     plans = candidate_plans(SMALL, **kw)
     lora = [p for p in plans if p.method == "lora"]
     if pick == "accumulate":  # just below the whole batch: the largest micro-batch that fits, accumulated
@@ -183,7 +184,7 @@ def test_zo_federation_plans_its_target_only(shape):
 
 
 def test_lower_plan_is_strictly_cheaper_and_finally_refuses():
-    kwargs = dict(method="lora", batch_size=16, seq_len=256)
+    kwargs = {"method": "lora", "batch_size": 16, "seq_len": 256}
     budget = Budget(host_mb=1e6)
     p = choose_plan(SMALL, budget, **kwargs)
     seen = [p]
@@ -228,7 +229,7 @@ def test_memory_budget_config_forms(tmp_path, synth, tiny_llama):
     assert memory_budget_from({"memory_budget": {"host_mb": 2048, "gpu_mb": 4096}}) == "2048M"
     assert memory_budget_from({"memory_budget": {"host": "3G"}}) == "3G"
     raw = {"device_id": "d", "model": tiny_llama, "data": {"train": str(synth / "device_0.jsonl")}}
-    with pytest.raises(ConfigError, match="unknown key 'memory_budget.hots_mb'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'memory_budget\.hots_mb'"):
         validate_config({**raw, "memory_budget": {"hots_mb": 5}}, type(cfg), "agent.yaml")
     with pytest.raises(ConfigError, match="memory_budget"):
         validate_config({**raw, "memory_budget": "lots"}, type(cfg), "agent.yaml")
@@ -291,7 +292,7 @@ def test_guard_stops_a_training_round_cleanly(tiny_llama, synth):
     method.guard = MemoryGuard(Budget(host_mb=meter().rss_mb() + 0.5))
     steps_done = []
     with pytest.raises(OverBudget) as info:
-        method.fit(ex, cfg, progress=lambda s, l: steps_done.append(s))
+        method.fit(ex, cfg, progress=lambda s, _loss: steps_done.append(s))
     assert info.value.step <= 2 and len(steps_done) < 2
     assert info.value.peak_host_mb > info.value.budget.host_mb
     assert step_peak > 0

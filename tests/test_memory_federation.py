@@ -31,7 +31,7 @@ def test_mixed_plans_share_one_adapter_and_a_refusing_device_is_skipped(mosquitt
     finally:
         stop_all(procs)
     state = json.loads((tmp_path / "coordinator" / "state.json").read_text())
-    rnd = [h for h in state["history"] if h["round"] == 1][0]
+    rnd = next(h for h in state["history"] if h["round"] == 1)
     assert rnd["participants"] == ["dev-0", "dev-1"] and "dev-2" not in rnd["selected"]
     assert rnd["eval_loss"] is not None
     devs = state["devices"]

@@ -17,7 +17,7 @@ from fedmq.service import parse_memory
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "edge_agent" / "memory"
-MODULES = sorted(PACKAGE.glob("*.py")) + [REPO / "fedmq" / "service.py"]
+MODULES = [*sorted(PACKAGE.glob("*.py")), REPO / "fedmq" / "service.py"]
 
 
 def _top_level_names(path: Path) -> set[str]:

@@ -10,7 +10,7 @@ from edge_agent.data import Example, load_jsonl
 from edge_agent.methods import get_method, method_names
 from edge_agent.methods.base import FitResult, TrainingMethod
 from fedmq_protocol.messages import AdapterSpec, FitConfig
-from tests.tiny_model import ALL_LINEAR, family_examples, synth, tiny_llama  # noqa: F401  (fixtures)
+from tests.tiny_model import ALL_LINEAR, family_examples
 
 SPEC = AdapterSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 BIG = AdapterSpec(r=8, alpha=16.0, target_modules=ALL_LINEAR)
@@ -98,8 +98,8 @@ def test_same_seed_same_init_and_rng_untouched(tiny_llama):
 def _fit_and_eval(method: TrainingMethod, exs, cfg):
     e0, n0 = method.evaluate(exs, cfg)
     steps: list[tuple[int, float]] = []
-    res = method.fit(exs, cfg, progress=lambda s, l: steps.append((s, l)))
-    e1, n1 = method.evaluate(exs, cfg)
+    res = method.fit(exs, cfg, progress=lambda s, loss: steps.append((s, loss)))
+    e1, _ = method.evaluate(exs, cfg)
     return e0, e1, res, steps, n0
 
 
@@ -112,7 +112,7 @@ def test_lora_fit_lowers_loss_and_keeps_rng(tiny_llama, synth):
     _assert_same_rng(before)
     assert isinstance(res, FitResult) and res.steps == 20 and res.num_samples == len(exs) == n
     assert [s for s, _ in steps] == list(range(1, 21))
-    assert res.train_loss == pytest.approx(np.mean([l for _, l in steps]))
+    assert res.train_loss == pytest.approx(np.mean([loss for _, loss in steps]))
     assert res.tokens > 0 and res.seconds > 0
     assert e1 < e0 - 0.3, (e0, e1)
     assert not m.model.training
@@ -191,10 +191,10 @@ def test_qlora_tiny_cpu_learns(tiny_llama, synth):
     before = _rng_states()
     q = get_method("qlora")(tiny_llama, BIG, device="cpu", seed=0)
     q2 = get_method("qlora")(tiny_llama, BIG, device="cpu", seed=0)
-    l = get_method("lora")(tiny_llama, BIG, device="cpu", seed=0)
+    plain = get_method("lora")(tiny_llama, BIG, device="cpu", seed=0)
     assert any(isinstance(mod, Linear4bit) for mod in q.model.modules())
-    assert q.adapter_names() == l.adapter_names()
-    a, b = q.get_adapter(), l.get_adapter()
+    assert q.adapter_names() == plain.adapter_names()
+    a, b = q.get_adapter(), plain.get_adapter()
     assert all(np.array_equal(a[k], b[k]) for k in a)  # same init whatever the base precision
     exs = family_examples(synth, "next_letter", 64)
     cfg = FitConfig(local_steps=20, lr=1e-2, batch_size=8, max_seq_len=64, seed=3)
@@ -256,7 +256,8 @@ def test_freeze_a_trains_only_lora_b_and_the_update_costs_nothing_for_a(tiny_lla
 
     frozen = get_method("lora")(tiny_llama, SPEC.model_copy(update={"freeze_a": True}), device="cpu", seed=0)
     before = frozen.get_adapter()
-    frozen.fit(load_jsonl(synth / "device_0.jsonl")[:8], FitConfig(local_steps=3, lr=1e-2, batch_size=4, max_seq_len=32))
+    frozen.fit(load_jsonl(synth / "device_0.jsonl")[:8],
+               FitConfig(local_steps=3, lr=1e-2, batch_size=4, max_seq_len=32))
     after = frozen.get_adapter()
     delta = {k: after[k] - before[k] for k in before}
     assert all(not delta[k].any() for k in delta if "lora_A" in k)

@@ -9,7 +9,6 @@ import pytest
 
 from edge_agent import models
 from edge_agent.models import fedmq_home, model_fingerprint, resolve_model
-from tests.tiny_model import tiny_llama  # noqa: F401  (fixture)
 
 
 def test_import_does_not_pull_ml_stack():
@@ -69,7 +68,7 @@ def test_load_causal_lm_cpu(tiny_llama):
 def test_resolve_paths_and_errors(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         resolve_model(str(d), cache_dir=tmp_path)
     (d / "config.json").write_text('{"model_type": "llama"}')
     assert resolve_model(str(d), cache_dir=tmp_path) == str(d)

@@ -71,9 +71,10 @@ def test_broker_restarted_mid_round_three_times_nothing_lost(mosquitto, tmp_path
         fed.start_agents()
         fed.start_coordinator()
         for k in (1, 2, 3):
-            wait_until(lambda: (k - 1) in fed.capture.weights, 120, f"global v{k - 1}", fed.procs())
+            wait_until(lambda k=k: (k - 1) in fed.capture.weights, 120, f"global v{k - 1}", fed.procs())
             n0 = len(fed.observer.chunks_seen)
-            wait_until(lambda: len(fed.observer.chunks_seen) > n0, 120, f"round {k} update chunks", fed.procs())
+            wait_until(lambda n0=n0: len(fed.observer.chunks_seen) > n0, 120, f"round {k} update chunks",
+                       fed.procs())
             broker.restart()
             restarts += 1
         fed.wait_coordinator()
@@ -144,7 +145,8 @@ def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_count(mo
         # hold dev-2 (SIGSTOP) once its round-1 update is out, so round 2 stays open with 2 of 3
         wait_until(lambda: fed.observer.fits(1, "dev-2"), 120, "dev-2's round-1 update", fed.procs())
         os.kill(fed.agents["dev-2"].pid, signal.SIGSTOP)
-        wait_until(lambda: _open_round(fed).get("round") == 2 and _open_round(fed).get("accepted") == ["dev-0", "dev-1"],
+        wait_until(lambda: (_open_round(fed).get("round") == 2
+                            and _open_round(fed).get("accepted") == ["dev-0", "dev-1"]),
                    120, "round 2 with dev-0 and dev-1 accepted", fed.procs())
         fed.coord.send_signal(signal.SIGKILL)
         fed.coord.wait(10)
@@ -209,7 +211,7 @@ def test_agent_sigkilled_mid_training_rejoins_catches_up_and_trains_later_rounds
     coord = fed.coordinator_figures()
     history = {h["round"]: h for h in fed.state()["history"]}
     assert "dev-1" in history[3]["participants"] and final.applied_version == 3
-    r3 = [u for u in fed.observer.fits(3, "dev-1")]
+    r3 = list(fed.observer.fits(3, "dev-1"))
     assert r3 and r3[-1].base_version == 2  # trained from the global it caught up to
     assert figures["lost"] == 0
     record("agent_sigkill", {
@@ -230,7 +232,8 @@ def test_duplicates_replays_and_lost_chunks_are_ignored_or_dropped(mosquitto, tm
     broker = mosquitto(message_size_limit=SIZE_LIMIT)
     # the coordinator drops incomplete transfers after 2 s idle
     fed = Federation(tmp_path, broker, agents=2, rounds=2, coordinator_broker={"reassembly_timeout_s": 2})
-    injector = MqttTransport(BrokerConfig(url=broker.url, chunk_size=CHUNKED["chunk_size"]), "injector", clean_start=True)
+    injector = MqttTransport(BrokerConfig(url=broker.url, chunk_size=CHUNKED["chunk_size"]), "injector",
+                             clean_start=True)
     injector.connect(10)
     injected = {}
     try:
@@ -272,7 +275,8 @@ def test_duplicates_replays_and_lost_chunks_are_ignored_or_dropped(mosquitto, tm
     assert "expired transfer" in log or "expired " in log
     assert figures["lost"] == 0
     record("duplicates_and_lost_chunks", {
-        "faults": "replayed round-1 update, duplicate round-2 update, its frames re-delivered, a transfer missing a chunk",
+        "faults": "replayed round-1 update, duplicate round-2 update, its frames re-delivered, "
+                  "a transfer missing a chunk",
         "faults_injected": sum(injected.values()), "injected": injected, **figures,
         "accepted": coord["fit_accepted"], "duplicates_ignored": coord["duplicates"],
         "late_refused": coord["late"], "frames_deduplicated": coord["reassembly_duplicates"],
@@ -306,7 +310,8 @@ def test_straggler_deadline_quorum_and_late_update_refused(mosquitto, tmp_path):
         wait_until(lambda: 2 in fed.capture.weights, 120, "global v2", fed.procs())
         os.kill(fed.agents["dev-2"].pid, signal.SIGCONT)
         fed.wait_coordinator()
-        wait_until(lambda: ("dev-2", "r2-fit-v1-a0") in fed.refused_late(), 30, "dev-2's late update refused", fed.procs())
+        wait_until(lambda: ("dev-2", "r2-fit-v1-a0") in fed.refused_late(), 30, "dev-2's late update refused",
+                   fed.procs())
     finally:
         fed.close()
     figures = fed.check_globals_are_fedavg(3)

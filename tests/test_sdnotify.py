@@ -3,6 +3,7 @@ talking to a NOTIFY_SOCKET the way it does under ``Type=notify`` + ``WatchdogSec
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -139,7 +140,7 @@ def test_agent_process_sends_ready_watchdog_during_training_and_stopping_on_sigt
     pings = [t for t, msg in notify.messages if msg == "WATCHDOG=1"]
     assert len(pings) >= 3
     stamps = [ready_at, *pings]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert max(gaps) < interval, gaps
     assert stopped_at - pings[-1] < interval
     # The clean shutdown left the retained death on the broker.

@@ -67,7 +67,7 @@ def fleet(tmp_path_factory):
         record = tmp / "topics.jsonl"
         procs.append(spawn(["watch", "--broker", broker.url, "--federation", "test", "--record", str(record),
                             "--no-ui", "--until-finished", "--duration", "300",
-                            *sum(([f"--{k.replace('_', '-')}", v] for k, v in watcher_cfg.items()), [])],
+                            *(arg for k, v in watcher_cfg.items() for arg in (f"--{k.replace('_', '-')}", v))],
                            tmp / "watch.log"))
         for i in range(2):
             cfg = agent_config(tmp, i, broker.url, data, broker=creds(tmp, broker, f"dev-{i}"))
@@ -126,7 +126,8 @@ def test_acl_lets_a_device_read_only_its_own_task(fleet):
     t.subscribe(TOPICS.device_task("dev-0"), lambda topic, payload: got.append(topic), qos=1)
     t.connect(10)
     try:
-        c = MqttTransport(BrokerConfig(url=broker.url, **creds(tmp, broker, "coordinator")), "coord-x", clean_start=True)
+        c = MqttTransport(BrokerConfig(url=broker.url, **creds(tmp, broker, "coordinator")), "coord-x",
+                          clean_start=True)
         c.connect(10)
         c.publish(TOPICS.device_task("dev-1"), b"x" * 10, qos=1)
         c.publish(TOPICS.device_task("dev-0"), b"y" * 10, qos=1)
@@ -150,7 +151,7 @@ def test_watch_once_shows_the_devices_of_the_run(fleet):
     assert table.returncode == 0, table.stderr
     for needle in ("dev-0", "dev-1", "lora", "2/2 devices online", "round 2/2", "global v2"):
         assert needle in table.stdout, (needle, table.stdout)
-    snap = subprocess.run(args + ["--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    snap = subprocess.run([*args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     doc = json.loads(snap.stdout)
     assert sorted(doc["devices"]) == ["dev-0", "dev-1"]
     assert all(d["status"]["online"] and d["status"]["applied_version"] == 2 for d in doc["devices"].values())

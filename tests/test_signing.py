@@ -91,9 +91,9 @@ def test_keys_generate_cli_and_config_keys(tmp_path, capsys):
     assert not validate_config({"device_keys": {"dev-0": str(pub)}, "require_signatures": False},
                                CoordinatorConfig).signatures_required
     assert not validate_config({}, CoordinatorConfig).signatures_required
-    with pytest.raises(ConfigError, match="device_keys.dev-2"):
+    with pytest.raises(ConfigError, match=r"device_keys\.dev-2"):
         validate_config({"device_keys": {"dev-2": "not-a-key"}}, CoordinatorConfig)
-    with pytest.raises(ConfigError, match="device_keys.dev-2"):
+    with pytest.raises(ConfigError, match=r"device_keys\.dev-2"):
         validate_config({"device_keys": {"dev-2": base64.b64encode(b"x" * 31).decode()}}, CoordinatorConfig)
     with pytest.raises(ConfigError, match="require_signatures needs device_keys"):
         validate_config({"require_signatures": True}, CoordinatorConfig)
@@ -188,7 +188,7 @@ def test_unsigned_agent_is_refused_and_agent_signs_with_nonce(tmp_path):
     """The agent side: EdgeAgent._send signs with the task's nonce (no broker: a stub transport)."""
     from edge_agent.agent import EdgeAgent
 
-    s0, pub0 = _signer(tmp_path, "dev-0")
+    _, pub0 = _signer(tmp_path, "dev-0")
     train = tmp_path / "t.jsonl"
     train.write_text('{"prompt": "a", "response": "b"}\n')
     cfg = AgentConfig(device_id="dev-0", model="tiny-llama", data={"train": train}, state_dir=tmp_path / "st",

@@ -154,7 +154,7 @@ def test_bad_password_is_an_authorization_error(mosquitto, transports):
         bad = transports(
             BrokerConfig(url=broker.url, username="alice", password="wrong", mqtt_version=version)
         )
-        with pytest.raises(TransportError, match="(?i)authoriz") as ei:
+        with pytest.raises(TransportError, match=r"(?i)authoriz") as ei:
             bad.connect(timeout=5)
         assert broker.url in str(ei.value)
         assert not bad.connected
@@ -177,7 +177,7 @@ def test_acl_denied_publish_is_reported(mosquitto, transports):
     t.subscribe("allowed/#", inbox)
     t.publish("allowed/x", b"ok")
     # MQTT 5: Mosquitto answers a denied QoS 1 publish with PUBACK "Not authorized".
-    with pytest.raises(TransportError, match="(?i)rejected publish.*not authori"):
+    with pytest.raises(TransportError, match=r"(?i)rejected publish.*not authori"):
         t.publish("forbidden/x", b"nope")
     assert t.publish_failures == 1 and t.connected
     assert inbox.wait(1) == [("allowed/x", b"ok")]
@@ -400,7 +400,8 @@ def test_a_publish_awaited_across_the_reconnect_completes_while_an_abandoned_one
     with pytest.raises(TransportError, match="not acknowledged"):
         pub.publish("given/up", b"abandoned", retain=True, timeout=0.5)
     outcome: list[object] = []
-    waiter = threading.Thread(target=lambda: outcome.append(pub.publish("still/awaited", b"kept", retain=True, timeout=20)))
+    waiter = threading.Thread(
+        target=lambda: outcome.append(pub.publish("still/awaited", b"kept", retain=True, timeout=20)))
     waiter.start()
     assert wait_for(lambda: pub.client.pending_messages == 1)
 

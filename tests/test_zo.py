@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import subprocess
@@ -54,7 +55,8 @@ def _params(method: ZoMethod) -> dict[str, torch.Tensor]:
 
 
 def _ledger_round(rnd: int, spec: ZoSpec, pools: list[dict[int, float]], samples: list[int]) -> ZoLedgerRound:
-    ups = [(n, ZoUpdate(base_fingerprint="x", indices=pack_pool(p)[0], g=pack_pool(p)[1])) for n, p in zip(samples, pools)]
+    ups = [(n, ZoUpdate(base_fingerprint="x", indices=pack_pool(p)[0], g=pack_pool(p)[1]))
+           for n, p in zip(samples, pools, strict=True)]
     return aggregate_round(rnd, spec, None, ups)
 
 
@@ -111,7 +113,7 @@ def test_compiled_kernels_equal_the_numpy_backend_bit_for_bit(direction):
 def test_any_split_of_a_parameter_draws_the_same_elements():
     whole = zo_directions.draw(42, 100_003, "gaussian")
     for cuts in ([0, 1, 2, 4097, 50_000, 100_003], [0, 33_333, 66_667, 100_003]):
-        parts = [zo_directions.draw(42, b - a, "gaussian", e0=a) for a, b in zip(cuts, cuts[1:])]
+        parts = [zo_directions.draw(42, b - a, "gaussian", e0=a) for a, b in itertools.pairwise(cuts)]
         assert np.array_equal(np.concatenate(parts), whole)
     theta = np.linspace(-1, 1, 100_003, dtype=np.float32)
     split = theta.copy()
@@ -176,16 +178,16 @@ def _reference_fit(path: str, spec: ZoSpec, cfg: m.FitConfig) -> tuple[dict[int,
         k = seed_rng.randrange(spec.num_seeds)
         zs = [draw_direction(seeds[k], i, p.numel(), spec.direction).view(p.shape) for i, p in enumerate(params)]
         with torch.no_grad():
-            for p, z in zip(params, zs):
+            for p, z in zip(params, zs, strict=True):
                 p += spec.eps * z
             lp = float(ref.model(**batch).loss)
-            for p, z in zip(params, zs):
+            for p, z in zip(params, zs, strict=True):
                 p -= 2 * spec.eps * z
             lm = float(ref.model(**batch).loss)
-            for p, z in zip(params, zs):
+            for p, z in zip(params, zs, strict=True):
                 p += spec.eps * z
             g = (lp - lm) / (2 * spec.eps)
-            for p, z in zip(params, zs):
+            for p, z in zip(params, zs, strict=True):
                 p -= spec.lr * g * z
         pool[k] = pool.get(k, 0.0) + g
     return pool, _params(ref)
@@ -212,7 +214,7 @@ def test_fit_matches_a_straightforward_reference_of_the_fedkseed_rule(tiny, dire
     weighted = {k: 0.75 * g for k, g in ref_pool.items()}
     weighted[0] = weighted.get(0, 0.0) + 0.25 * 0.5
     for k in sorted(weighted):
-        for i, (name, p) in enumerate(expect.items()):
+        for i, p in enumerate(expect.values()):
             z = draw_direction(seeds[k], i, p.numel(), spec.direction).view(p.shape)
             p -= spec.lr * float(np.float32(weighted[k])) * z
     for name, p in fresh.trainable_state().items():
@@ -372,9 +374,11 @@ def test_ledger_rounds_beyond_the_last_completed_round_are_dropped_on_load(tmp_p
 
 @pytest.mark.parametrize("bad,reason", [
     (lambda u: u.model_copy(update={"payload": None}), "no seed pool"),
-    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"indices": b"\x02\x00\x01\x00", "g": b"\0" * 8})}), "ascending"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(
+        update={"indices": b"\x02\x00\x01\x00", "g": b"\0" * 8})}), "ascending"),
     (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"indices": b"\x63\x00"})}), "below 16"),
-    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"g": np.float32(np.nan).tobytes()})}), "non-finite"),
+    (lambda u: u.model_copy(update={"payload": u.payload.model_copy(
+        update={"g": np.float32(np.nan).tobytes()})}), "non-finite"),
     (lambda u: u.model_copy(update={"payload": u.payload.model_copy(update={"g": b"\0" * 8})}), "pair"),
 ])
 def test_malformed_zo_updates_are_refused_with_a_reason(bad, reason):

@@ -36,22 +36,26 @@ def test_agent_joining_at_round_5_replays_the_ledger_and_ends_bitwise_equal_to_t
     synthesize(data, num_devices=3, samples_per_device=20, eval_samples=8, seed=3)
     chunked = {"chunk_size": 4096}
     capture = Capture(broker.url, Topics("fedmq", "test"), chunk_size=4096).start()
-    zo_cfg = dict(broker=chunked, zo=ZO, fit={"local_steps": 20, "lr": 1e-3, "batch_size": 2, "max_seq_len": 48})
-    agents = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, method="zo", broker=chunked))],
-                    tmp_path / f"a{i}.log") for i in range(2)]
+    zo_cfg = {"broker": chunked, "zo": ZO, "fit": {"local_steps": 20, "lr": 1e-3, "batch_size": 2, "max_seq_len": 48}}
+
+    def agent_cmd(i: int) -> list[str]:
+        return ["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, method="zo", broker=chunked))]
+
+    def coordinator_cmd(rounds: int, min_clients: int) -> list[str]:
+        return ["coordinator", "--config",
+                str(coordinator_config(tmp_path, broker.url, rounds=rounds, min_clients=min_clients, **zo_cfg))]
+
+    agents = [spawn(agent_cmd(i), tmp_path / f"a{i}.log") for i in range(2)]
     procs = list(agents)
     try:
         # rounds 1-4 with two devices
-        coord = spawn(["coordinator", "--config", str(coordinator_config(tmp_path, broker.url, rounds=4, min_clients=2, **zo_cfg))],
-                      tmp_path / "coord.log")
+        coord = spawn(coordinator_cmd(rounds=4, min_clients=2), tmp_path / "coord.log")
         procs.append(coord)
         assert coord.wait(timeout=300) == 0, (tmp_path / "coord.log").read_text()[-3000:]
         # a third device joins after round 4; the coordinator, restarted from its persisted state,
         # waits for all three, so the newcomer catches up from the ledger and trains in rounds 5-6
-        procs.append(spawn(["agent", "--config", str(agent_config(tmp_path, 2, broker.url, data, method="zo", broker=chunked))],
-                           tmp_path / "a2.log"))
-        coord = spawn(["coordinator", "--config", str(coordinator_config(tmp_path, broker.url, rounds=6, min_clients=3, **zo_cfg))],
-                      tmp_path / "coord2.log")
+        procs.append(spawn(agent_cmd(2), tmp_path / "a2.log"))
+        coord = spawn(coordinator_cmd(rounds=6, min_clients=3), tmp_path / "coord2.log")
         procs.append(coord)
         assert coord.wait(timeout=300) == 0, (tmp_path / "coord2.log").read_text()[-3000:]
         _wait(lambda: all((_zo_state(tmp_path, i) or {}).get("applied_round") == 6 for i in range(3)), 60,

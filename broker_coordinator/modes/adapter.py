@@ -70,7 +70,8 @@ class AdapterMode(CoordinatorMode):
         assert server is not None
         server.step(self.rule.aggregate_deltas(server.published, updates, contributions))
         message = server.advance(version, round_no, self.cfg.adapter, self.cfg.model)
-        return RoundOutcome(message=message, snapshot=server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model))
+        snapshot = server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model)
+        return RoundOutcome(message=message, snapshot=snapshot)
 
 
 MODE = AdapterMode

@@ -102,7 +102,8 @@ class ZoMode(CoordinatorMode):
         if self._fingerprint is None:
             self._fingerprint = zo.base_fingerprint  # the first device's base defines the federation's
         elif zo.base_fingerprint != self._fingerprint:
-            raise ProtocolError(f"zo update trained base {zo.base_fingerprint}; the federation's base is {self._fingerprint}")
+            raise ProtocolError(
+                f"zo update trained base {zo.base_fingerprint}; the federation's base is {self._fingerprint}")
         return zo
 
     def aggregate(self, round_no: int, version: int, updates: Sequence[Update],
@@ -111,7 +112,7 @@ class ZoMode(CoordinatorMode):
         if not updates:
             raise ValueError("aggregation needs at least one update")
         entry = aggregate_round(round_no, self.current_spec(), self.adapter,
-                                [(u.num_samples, zo) for u, zo in zip(updates, contributions)])
+                                [(u.num_samples, zo) for u, zo in zip(updates, contributions, strict=True)])
         self.ledger = [e for e in self.ledger if e.round < round_no] + [entry]
         snapshot = self._global(version, round_no)
         return RoundOutcome(message=snapshot, snapshot=snapshot)

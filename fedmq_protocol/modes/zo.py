@@ -98,7 +98,8 @@ class ZoSpec(BaseModel):
     direction: Direction = "gaussian"
     target: Target = "full"
     pro: bool = Field(False, description="FedKSeed-Pro: sample seeds by importance")
-    base_fingerprint: str | None = Field(None, max_length=64, description="edge_agent.models.model_fingerprint of the base")
+    base_fingerprint: str | None = Field(
+        None, max_length=64, description="edge_agent.models.model_fingerprint of the base")
 
 
 class ZoTask(ZoSpec, ModePayload):
@@ -111,8 +112,10 @@ class ZoTask(ZoSpec, ModePayload):
     @model_validator(mode="after")
     def _probs(self) -> ZoTask:
         if self.probabilities is not None:
-            p = np.frombuffer(self.probabilities, dtype="<f4") if len(self.probabilities) == 4 * self.num_seeds else None
-            if p is None or not np.all(np.isfinite(p)) or np.any(p < 0) or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-3):
+            p = (np.frombuffer(self.probabilities, dtype="<f4")
+                 if len(self.probabilities) == 4 * self.num_seeds else None)
+            if (p is None or not np.all(np.isfinite(p)) or np.any(p < 0)
+                    or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-3)):
                 raise ValueError(f"probabilities must be {self.num_seeds} finite non-negative float32 summing to 1")
         return self
 
@@ -154,7 +157,7 @@ class ZoLedgerRound(Message):
     def entries(self) -> list[tuple[int, float]]:
         """(candidate index, g_sum) in canonical (ascending index) order."""
         idx, val = unpack_pool(self.indices, self.g, self.spec.num_seeds, f"ledger round {self.round}")
-        return [(int(i), float(v)) for i, v in zip(idx, val)]
+        return [(int(i), float(v)) for i, v in zip(idx, val, strict=True)]
 
 
 def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict[str, Any] | None,
@@ -167,7 +170,7 @@ def aggregate_round(round_no: int, spec: ZoSpec, adapter: dict[str, Any] | None,
     acc: dict[int, float] = {}
     for n, u in updates:
         idx, val = unpack_pool(u.indices, u.g, spec.num_seeds, "update")
-        for i, v in zip(idx.tolist(), val.tolist()):
+        for i, v in zip(idx.tolist(), val.tolist(), strict=True):
             acc[i] = acc.get(i, 0.0) + (n / total) * v
     indices, g = pack_pool(acc)
     return ZoLedgerRound(round=round_no, spec=spec, adapter=adapter, indices=indices, g=g,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -137,11 +138,7 @@ def connect_first_time(
 
 def abort_socket(client: mqtt.Client) -> None:
     """Drop a connection that is not (yet) run by paho's loop thread; best effort."""
-    try:
+    with contextlib.suppress(Exception):
         client.disconnect()
-    except Exception:  # noqa: BLE001
-        pass
-    try:
+    with contextlib.suppress(Exception):
         client.loop(timeout=0.01)
-    except Exception:  # noqa: BLE001
-        pass

@@ -34,8 +34,8 @@ def build() -> dict[str, bytes]:
     nonce = bytes(range(16))
     arrays = _arrays()
     out: dict[str, bytes] = {}
-    common = dict(task_id="r1-fit-v0-a0", round=1, device_id="dev-1", global_version=0, deadline_s=600.0,
-                  adapter=adapter, fit=fit, model="tiny-llama", nonce=nonce)
+    common = {"task_id": "r1-fit-v0-a0", "round": 1, "device_id": "dev-1", "global_version": 0, "deadline_s": 600.0,
+              "adapter": adapter, "fit": fit, "model": "tiny-llama", "nonce": nonce}
     out["task_fit_adapter"] = m.Task(kind="fit", **common).to_msgpack()
     out["task_init"] = m.Task(kind="init", task_id="r0-init-v-1-a0", round=0, device_id="dev-1",
                               global_version=-1, deadline_s=600.0, adapter=adapter).to_msgpack()
@@ -44,10 +44,11 @@ def build() -> dict[str, bytes]:
     probs = np.full(8, 1 / 8, dtype="<f4").tobytes()
     zo_spec = ZoSpec(seed=11, num_seeds=8, eps=1e-3, lr=1e-6, direction="rademacher", target="lora",
                      base_fingerprint="ab" * 8)
-    out["task_fit_zo"] = m.Task(kind="fit", **common, payload=ZoTask(**zo_spec.model_dump(), probabilities=probs)).to_msgpack()
+    zo_task = ZoTask(**zo_spec.model_dump(), probabilities=probs)
+    out["task_fit_zo"] = m.Task(kind="fit", **common, payload=zo_task).to_msgpack()
 
     delta = {k: v * np.float32(0.01) for k, v in arrays.items()}
-    up = dict(task_id="r1-fit-v0-a0", round=1, device_id="dev-1", base_version=0, num_samples=12)
+    up = {"task_id": "r1-fit-v0-a0", "round": 1, "device_id": "dev-1", "base_version": 0, "num_samples": 12}
     out["update_fit_adapter"] = m.Update(
         kind="fit", **up, metrics={"train_loss": 1.25, "steps": 5.0},
         tensors=encode(delta, CodecSpec(values="int2", zstd=True)), nonce=nonce, signature=bytes(range(64)),
