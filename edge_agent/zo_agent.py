@@ -162,6 +162,7 @@ class ZoEdgeAgent(EdgeAgent):
         started = time.perf_counter()
 
         def progress(step: int, loss: float) -> None:
+            self.alive_at = time.monotonic()
             self.progress.update(step=step, loss=float(loss), elapsed_s=time.perf_counter() - started)
 
         try:
