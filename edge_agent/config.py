@@ -109,6 +109,8 @@ class AgentConfig(BaseModel):
     broker: BrokerConfig = BrokerConfig()
     model: str = Field(description="model name (smollm2-135m, tiny-llama), HF directory, .gguf file or hub id")
     method: Literal["lora", "qlora", "zo"] = "lora"  # zo: the coordinator's zo section picks the target
+    mode: str = Field("adapter", description="federation mode (fedmq_protocol.modes); by default the mode "
+                      "named like the method (method zo: mode zo), else adapter")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
@@ -136,6 +138,24 @@ class AgentConfig(BaseModel):
             except SigningKeyError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_method(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("mode") is None:
+            from edge_agent.modes import default_mode
+
+            v = {**v, "mode": default_mode(str(v.get("method") or "lora"))}
+        return v
+
+    @model_validator(mode="after")
+    def _mode_trains_method(self) -> "AgentConfig":
+        from edge_agent.modes import mode_class
+
+        methods = mode_class(self.mode).methods  # ValueError naming the valid modes
+        if self.method not in methods:
+            raise ValueError(f"mode {self.mode} trains with method {' or '.join(methods)}, not {self.method!r}")
+        return self
 
     @model_validator(mode="after")
     def _levels(self) -> "AgentConfig":

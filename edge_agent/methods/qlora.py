@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, ClassVar
 
+from edge_agent.methods.base import NF4, ModelLoader
 from edge_agent.methods.lora import LoraMethod
 
 
@@ -46,7 +47,7 @@ def disable_cpu_inference_packing(model: Any) -> int:
 
 class QLoraMethod(LoraMethod):
     name: ClassVar[str] = "qlora"
-    quantize_4bit: ClassVar[bool] = True
+    default_loader: ClassVar[ModelLoader] = NF4
 
     def _prepare_base(self, model: Any) -> Any:
         from peft import prepare_model_for_kbit_training
