@@ -10,8 +10,6 @@ configured method.
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,8 +21,6 @@ if TYPE_CHECKING:
     from edge_agent.methods.base import FitResult, TrainingMethod
     from fedmq_protocol.globals import GlobalSync
     from fedmq_protocol.messages import AdapterSpec, Task
-
-log = logging.getLogger("fedmq.agent")
 
 
 class AdapterMode(AgentMode):
@@ -67,12 +63,6 @@ class AdapterMode(AgentMode):
         if self.global_arrays is None:
             raise RuntimeError(f"task {task.task_id} was trained without a global")
         delta = {k: local[k] - self.global_arrays[k] for k in self.global_arrays}
-        # FAULT INJECTION FOR TESTS ONLY (tests/test_robust_aggregation.py): a misbehaving device
-        # that multiplies its update (100: scaled, -1: sign-flipped). Never set in production.
-        fault_scale = os.environ.get("FEDMQ_FAULT_INJECT_UPDATE_SCALE")
-        if fault_scale:
-            log.warning("FAULT INJECTION: update of %s scaled by %s", task.task_id, fault_scale)
-            delta = {k: v * np.float32(float(fault_scale)) for k, v in delta.items()}
         return UpdateContent(metrics={"tokens": float(result.tokens), "diff_s": time.perf_counter() - t0},
                              arrays=delta)
 
