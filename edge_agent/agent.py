@@ -26,7 +26,7 @@ from edge_agent import resources
 from edge_agent.config import AgentConfig
 from edge_agent.memory_agent import MemoryManager, PlanRefused
 from edge_agent.memory_guard import OverBudget, configure_allocator
-from edge_agent.methods.base import FitMemory, FitResult, TrainingMethod
+from edge_agent.methods.base import FitMemory, FitResult, TrainingMethod, release_memory
 from edge_agent.modes import AgentContext, AgentMode, GlobalRejected, create_mode
 from edge_agent.uplink import UplinkEncoder
 from edge_agent.updates import ResultCache, UpdateBuilder
@@ -111,7 +111,8 @@ class EdgeAgent:
         self._global_topic: str | None = None
         # memory budget: the plan training runs with, the per-step guard (edge_agent.memory_agent)
         self.memory = MemoryManager(config, self.state_file)
-        self._fit_memory = FitMemory()  # the plan's micro-batch and guard, given to every fit
+        # the plan's micro-batch and guard (MemoryManager.install sets them), given to every fit
+        self._fit_memory = FitMemory()
         self._plan_fit: m.FitConfig | None = None  # fit settings of the task being planned for
         if config.memory_budget is not None:
             configure_allocator()  # resident memory tracks what is in use (see memory_guard)
@@ -304,7 +305,6 @@ class EdgeAgent:
             return self.method
         from edge_agent.memory_guard import meter
         from edge_agent.methods import get_method
-        from edge_agent.methods.base import release_memory
 
         if self.cfg.training.torch_threads:
             import torch

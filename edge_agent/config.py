@@ -108,7 +108,8 @@ class AgentConfig(BaseModel):
     topic_root: str = "fedmq"
     broker: BrokerConfig = BrokerConfig()
     model: str = Field(description="model name (smollm2-135m, tiny-llama), HF directory, .gguf file or hub id")
-    method: Literal["lora", "qlora", "zo"] = "lora"  # zo: the coordinator's zo section picks the target
+    method: str = Field("lora", description="training method (edge_agent.methods: lora, qlora, zo); "
+                        "zo: the coordinator's zo section picks the target")
     mode: str = Field("adapter", description="federation mode (fedmq_protocol.modes); by default the mode "
                       "named like the method (method zo: mode zo), else adapter")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
@@ -126,6 +127,15 @@ class AgentConfig(BaseModel):
         None, description="plan training to fit this memory and guard every step (host_mb, gpu_mb)")
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from edge_agent.methods import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown training method {v!r}; valid: {', '.join(method_names())}")
+        return v
 
     @field_validator("signing_key")
     @classmethod
