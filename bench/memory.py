@@ -90,27 +90,25 @@ def child(args: argparse.Namespace) -> dict:
     from edge_agent.data import load_jsonl
     from edge_agent.memory import OverBudget
     from edge_agent.methods import get_method
+    from edge_agent.methods.base import FitMemory
 
     torch.set_num_threads(args.threads)
     examples = load_jsonl(train)
     name, kwargs = plan.method_spec()
     meter().reset()
     t0 = time.perf_counter()
-    if name == "zo-adapter":
-        from edge_agent.methods.zo_adapter import ZoAdapterMethod as cls
-    else:
-        cls = get_method(name)
-    method = cls(model_path, adapter, device="cpu", seed=0, **kwargs)
+    method = get_method(name)(model_path, adapter, device="cpu", seed=0, **kwargs)
     load_s = time.perf_counter() - t0
     load_peak = meter().host_peak_mb()
     mm.load_measured(load_peak)
-    mm.install(method)
+    plan_memory = FitMemory()
+    mm.install(plan_memory)  # the plan's micro-batch and the guard, given to the fit
     lens = [len(method._encode(e, fit.max_seq_len)[0]) for e in examples]
     mm.fit_started()
     t0 = time.perf_counter()
     over = None
     try:
-        result = method.fit(examples, fit)
+        result = method.fit(examples, fit, memory=plan_memory)
         steps, loss = result.steps, result.train_loss
     except OverBudget as exc:
         over, steps, loss = exc.figures(), exc.step - 1, float("nan")

@@ -78,7 +78,7 @@ class MemoryBudgetConfig(BaseModel):
         return out
 
     @model_validator(mode="after")
-    def _some_limit(self) -> "MemoryBudgetConfig":
+    def _some_limit(self) -> MemoryBudgetConfig:
         if self.host_mb is None and self.gpu_mb is None:
             raise ValueError("memory_budget needs host_mb and/or gpu_mb")
         return self
@@ -108,7 +108,10 @@ class AgentConfig(BaseModel):
     topic_root: str = "fedmq"
     broker: BrokerConfig = BrokerConfig()
     model: str = Field(description="model name (smollm2-135m, tiny-llama), HF directory, .gguf file or hub id")
-    method: Literal["lora", "qlora", "zo"] = "lora"  # zo: the coordinator's zo section picks the target
+    method: str = Field("lora", description="training method (edge_agent.methods: lora, qlora, zo); "
+                        "zo: the coordinator's zo section picks the target")
+    mode: str = Field("adapter", description="federation mode (fedmq_protocol.modes); by default the mode "
+                      "named like the method (method zo: mode zo), else adapter")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
@@ -125,6 +128,15 @@ class AgentConfig(BaseModel):
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update")
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from edge_agent.methods import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown training method {v!r}; valid: {', '.join(method_names())}")
+        return v
+
     @field_validator("signing_key")
     @classmethod
     def _key_loads(cls, v: Path | None) -> Path | None:
@@ -137,8 +149,26 @@ class AgentConfig(BaseModel):
                 raise ValueError(str(exc)) from None
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_method(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("mode") is None:
+            from edge_agent.modes import default_mode
+
+            v = {**v, "mode": default_mode(str(v.get("method") or "lora"))}
+        return v
+
     @model_validator(mode="after")
-    def _levels(self) -> "AgentConfig":
+    def _mode_trains_method(self) -> AgentConfig:
+        from edge_agent.modes import mode_class
+
+        methods = mode_class(self.mode).methods  # ValueError naming the valid modes
+        if self.method not in methods:
+            raise ValueError(f"mode {self.mode} trains with method {' or '.join(methods)}, not {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _levels(self) -> AgentConfig:
         check_level(self.device_id, "device_id")
         check_level(self.federation, "federation")
         check_level(self.topic_root, "topic_root")

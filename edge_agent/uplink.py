@@ -9,8 +9,9 @@ state dir after every encoded update, so a restarted agent continues with it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import msgpack
 import numpy as np
@@ -18,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedmq_protocol.codec import BITS_PER_VALUE, CodecSpec, EncodedTensors, ValueFormat, encode, fit_budget
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.wire import unpack_limited
 from fedmq_protocol.storage import atomic_write
+from fedmq_protocol.wire import unpack_limited
 
 log = logging.getLogger("fedmq.agent")
 

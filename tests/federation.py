@@ -40,10 +40,11 @@ def write_yaml(path: Path, obj: dict) -> Path:
     return path
 
 
-def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def spawn(args: list[str], log: Path, env: dict | None = None, module: str = "fedmq") -> subprocess.Popen:
+    """``python -m fedmq ARGS`` (or another entry ``module``, e.g. tests.faulty_agent) in the repo."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "fedmq", *args], cwd=REPO, env=full_env,
+        [sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
         stdout=open(log, "w"), stderr=subprocess.STDOUT,
     )
 

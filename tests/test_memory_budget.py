@@ -278,6 +278,7 @@ def test_guard_stops_a_training_round_cleanly(tiny_llama, synth):
     from edge_agent.data import load_jsonl
     from edge_agent.memory import MemoryGuard, OverBudget, meter
     from edge_agent.methods import get_method
+    from edge_agent.methods.base import FitMemory
 
     torch.set_num_threads(1)
     ex = load_jsonl(synth / "device_0.jsonl")
@@ -285,19 +286,19 @@ def test_guard_stops_a_training_round_cleanly(tiny_llama, synth):
     cfg = m.FitConfig(local_steps=6, batch_size=16, max_seq_len=64, lr=1e-2)
     before = {k: v.copy() for k, v in method.get_adapter().items()}
     # measure the steps first (no limit), then give a budget below what a step needs
-    method.guard = MemoryGuard(Budget())
-    method.fit(ex, m.FitConfig(local_steps=2, batch_size=16, max_seq_len=64), progress=None)
-    step_peak = method.guard.round_peak_host_mb
+    guard = MemoryGuard(Budget())
+    method.fit(ex, m.FitConfig(local_steps=2, batch_size=16, max_seq_len=64), progress=None,
+               memory=FitMemory(guard=guard))
+    step_peak = guard.round_peak_host_mb
     method.set_adapter(before)
-    method.guard = MemoryGuard(Budget(host_mb=meter().rss_mb() + 0.5))
+    guard = MemoryGuard(Budget(host_mb=meter().rss_mb() + 0.5))
     steps_done = []
     with pytest.raises(OverBudget) as info:
-        method.fit(ex, cfg, progress=lambda s, _loss: steps_done.append(s))
+        method.fit(ex, cfg, progress=lambda s, _loss: steps_done.append(s), memory=FitMemory(guard=guard))
     assert info.value.step <= 2 and len(steps_done) < 2
     assert info.value.peak_host_mb > info.value.budget.host_mb
     assert step_peak > 0
     # the model is intact and trains normally afterwards
-    method.guard = None
     method.set_adapter(before)
     r = method.fit(ex, m.FitConfig(local_steps=2, batch_size=4, max_seq_len=64))
     assert r.steps == 2 and math.isfinite(r.train_loss)
@@ -309,6 +310,7 @@ def test_micro_batches_train_like_the_whole_batch(tiny_llama, synth):
 
     from edge_agent.data import load_jsonl
     from edge_agent.methods import get_method
+    from edge_agent.methods.base import FitMemory
 
     torch.set_num_threads(1)
     ex = load_jsonl(synth / "device_1.jsonl")
@@ -316,8 +318,7 @@ def test_micro_batches_train_like_the_whole_batch(tiny_llama, synth):
     out = []
     for mb in (None, 3):
         meth = get_method("lora")(tiny_llama, m.AdapterSpec(r=4), device="cpu", seed=0)
-        meth.micro_batch = mb
-        r = meth.fit(ex, cfg)
+        r = meth.fit(ex, cfg, memory=FitMemory(micro_batch=mb))
         out.append((r, meth.get_adapter()))
     (r1, a1), (r2, a2) = out
     assert r1.tokens == r2.tokens and r1.train_loss == pytest.approx(r2.train_loss, rel=1e-4)
@@ -377,7 +378,7 @@ def _hold_global(agent, adapter):
     """Give the agent the method and a global v0 equal to its fresh adapter."""
     agent._plan_fit = m.FitConfig(batch_size=8, max_seq_len=64)
     agent._ensure_method(adapter)
-    agent.global_arrays, agent.global_version = agent.method.get_adapter(), 0
+    agent.mode.global_arrays, agent.global_version = agent.method.get_state(), 0
 
 
 def test_agent_announces_its_plan_and_a_refusal(tmp_path, synth, tiny_llama):
@@ -471,7 +472,7 @@ def test_zo_fallback_trains_the_same_adapter(tmp_path, synth, tiny_llama, monkey
     [payload] = agent.transport.updates()
     upd = m.Update.from_msgpack(payload)
     dec = upd.tensors.decode_dense(max_elements=10**8)
-    assert set(dec) == set(agent.global_arrays) and upd.num_samples > 0
+    assert set(dec) == set(agent.mode.global_arrays) and upd.num_samples > 0
     assert any(float(abs(v).max()) > 0 for v in dec.values())
     agent.close()
 

@@ -1,6 +1,6 @@
 """Robust aggregation (update-norm clipping, coordinate-wise trimmed mean / median): unit tests over
 decoded tensors, and end to end over Mosquitto with one agent process sending a sign-flipped x100
-update (fault injection: FEDMQ_FAULT_INJECT_UPDATE_SCALE)."""
+update (fault injection: the agent runs through tests/faulty_agent.py)."""
 
 from __future__ import annotations
 
@@ -132,8 +132,9 @@ def test_sign_flipped_x100_agent_does_not_move_the_global(mosquitto, tmp_path):
         fit={"local_steps": 4, "lr": 3e-3, "batch_size": 2, "max_seq_len": 32},
         aggregation={"rule": "trimmed_mean", "trim_fraction": 0.25, "clip_median_factor": 3.0},
     )
-    procs = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data))], tmp_path / f"a{i}.log",
-                   env={"FEDMQ_FAULT_INJECT_UPDATE_SCALE": "-100"} if i == 3 else None)
+    procs = [spawn([*(["--update-scale=-100"] if i == 3 else []), "agent", "--config",
+                    str(agent_config(tmp_path, i, broker.url, data))], tmp_path / f"a{i}.log",
+                   module="tests.faulty_agent" if i == 3 else "fedmq")
              for i in range(4)]
     try:
         coord = spawn(["coordinator", "--config", str(coord_cfg)], tmp_path / "coord.log")

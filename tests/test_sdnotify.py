@@ -146,3 +146,79 @@ def test_agent_process_sends_ready_watchdog_during_training_and_stopping_on_sigt
     # The clean shutdown left the retained death on the broker.
     status = wait_for_status(broker.url, "dev-0", lambda s: True, timeout=10)
     assert status.online is False and status.state == "offline"
+
+
+class _RecordingTransport:
+    """Stands in for the broker connection of an in-process agent; keeps what is published."""
+
+    connected = True
+    bytes_sent = bytes_received = 0
+
+    def __init__(self) -> None:
+        self.on_connect: list = []
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic, payload, qos=0, retain=False, framed=False, timeout=None):
+        self.published.append((topic, bytes(payload)))
+        return len(payload)
+
+    def subscribe(self, *a, **k) -> None:
+        pass
+
+    def connect(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        self.connected = False
+
+
+def test_a_zeroth_order_fit_longer_than_the_watchdog_interval_keeps_the_agent_alive(tmp_path, tiny_llama, monkeypatch):
+    """Every training step refreshes ``alive_at``, in a zo federation too: a fit that lasts several
+    watchdog intervals (slowed steps) is never taken for a hung process (cf. the LoRA agent process
+    above, fed through a whole 300-step round)."""
+    from edge_agent.agent import create_agent
+    from edge_agent.config import AgentConfig
+    from edge_agent.methods.zo import ZoMethod
+    from fedmq_protocol import messages as m
+    from fedmq_protocol.codec import encode
+    from fedmq_protocol.modes.zo import ZoTask
+
+    synthesize(tmp_path / "data", num_devices=1, samples_per_device=12, eval_samples=2, seed=1)
+    cfg = AgentConfig(device_id="dev-0", federation="test", model=tiny_llama, method="zo", device="cpu",
+                      data={"train": str(tmp_path / "data" / "device_0.jsonl")}, state_dir=str(tmp_path / "state"),
+                      training={"torch_threads": 1})
+    agent = create_agent(cfg, transport=_RecordingTransport())
+    agent.start()
+    interval, step_s, steps = 0.6, 0.15, 10
+    dog = Watchdog(Notifier(environ={"WATCHDOG_USEC": str(int(interval * 1e6))}), lambda: agent.alive_at,
+                   allowance=lambda: 120.0 if agent.state == "loading" else 0.0)
+    # global v0 (the base checkpoint, no ledger round yet), applied while idle as the run loop does
+    v0 = m.GlobalModel(version=0, round=0, adapter=m.AdapterSpec(), tensors=encode({}))
+    agent._events.put(("global", agent.topics.global_model, v0.to_msgpack(), time.time()))
+    agent._pump(0)
+    agent._apply_pending_global()
+    assert agent.global_version == 0
+
+    real_step = ZoMethod.step
+    ages: list[float] = []
+
+    def slow_step(self, *args, **kwargs):
+        ages.append(time.monotonic() - agent.alive_at)
+        assert dog.tick(), f"watchdog withheld at step {len(ages)}: no liveness for {ages[-1]:.2f}s"
+        time.sleep(step_s)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZoMethod, "step", slow_step)
+    task = m.Task(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id="dev-0", global_version=0, deadline_s=60,
+                  adapter=m.AdapterSpec(), fit=m.FitConfig(local_steps=steps, batch_size=2, max_seq_len=32, seed=3),
+                  payload=ZoTask(seed=5, num_seeds=8, eps=1e-2, lr=1e-3, target="full"))
+    started = time.monotonic()
+    agent._events.put(("task", agent.topics.device_task("dev-0"), task.to_msgpack(), time.time()))
+    agent._pump(0)
+    took = time.monotonic() - started
+    updates = [p for t, p in agent.transport.published if t == agent.topics.device_update("dev-0")]
+    agent.close()
+    assert len(ages) == steps and took > 2 * interval  # the fit outlasted the watchdog interval
+    assert len(updates) == 1 and m.Update.from_msgpack(updates[0]).payload is not None
+    assert max(ages) < interval and dog.withheld == 0, ages
+    assert agent.alive_at > started + (steps - 1) * step_s  # refreshed by the last steps

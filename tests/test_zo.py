@@ -243,8 +243,10 @@ def test_zo_method_evaluates_held_out_data_with_and_without_a_memory_plan(tiny, 
     method = _method(tiny, target)
     loss, n = method.evaluate(EXAMPLES, FIT)
     assert n > 0 and math.isfinite(loss)
-    method.micro_batch = 2  # a memory plan's micro-batch: the same loss, less activation memory
-    assert method.evaluate(EXAMPLES, FIT)[0] == pytest.approx(loss, rel=1e-5)
+    from edge_agent.methods.base import FitMemory
+
+    plan = FitMemory(micro_batch=2)  # a memory plan's micro-batch: the same loss, less activation memory
+    assert method.evaluate(EXAMPLES, FIT, memory=plan)[0] == pytest.approx(loss, rel=1e-5)
 
 
 def test_lora_target_trains_only_the_adapter_of_an_nf4_base(tiny):

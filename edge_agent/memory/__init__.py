@@ -35,7 +35,12 @@ _EXPORTS = {
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_MODULE_OF)
+__all__ = [  # the names above, spelled out for tools that read __all__ statically
+    "MB", "RUNTIME_MB", "Budget", "BudgetTooSmall", "MemoryGuard", "MemoryManager", "ModelShape", "OverBudget",
+    "PeakMeter", "Plan", "PlanRefused", "candidate_plans", "choose_plan", "configure_allocator", "estimate",
+    "lower_plan", "meter", "parse_size_mb",
+]
+assert sorted(__all__) == sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:

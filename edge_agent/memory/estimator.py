@@ -29,9 +29,10 @@ This module imports neither torch nor transformers: the coordinator, tests and t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from edge_agent.memory.budget import MB
 

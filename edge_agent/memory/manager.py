@@ -13,6 +13,7 @@ which measurements exceeded estimates is kept there too and applied to every lat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,27 +111,26 @@ class MemoryManager:
             self._save()
         inputs = data.get("memory_inputs") or {}
         adapter = m.AdapterSpec.model_validate(inputs["adapter"]) if inputs.get("adapter") else m.AdapterSpec()
-        try:
+        with contextlib.suppress(PlanRefused):  # a refusal is recorded and announced by plan_for
             self.plan_for(adapter, self.last_fit(), zo_target=inputs.get("zo_target"))
-        except PlanRefused:
-            pass
 
     def last_fit(self) -> m.FitConfig:
         """Fit settings of the last task planned for (persisted), else the protocol defaults."""
         inputs = self._data().get("memory_inputs") or {}
         d = m.FitConfig()
-        return m.FitConfig(batch_size=inputs.get("batch_size", d.batch_size), max_seq_len=inputs.get("seq_len", d.max_seq_len))
+        return m.FitConfig(batch_size=inputs.get("batch_size", d.batch_size),
+                           max_seq_len=inputs.get("seq_len", d.max_seq_len))
 
     # ------------------------------------------------------------------ planning
     def _kwargs(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None) -> dict[str, Any]:
         o = self.cfg.training
         mb = self.mb_cfg
-        return dict(method=self.cfg.method, batch_size=fit.batch_size, seq_len=fit.max_seq_len,
-                    lora_r=adapter.r, target_modules=tuple(adapter.target_modules), device=self.device,
-                    dtype="bfloat16" if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device == "cuda")
-                    else "float32",
-                    allow_4bit=mb.allow_4bit if mb else False, allow_zo=mb.allow_zo if mb else False,
-                    force_checkpointing=o.gradient_checkpointing, zo_target=zo_target)
+        bf16 = self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device == "cuda")
+        return {"method": self.cfg.method, "batch_size": fit.batch_size, "seq_len": fit.max_seq_len,
+                "lora_r": adapter.r, "target_modules": tuple(adapter.target_modules), "device": self.device,
+                "dtype": "bfloat16" if bf16 else "float32",
+                "allow_4bit": mb.allow_4bit if mb else False, "allow_zo": mb.allow_zo if mb else False,
+                "force_checkpointing": o.gradient_checkpointing, "zo_target": zo_target}
 
     def _scaled_budget(self) -> Budget:
         return self.budget().scaled_down(self.scale)

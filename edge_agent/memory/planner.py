@@ -12,8 +12,9 @@ when none fits it raises ``BudgetTooSmall`` naming the smallest budget that woul
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, NamedTuple, NoReturn, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 from edge_agent.memory.budget import Budget, BudgetTooSmall
 from edge_agent.memory.estimator import METHODS, Base, DeviceKind, Method, ModelShape, ZoTarget, estimate
@@ -105,9 +106,8 @@ class Plan:
     def fits(self, budget: Budget) -> bool:
         if budget.host_mb is not None and self.estimate_host_mb > budget.host_mb:
             return False
-        if budget.gpu_mb is not None and self.estimate_gpu_mb is not None and self.estimate_gpu_mb > budget.gpu_mb:
-            return False
-        return True
+        return not (budget.gpu_mb is not None and self.estimate_gpu_mb is not None
+                    and self.estimate_gpu_mb > budget.gpu_mb)
 
     def scaled(self, factor: float) -> Plan:
         """The plan with its estimates raised ``factor`` times."""

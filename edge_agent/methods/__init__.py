@@ -1,40 +1,42 @@
-"""Training methods behind one interface (``edge_agent.methods.base.TrainingMethod``).
+"""Training methods behind one interface (``edge_agent.methods.base.TrainingMethod``), by name.
 
 Importing this package does not import torch: classes are imported on demand by
-``get_method(name)``; ``METHODS`` (name -> class) is built on first access.
+``get_method(name)``; ``METHODS`` (name -> class of the methods a config may name) is built on
+first access. A method is registered by adding ``REGISTRY[name] = "module:Class"``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# name -> "module:Class"; other methods register here the same way
-_REGISTRY: dict[str, str] = {
+if TYPE_CHECKING:
+    from edge_agent.methods.base import TrainingMethod
+
+# name -> "module:Class" (imported lazily)
+REGISTRY: dict[str, str] = {
     "lora": "edge_agent.methods.lora:LoraMethod",
     "qlora": "edge_agent.methods.qlora:QLoraMethod",
     "zo": "edge_agent.methods.zo:ZoMethod",
+    "zo-adapter": "edge_agent.methods.zo_adapter:ZoAdapterMethod",
 }
+# chosen by a memory plan (edge_agent.memory.planner), never named in a config
+PLAN_ONLY = frozenset({"zo-adapter"})
 
 
 def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The methods an agent config may name (``method:``)."""
+    return sorted(n for n in REGISTRY if n not in PLAN_ONLY)
 
 
-def register_method(name: str, target: str) -> None:
-    """Register ``"module:Class"`` under ``name`` (imported lazily)."""
-    if ":" not in target:
-        raise ValueError(f"target must be 'module:Class', got {target!r}")
-    _REGISTRY[name] = target
-
-
-def get_method(name: str) -> type:
+def get_method(name: str) -> type[TrainingMethod]:
     """The TrainingMethod subclass called ``name``; ValueError listing valid names otherwise."""
-    target = _REGISTRY.get(name)
+    target = REGISTRY.get(name)
     if target is None:
         raise ValueError(f"unknown training method {name!r}; valid: {', '.join(method_names())}")
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    found: type[TrainingMethod] = getattr(importlib.import_module(module), cls)
+    return found
 
 
 def __getattr__(attr: str) -> Any:
@@ -43,4 +45,4 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["METHODS", "get_method", "method_names", "register_method"]
+__all__ = ["METHODS", "PLAN_ONLY", "REGISTRY", "get_method", "method_names"]

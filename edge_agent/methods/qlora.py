@@ -9,8 +9,10 @@ checkpointing is off by default (it saves activation memory at ~30% more compute
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+from edge_agent.methods.base import NF4, ModelLoader
 from edge_agent.methods.lora import LoraMethod
 
 
@@ -28,25 +30,25 @@ def disable_cpu_inference_packing(model: Any) -> int:
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # pragma: no cover - qlora needs bitsandbytes anyway
         return 0
-    try:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:  # older bitsandbytes: no CPU packing at all
-        _convert_weight_packed_for_cpu_inverse = None
+    import bitsandbytes.functional as bnb_functional
+
+    # absent from older bitsandbytes, which does no CPU packing at all
+    unpack: Callable[..., Any] | None = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
     n = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
             n += 1
             module.support_avx512bf16_for_cpu = False
-            w = module.weight
+            w: Any = module.weight  # a bitsandbytes Params4bit: carries its quant_state
             qs = getattr(w, "quant_state", None)
-            if qs is not None and getattr(qs, "packing_format_for_cpu", False) and _convert_weight_packed_for_cpu_inverse:
-                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+            if unpack is not None and qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                w.data, w.quant_state = unpack(w.data, qs)
     return n
 
 
 class QLoraMethod(LoraMethod):
     name: ClassVar[str] = "qlora"
-    quantize_4bit: ClassVar[bool] = True
+    default_loader: ClassVar[ModelLoader] = NF4
 
     def _prepare_base(self, model: Any) -> Any:
         from peft import prepare_model_for_kbit_training

@@ -19,17 +19,30 @@ import os
 import random
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from edge_agent.data import Example
 from edge_agent.methods import zo_directions
-from edge_agent.methods.base import FitResult, TrainingMethod, _release_memory
-from edge_agent.models import load_causal_lm, model_fingerprint, resolve_device
+from edge_agent.methods.base import (
+    FULL_PRECISION,
+    NF4,
+    NO_PLAN,
+    FitMemory,
+    FitResult,
+    ModelLoader,
+    ProgressFn,
+    Row,
+    StopFn,
+    release_memory,
+)
+from edge_agent.methods.causal_lm import CausalLmMethod
+from edge_agent.models import model_fingerprint
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, candidate_seeds, param_seed
 
@@ -104,9 +117,9 @@ class _Perturber:
             self.pool.shutdown(wait=True)
 
 
-class ZoMethod(TrainingMethod):
+class ZoMethod(CausalLmMethod):
     """FedKSeed client. ``target`` "full": all parameters of a float32 model; "lora": the LoRA
-    parameters of an NF4 base (QLoRA's loading)."""
+    parameters of an NF4 base (QLoRA's loading). The trainable state is those parameters."""
 
     name: ClassVar[str] = "zo"
 
@@ -115,40 +128,22 @@ class ZoMethod(TrainingMethod):
         model_path: str,
         adapter: AdapterSpec,
         *,
-        device: str = "auto",
-        dtype: str = "float32",
-        seed: int = 0,
         target: str = "full",
         workers: int | None = None,
         backend: str | None = None,
-        gradient_checkpointing: bool = False,  # accepted for interface parity; no backward here
+        loader: ModelLoader | None = None,
+        **common: Any,
     ) -> None:
         """``backend``: how directions are drawn, ``numba`` kernels or ``numpy`` (the same bits);
-        by default numpy up to ``zo_directions.NUMPY_MAX_ELEMENTS`` trainable elements."""
+        by default numpy up to ``zo_directions.NUMPY_MAX_ELEMENTS`` trainable elements.
+        ``loader``: by default a float32 base for ``full``, an NF4 base for ``lora``. ``common``:
+        CausalLmMethod's keywords (device, dtype, seed)."""
         if target not in ("full", "lora"):
             raise ValueError(f"zo target must be 'full' or 'lora', got {target!r}")
         self.target = target
-        if target == "lora":
-            self.quantize_4bit = True  # type: ignore[misc]  # QLoRA's NF4 base
-            super().__init__(model_path, adapter, device=device, dtype=dtype, seed=seed)
-        else:
-            self.model_path, self.adapter_spec, self.seed = model_path, adapter, seed
-            self.device, self.dtype = resolve_device(device), dtype
-            self.model, self.tokenizer = load_causal_lm(model_path, quantize_4bit=False, dtype=dtype, device=self.device)
-            self.model.eval()
-            self._params = {}
-            seen: set[int] = set()
-            for pname, p in self.model.named_parameters():
-                if id(p) not in seen:  # tied weights (embeddings / lm_head) count once
-                    seen.add(id(p))
-                    self._params[pname] = p
-            self._token_cache = {}
-            self.micro_batch, self.guard = None, None  # set by a memory plan, as for the base class
-            self._eos = self.tokenizer.eos_token_id
-            self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.model.eval()
+        if loader is None:
+            loader = NF4 if target == "lora" else FULL_PRECISION
+        super().__init__(model_path, adapter, loader=loader, **common)
         self.fingerprint = model_fingerprint(model_path)
         if workers is None:
             workers = min(4, torch.get_num_threads())
@@ -158,6 +153,24 @@ class ZoMethod(TrainingMethod):
         self._seeds_cache: tuple[tuple[int, int], list[int]] | None = None
         self._pending: list[tuple[int, float]] = []
         self._pending_direction = "gaussian"
+        self.last_pool: dict[int, float] = {}
+
+    def _build(self, base: Any) -> tuple[Any, dict[str, torch.nn.Parameter]]:
+        if self.target == "lora":
+            model, params = self._attach_lora(base)
+        else:
+            model = base
+            model.eval()
+            params = {}
+            seen: set[int] = set()
+            for pname, p in model.named_parameters():
+                if id(p) not in seen:  # tied weights (embeddings / lm_head) count once
+                    seen.add(id(p))
+                    params[pname] = p
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        return model, params
 
     # -- seeds ----------------------------------------------------------------------------------
     def candidate_seeds(self, spec: ZoSpec) -> list[int]:
@@ -172,10 +185,10 @@ class ZoMethod(TrainingMethod):
 
     # -- local training -------------------------------------------------------------------------
     @torch.no_grad()
-    def _loss(self, batch: dict[str, torch.Tensor]) -> float:
+    def _loss(self, batch: dict[str, torch.Tensor], micro_batch: int | None = None) -> float:
         """The batch's mean response-token loss; with a memory plan's ``micro_batch`` smaller than
         the batch, computed in chunks (token-weighted: the same value, less activation memory)."""
-        mb = self.micro_batch
+        mb = micro_batch
         n = batch["input_ids"].shape[0]
         if not mb or mb >= n:
             return float(self.model(**batch).loss)
@@ -188,7 +201,8 @@ class ZoMethod(TrainingMethod):
                 count += k
         return total / count if count else float("nan")
 
-    def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec) -> tuple[float, float]:
+    def step(self, batch: dict[str, torch.Tensor], seed: int, spec: ZoSpec,
+             micro_batch: int | None = None) -> tuple[float, float]:
         """One ZO-SGD step along z(seed): returns (projected gradient g, mean of the two losses).
 
         The step's last pass (restore + update, theta += (eps - lr g) z) is deferred and folded into
@@ -199,9 +213,9 @@ class ZoMethod(TrainingMethod):
             self.flush()
         self._perturb.add([*self._pending, (seed, eps)], spec.direction)
         self._pending = []
-        l_plus = self._loss(batch)
+        l_plus = self._loss(batch, micro_batch)
         self.perturb(seed, -2.0 * eps, spec.direction)
-        l_minus = self._loss(batch)
+        l_minus = self._loss(batch, micro_batch)
         if not (np.isfinite(l_plus) and np.isfinite(l_minus)):
             self.perturb(seed, eps, spec.direction)
             raise FloatingPointError("non-finite zo loss")
@@ -221,66 +235,51 @@ class ZoMethod(TrainingMethod):
         examples: Sequence[Example],
         cfg: FitConfig,
         *,
+        memory: FitMemory | None = None,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
         spec: ZoSpec | None = None,
         probabilities: np.ndarray | None = None,
-        progress: Callable[[int, float], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
     ) -> FitResult:
-        """``cfg.local_steps`` ZO-SGD steps; the seed pool is left in ``self.last_pool``
+        """``cfg.local_steps`` ZO-SGD steps along seeds drawn from ``spec``'s K candidates (by
+        ``probabilities`` when given, FedKSeed-Pro); the seed pool is left in ``self.last_pool``
         (candidate index -> accumulated g)."""
         if spec is None:
             raise ValueError("zo fit needs the federation's ZoSpec")
         if not examples:
             raise ValueError("fit needs at least one example")
+        plan = memory or NO_PLAN
+        guard = plan.guard  # edge_agent.memory.MemoryGuard, when a memory plan runs
         seeds = self.candidate_seeds(spec)
         encoded = [self._encode(ex, cfg.max_seq_len) for ex in examples]
-        batch_rng = random.Random(cfg.seed)
         seed_rng = random.Random(f"zo-seeds:{cfg.seed}")
         weights = None if probabilities is None else probabilities.tolist()
-        order: list[int] = []
         pool: dict[int, float] = {}
-        losses: list[float] = []
-        tokens = 0
+
+        def step(i: int, rows: list[Row]) -> tuple[float, int]:
+            batch = self._collate(rows)
+            k = (seed_rng.randrange(spec.num_seeds) if weights is None
+                 else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
+            if guard is not None:
+                guard.before_step(i + 1)
+            try:
+                g, lv = self.step(batch, seeds[k], spec, plan.micro_batch)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} at step {i + 1}") from None
+            if guard is not None:
+                guard.after_step(i + 1)
+            pool[k] = pool.get(k, 0.0) + g
+            return lv, 2 * int(batch["attention_mask"].sum())
+
         t0 = time.perf_counter()
         self.model.eval()
         try:
-            for step in range(cfg.local_steps):
-                if should_stop is not None and should_stop():
-                    break
-                idx = []
-                while len(idx) < min(cfg.batch_size, len(encoded)):
-                    if not order:
-                        order = list(range(len(encoded)))
-                        batch_rng.shuffle(order)
-                    idx.append(order.pop())
-                batch = self._collate([encoded[i] for i in idx])
-                k = (seed_rng.randrange(spec.num_seeds) if weights is None
-                     else seed_rng.choices(range(spec.num_seeds), weights=weights)[0])
-                guard = self.guard  # edge_agent.memory.guard.MemoryGuard, when a memory plan runs
-                if guard is not None:
-                    guard.before_step(step + 1)
-                try:
-                    g, lv = self.step(batch, seeds[k], spec)
-                except FloatingPointError as exc:
-                    raise FloatingPointError(f"{exc} at step {step + 1}") from None
-                if guard is not None:
-                    guard.after_step(step + 1)
-                pool[k] = pool.get(k, 0.0) + g
-                losses.append(lv)
-                tokens += 2 * int(batch["attention_mask"].sum())
-                if progress is not None:
-                    progress(step + 1, lv)
+            losses, tokens = self._train_steps(encoded, cfg, step, progress=progress, should_stop=should_stop)
         finally:
             self.flush()
-            _release_memory()
+            release_memory()
         self.last_pool = pool
-        return FitResult(
-            num_samples=len(examples),
-            steps=len(losses),
-            train_loss=float(np.mean(losses)) if losses else float("nan"),
-            seconds=time.perf_counter() - t0,
-            tokens=tokens,
-        )
+        return self._result(examples, losses, tokens, t0)
 
     # -- ledger replay --------------------------------------------------------------------------
     def check_spec(self, spec: ZoSpec) -> None:
@@ -335,9 +334,13 @@ class ZoMethod(TrainingMethod):
                      else t.contiguous().view(torch.int16).numpy().tobytes())
         return h.hexdigest()
 
-    def get_adapter(self) -> dict[str, np.ndarray]:
-        # The global of a zo federation is base + ledger: no tensors travel.
-        return {}
+    def get_state(self) -> dict[str, np.ndarray]:
+        self.flush()
+        return super().get_state()
+
+    def set_state(self, tensors: Mapping[str, Any]) -> None:
+        super().set_state(tensors)
+        self._pending = []  # a deferred local pass is moot: the new state replaces theta
 
     def __repr__(self) -> str:
         return f"ZoMethod(model={self.model_path!r}, target={self.target}, trainable={self.num_trainable_params()})"

@@ -36,7 +36,9 @@ import numpy as np
 
 from fedmq_protocol.modes.zo import splitmix64
 
-__all__ = ["BACKENDS", "DIRECTION_KINDS", "backend_for", "add_terms", "draw", "draw_numpy", "fill_scaled", "kernels_ready"]
+__all__ = [
+    "BACKENDS", "DIRECTION_KINDS", "add_terms", "backend_for", "draw", "draw_numpy", "fill_scaled", "kernels_ready",
+]
 
 DIRECTION_KINDS = {"gaussian": 0, "rademacher": 1}
 
@@ -188,9 +190,9 @@ def _compile():
             below_chord = v <= (xj[j] - x) * xd[j]
             if squeeze[j] == 1 and below_chord:
                 return sign * x
-            if not (squeeze[j] == -1 and not below_chord):
-                if fx[j] + v * (fx[j + 1] - fx[j]) < exp_neg(0.5 * x * x):
-                    return sign * x
+            if (not (squeeze[j] == -1 and not below_chord)
+                    and fx[j] + v * (fx[j + 1] - fx[j]) < exp_neg(0.5 * x * x)):
+                return sign * x
             m += 1
             b = word(base, m) & M32
 
@@ -375,7 +377,8 @@ def gaussian_slow(key: int, e: int, b: int) -> float:
         below = v <= (float(XJ[j]) - x) * float(XD[j])
         if SQUEEZE[j] == 1 and below:
             return sign * x
-        if not (SQUEEZE[j] == -1 and not below) and float(FX[j]) + v * (float(FX[j + 1]) - float(FX[j])) < _exp_neg(0.5 * x * x):
+        if (not (SQUEEZE[j] == -1 and not below)
+                and float(FX[j]) + v * (float(FX[j + 1]) - float(FX[j])) < _exp_neg(0.5 * x * x)):
             return sign * x
         m += 1
         b = _word(base, m) & 0xFFFFFFFF
