@@ -110,14 +110,14 @@ class EdgeAgent:
         self._dirty = False  # the trainer holds local (trained) weights, not the global
         self._global_timing: dict[str, float] = {}
         self._global_topic: str | None = None
+        self.mode: AgentMode = create_mode(AgentContext(config, self.topics, Path(config.state_dir), self._memory_plan))
         # memory budget: the plan training runs with, the per-step guard (edge_agent.memory)
-        self.memory = MemoryManager(config, self.state_file)
+        self.memory = MemoryManager(config, self.state_file, method=self.mode.planned_as(config.method))
         # the plan's micro-batch and guard (MemoryManager.install sets them), given to every fit
         self._fit_memory = FitMemory()
         self._plan_fit: m.FitConfig | None = None  # fit settings of the task being planned for
         if config.memory_budget is not None:
             configure_allocator()  # resident memory tracks what is in use (see edge_agent.memory.guard)
-        self.mode: AgentMode = create_mode(AgentContext(config, self.topics, Path(config.state_dir), self._memory_plan))
         self.state = "loading"
         self.progress: dict[str, Any] = {}
         will = WillMessage(self.topics.device_status(self.device_id), self._status(False).to_json(), QOS_STATUS, True)

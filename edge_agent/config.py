@@ -131,9 +131,9 @@ class AgentConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from edge_agent.methods import method_names
+        from edge_agent.methods import is_method, method_names
 
-        if v not in method_names():
+        if not is_method(v):
             raise ValueError(f"unknown training method {v!r}; valid: {', '.join(method_names())}")
         return v
 

@@ -75,6 +75,46 @@ def test_method_registry_holds_the_memory_plans_fallback():
     assert cls.name == "zo-adapter" and issubclass(cls, get_method("zo"))
 
 
+def test_a_method_is_registered_by_its_file_alone(monkeypatch):
+    """A new trainer needs no registry edit: edge_agent/methods/<name>.py defining METHOD is found."""
+    import types
+
+    from edge_agent import methods
+    from edge_agent.methods.lora import LoraMethod
+
+    assert methods.is_method("lora") and not methods.is_method("zo-adapter") and not methods.is_method("nope")
+    module = types.ModuleType("edge_agent.methods.subspace_test")
+    module.METHOD = LoraMethod  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.methods.subspace_test", module)
+    monkeypatch.setattr(methods.importlib.util, "find_spec",
+                        lambda name: object() if name == "edge_agent.methods.subspace_test" else None)
+    assert methods.is_method("subspace-test") and methods.get_method("subspace-test") is LoraMethod
+    with pytest.raises(ValueError, match="unknown training method 'nope'"):
+        methods.get_method("nope")
+
+
+def test_a_mode_names_the_method_whose_memory_bounds_its_trainer(tmp_path):
+    """The memory planner estimates lora, qlora and zo; a mode with another trainer says which of
+    them bounds it (AgentMode.planned_as), and the agent's memory manager plans with that one."""
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.modes.adapter import AdapterMode
+
+    class Stub:
+        pass
+
+    agent = EdgeAgent(_cfg(tmp_path), transport=Stub())  # type: ignore[arg-type]
+    assert agent.memory.method == "lora" and AdapterMode.planned_as(agent.mode, "lora") == "lora"
+
+    class Subspace(AdapterMode):
+        def planned_as(self, method: str) -> str:
+            return "qlora"
+
+    ctx = agent.mode.ctx
+    from edge_agent.memory import MemoryManager
+
+    assert MemoryManager(ctx.config, method=Subspace(ctx).planned_as("lora")).method == "qlora"
+
+
 def test_the_batch_sampler_draws_without_replacement_and_reshuffles_each_pass():
     import random
 

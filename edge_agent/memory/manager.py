@@ -57,8 +57,11 @@ def _plan_key(value: Any) -> PlanKey | None:
 
 
 class MemoryManager:
-    def __init__(self, config: AgentConfig, state_file: StateStore | None = None) -> None:
+    def __init__(self, config: AgentConfig, state_file: StateStore | None = None, *, method: str | None = None) -> None:
+        """``method``: whose memory the plans estimate (default ``config.method``; a mode whose
+        trainer the estimator does not know names the one that bounds it, AgentMode.planned_as)."""
         self.cfg = config
+        self.method = method or config.method
         self.mb_cfg = config.memory_budget
         self.state_file = state_file
         self.device: DeviceKind = "cpu"
@@ -126,7 +129,7 @@ class MemoryManager:
         o = self.cfg.training
         mb = self.mb_cfg
         bf16 = self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device == "cuda")
-        return {"method": self.cfg.method, "batch_size": fit.batch_size, "seq_len": fit.max_seq_len,
+        return {"method": self.method, "batch_size": fit.batch_size, "seq_len": fit.max_seq_len,
                 "lora_r": adapter.r, "target_modules": tuple(adapter.target_modules), "device": self.device,
                 "dtype": "bfloat16" if bf16 else "float32",
                 "allow_4bit": mb.allow_4bit if mb else False, "allow_zo": mb.allow_zo if mb else False,

@@ -2,12 +2,14 @@
 
 Importing this package does not import torch: classes are imported on demand by
 ``get_method(name)``; ``METHODS`` (name -> class of the methods a config may name) is built on
-first access. A method is registered by adding ``REGISTRY[name] = "module:Class"``.
+first access. A method is registered by adding ``REGISTRY[name] = "module:Class"``, or by its file
+alone: ``edge_agent/methods/<name>.py`` defining ``METHOD`` (the class) is found by its name.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,19 +26,35 @@ REGISTRY: dict[str, str] = {
 PLAN_ONLY = frozenset({"zo-adapter"})
 
 
+def _by_file(name: str) -> str | None:
+    """``module:METHOD`` of a method registered by its file alone (found without importing it)."""
+    module = f"{__name__}.{name.replace('-', '_')}"
+    if not name.replace("-", "_").isidentifier() or importlib.util.find_spec(module) is None:
+        return None
+    return f"{module}:METHOD"
+
+
 def method_names() -> list[str]:
-    """The methods an agent config may name (``method:``)."""
+    """The methods of the registry an agent config may name (``method:``); ``is_method`` also
+    knows those registered by their file."""
     return sorted(n for n in REGISTRY if n not in PLAN_ONLY)
+
+
+def is_method(name: str) -> bool:
+    """Whether an agent config may name ``name``."""
+    return name not in PLAN_ONLY and (name in REGISTRY or _by_file(name) is not None)
 
 
 def get_method(name: str) -> type[TrainingMethod]:
     """The TrainingMethod subclass called ``name``; ValueError listing valid names otherwise."""
-    target = REGISTRY.get(name)
+    target = REGISTRY.get(name) or _by_file(name)
     if target is None:
         raise ValueError(f"unknown training method {name!r}; valid: {', '.join(method_names())}")
     module, _, cls = target.partition(":")
-    found: type[TrainingMethod] = getattr(importlib.import_module(module), cls)
-    return found
+    found = getattr(importlib.import_module(module), cls, None)
+    if found is None:
+        raise ValueError(f"training method {name!r}: {module} defines no {cls}")
+    return found  # type: ignore[no-any-return]  # a TrainingMethod subclass by the registry's contract
 
 
 def __getattr__(attr: str) -> Any:
@@ -45,4 +63,4 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["METHODS", "PLAN_ONLY", "REGISTRY", "get_method", "method_names"]
+__all__ = ["METHODS", "PLAN_ONLY", "REGISTRY", "get_method", "is_method", "method_names"]

@@ -118,6 +118,11 @@ class AgentMode(ABC):
     def choose_trainer(self, adapter: AdapterSpec) -> TrainerChoice:
         """The trainer for ``adapter`` (asks ``ctx.memory_plan``; PlanRefused passes through)."""
 
+    def planned_as(self, method: str) -> str:
+        """The training method whose memory estimate bounds ``method`` for the memory planner
+        (edge_agent.memory.estimator knows lora, qlora and zo); a new trainer names the closest."""
+        return method
+
     def trainer_loaded(self, trainer: TrainingMethod) -> None:  # noqa: B027 - optional hook, a no-op by default
         """A freshly loaded model: it holds no global yet."""
 
