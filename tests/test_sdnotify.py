@@ -12,6 +12,7 @@ import time
 
 from edge_agent.data import synthesize
 from fedmq.sdnotify import Notifier, Watchdog
+from fedmq_protocol.transport import Published
 from tests.federation import agent_config, coordinator_config, spawn, stop_all, wait_for_status
 
 
@@ -158,9 +159,9 @@ class _RecordingTransport:
         self.on_connect: list = []
         self.published: list[tuple[str, bytes]] = []
 
-    def publish(self, topic, payload, qos=0, retain=False, framed=False, timeout=None):
+    def publish(self, topic, payload, qos=0, retain=False, framed=False, timeout=None) -> Published:
         self.published.append((topic, bytes(payload)))
-        return len(payload)
+        return Published(len(payload), 0)
 
     def subscribe(self, *a, **k) -> None:
         pass
