@@ -47,7 +47,7 @@ from fedmq_protocol.transport import MqttTransport, Published
 from fedmq_protocol.transport.config import BrokerConfig
 from tests import fuzzing as fz
 from tests.fake_device import FakeDevice, read_retained_json, tiny_adapter, update_obj
-from tests.federation import coordinator_config, spawn, stop_all
+from tests.federation import DENSE_DOWNLINK, coordinator_config, spawn, stop_all
 
 FUZZ_IN_PROCESS = int(os.environ.get("FUZZ_IN_PROCESS", "90000"))
 FUZZ_LIVE = int(os.environ.get("FUZZ_LIVE", "10000"))
@@ -318,7 +318,8 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
     signer, pub = _signer(tmp_path)
     coord_cfg = coordinator_config(tmp_path, broker.url, rounds=1, min_clients=1, evaluate=False,
                                    round_deadline_s=float(os.environ.get("FUZZ_LIVE_DEADLINE_S", "400")),
-                                   round_retries=0, device_keys={"dev-0": pub})
+                                   round_retries=0, device_keys={"dev-0": pub},
+                                   downlink=DENSE_DOWNLINK)  # the new global is checked to be exactly the delta
     rng = random.Random(7)
     stats = {"published": 0, "raw_frames": 0, "mutated": 0, "invalid_resigned": 0, "skipped_equivalent": 0}
     delta = _delta(5)
