@@ -261,7 +261,7 @@ def report(
         "In-process harness: the 4 clients run in sequence on one model instance (adapters swapped), through "
         "the production training method, uplink encoder (error feedback, byte budget), msgpack messages, "
         "coordinator decoding/sparse aggregation and snapshot/difference downlink; byte counts are the real "
-        "encoded `Update`/`GlobalModel` payloads (msgpack, before the 2-byte frame header and chunking). "
+        "encoded `Update`/`GlobalModel` payloads (msgpack, before chunking). "
         "Downlink: dense settings send lossless (fp32/fp16) differences, compressed settings int8+zstd "
         "differences with server-side error feedback; every device's reconstruction was checked bitwise "
         "against the coordinator's. Top-k is global across the adapter; sparse uplinks use zstd. "

@@ -29,10 +29,11 @@ class DownlinkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     snapshot_every: int = Field(10, ge=1, description="a full snapshot every N versions, differences between")
-    values: ValueFormat = "float32"
+    values: ValueFormat = Field("int8", description="value format of differences (snapshots are always exact "
+                                "float32); what it drops is sent later (server-side error feedback)")
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries of a difference sent")
     block: int = Field(64, ge=1, le=1 << 20)
-    zstd: bool = False
+    zstd: bool = Field(True, description="zstd-compress every global (snapshots and differences), losslessly")
 
     def spec(self) -> CodecSpec:
         return CodecSpec(values=self.values, density=self.density, block=self.block, zstd=self.zstd)
@@ -57,6 +58,12 @@ class ServerOptimizerConfig(BaseModel):
 def lossless(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The wire map of ``arrays`` in exact float32, dense."""
     return encode(arrays, CodecSpec(values="float32", auto_sparse=False)).to_wire()
+
+
+def snapshot_tensors(arrays: Mapping[str, np.ndarray], zstd: bool) -> dict[str, Any]:
+    """The wire map of a snapshot: exact float32, dense (bit for bit, signed zeros included),
+    compressed losslessly with zstd when ``zstd``."""
+    return encode(arrays, CodecSpec(values="float32", auto_sparse=False, zstd=zstd)).to_wire()
 
 
 def _load(obj: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -129,8 +136,10 @@ class ServerModel:
 
     # -- messages -----------------------------------------------------------------------------
     def snapshot(self, version: int, round_no: int, adapter: AdapterSpec, model: str | None) -> GlobalModel:
+        """The whole of ``published``, exact: dense float32, zstd-compressed when ``downlink.zstd``
+        (a freshly initialised adapter's all-zero lora_B then costs almost nothing)."""
         return GlobalModel(version=version, round=round_no, adapter=adapter, model=model,
-                           tensors=EncodedTensors(lossless(self.published)))
+                           tensors=EncodedTensors(snapshot_tensors(self.published, zstd=self.downlink.zstd)))
 
     def advance(self, version: int, round_no: int, adapter: AdapterSpec, model: str | None) -> GlobalModel:
         """Move ``published`` to version ``version``; the message that does the same on devices."""

@@ -33,7 +33,7 @@ class UplinkConfig(BaseModel):
     ``values`` and ``density`` with the most accurate encoding that fits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    values: ValueFormat = "float32"
+    values: ValueFormat = Field("int4", description="value format of fit updates; float32 sends them exactly")
     density: float = Field(1.0, gt=0, le=1, description="share of largest-magnitude entries sent (top-k)")
     topk: Literal["global", "per_tensor"] = "global"
     block: int = Field(64, ge=1, le=1 << 20, description="values per int8 scale")

@@ -97,6 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker=args.broker, agents=args.agents, rounds=args.rounds, model=args.model, method=args.method,
         summary=Path(args.summary) if args.summary else None, workdir=Path(args.workdir),
         local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
+        uplink_values=args.uplink, downlink_values=args.downlink,
     )
     run_demo(opts)
     return 0
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-steps", type=int, default=8)
     d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--uplink", choices=["int4", "int2", "int8", "float16", "float32"], default="int4",
+                   help="value format of updates, with error feedback (default int4; float32: dense fp32)")
+    d.add_argument("--downlink", choices=["int8", "float16", "float32"], default="int8",
+                   help="value format of global differences (default int8 + zstd; float32: dense fp32, no zstd)")
     d.set_defaults(func=cmd_demo)
 
     mdl = sub.add_parser("model", help="model cache")

@@ -42,6 +42,8 @@ class DemoOptions:
     samples_per_device: int = 120
     eval_samples: int = 48
     federation: str = "demo"
+    uplink_values: str = "int4"  # float32: dense fp32 updates
+    downlink_values: str = "int8"  # float32: dense fp32 differences, no zstd
 
 
 def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir: Path) -> tuple[Path, list[Path]]:
@@ -57,7 +59,10 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
         "model": opts.model,
         "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "fit": {"local_steps": opts.local_steps, "lr": opts.lr, "batch_size": opts.batch_size,
-                "max_seq_len": opts.max_seq_len},
+                "max_seq_len": opts.max_seq_len, "max_grad_norm": 1.0},
+        # exact float32 snapshots with zstd; int8 differences with server-side error feedback
+        "downlink": {"snapshot_every": 10, "values": opts.downlink_values, "zstd": opts.downlink_values != "float32"},
+        "server_optimizer": {"name": "fedavg", "lr": 1.0},
         "rounds": opts.rounds,
         "min_clients": opts.agents,
         "round_deadline_s": 1800,
@@ -78,6 +83,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
             "state_dir": str(wd / "state" / f"device-{i}"),
             "training": {"torch_threads": threads},
             "telemetry_interval_s": 1.0,
+            # int4 + error feedback; uplink_values="float32" for dense fp32 updates
+            "uplink": {"values": opts.uplink_values, "error_feedback": True},
         }
         p = wd / f"agent-{i}.yaml"
         p.write_text(yaml.safe_dump(agent, sort_keys=False))

@@ -3,28 +3,28 @@
 Binary (msgpack) payloads travel *framed*; JSON status payloads are published raw and never go
 through this module. Pure Python + msgpack: no paho, no torch.
 
-Frame layout (all integers big-endian)::
+Every payload on the wire is one msgpack object (``msgpack.unpackb`` reads any of them)::
 
-    byte 0      FRAME_MAGIC (0xFD: "fedmq frame, version 1")
-    byte 1      frame type: b"W" WHOLE, b"M" MANIFEST, b"C" CHUNK
-    bytes 2..   body
+    whole message   the message itself (a map whose first key is "schema")        topic: T
+    manifest        {"fedmq_manifest": 1, "transfer": bin(16), "size": int,        topic: T
+                     "chunk_size": int, "chunks": int,
+                     "chunk_sha256": [bin(32), ...], "sha256": bin(32)}
+    chunk           {"fedmq_chunk": index, "transfer": bin(16), "data": bin}     topic: T/c/{index}
 
-    WHOLE     body = the payload itself.                         topic: T
-    MANIFEST  body = msgpack map                                  topic: T
-                {"transfer_id": bin(16), "total_size": int, "chunk_size": int,
-                 "n_chunks": int, "chunk_sha256": [bin(32), ...], "sha256": bin(32)}
-    CHUNK     body = transfer_id (16 bytes) + index (uint32) + data     topic: T/c/{index}
+On ``T`` a map whose *first* key is ``"fedmq_manifest"`` is a manifest; anything else is a whole
+message, handed on as is (the message decoder validates it). On ``T/c/{index}`` only chunks are
+accepted.
 
-A payload of at most ``chunk_size`` bytes is one WHOLE frame on ``T``. A larger payload is
-split into ``n_chunks = ceil(len / chunk_size)`` CHUNK frames published on ``T/c/0``,
-``T/c/1``, ... followed LAST by the MANIFEST on ``T`` (so a retained ``T`` always names a
-complete set of retained chunks). The manifest must itself fit in one chunk frame: at
-``chunk_size`` C the largest payload is about ``C * C / 34`` bytes (2 GiB at the default
-256 KiB; 32 MiB at 32 KiB); :func:`frame_payload` raises ``ValueError`` beyond that.
+A payload of at most ``chunk_size`` bytes is published whole on ``T``. A larger payload is split
+into ``chunks = ceil(size / chunk_size)`` chunks published on ``T/c/0``, ``T/c/1``, ... followed
+LAST by the manifest on ``T`` (so a retained ``T`` always names a complete set of retained
+chunks). The manifest must itself fit in one chunk: at ``chunk_size`` C the largest payload is
+about ``C * C / 34`` bytes (2 GiB at the default 256 KiB; 32 MiB at 32 KiB);
+:func:`frame_payload` raises ``ValueError`` beyond that.
 
-:class:`Reassembler` turns frames back into ``(logical_topic, payload)``. It is idempotent
+:class:`Reassembler` turns these back into ``(logical_topic, payload)``. It is idempotent
 (duplicate chunks/manifests and recently completed transfers are ignored), order-independent
-(chunks that arrive before their manifest are held as *orphans*; WHOLE frames carry no
+(chunks that arrive before their manifest are held as *orphans*; whole messages carry no
 transfer id, so a QoS 1 re-send of a small message is delivered again), verifies every chunk's
 SHA-256 and the whole payload's, and is bounded in memory (``max_message_bytes``,
 ``max_pending_bytes``, ``max_transfers``) and in time (``timeout_s`` of inactivity).
@@ -37,7 +37,6 @@ import hashlib
 import math
 import os
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -50,19 +49,21 @@ import msgpack
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.wire import unpack_limited
 
-FRAME_MAGIC = 0xFD
-WHOLE = b"W"
-MANIFEST = b"M"
-CHUNK = b"C"
-HEADER_SIZE = 2
+MANIFEST_KEY = "fedmq_manifest"
+MANIFEST_VERSION = 1
+CHUNK_KEY = "fedmq_chunk"
 TRANSFER_ID_SIZE = 16
-_CHUNK_HDR = struct.Struct(">16sI")
-CHUNK_OVERHEAD = HEADER_SIZE + _CHUNK_HDR.size  # 22 bytes of framing per chunk
 MAX_CHUNK_INDEX = 0xFFFFFFFF
 CHUNK_SUFFIX = "/c/"
 _CHUNK_TOPIC = re.compile(r"^(.+)/c/(0|[1-9][0-9]{0,9})$")
+_MANIFEST_FIELDS = frozenset({MANIFEST_KEY, "transfer", "size", "chunk_size", "chunks", "chunk_sha256", "sha256"})
+_CHUNK_FIELDS = frozenset({CHUNK_KEY, "transfer", "data"})
 # Per-chunk manifest cost: 32-byte digest + 2 bytes of msgpack bin header.
 _MANIFEST_BYTES_PER_CHUNK = 34
+# The leading bytes that hold a map header and a first key as short as the marker keys.
+_PEEK_BYTES = 64
+# The framing retired in this version: 0xFD then W (whole), M (manifest) or C (chunk).
+_RETIRED_FRAME = re.compile(rb"\A\xfd[WMC]")
 
 
 def chunk_topic(topic: str, index: int) -> str:
@@ -78,26 +79,44 @@ def split_chunk_topic(topic: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2))
 
 
-def _header(kind: bytes) -> bytes:
-    return bytes((FRAME_MAGIC,)) + kind
+def pack_chunk(transfer_id: bytes, index: int, data: bytes) -> bytes:
+    """The payload of chunk ``index`` of a transfer (published on ``T/c/{index}``)."""
+    return msgpack.packb({CHUNK_KEY: index, "transfer": transfer_id, "data": data}, use_bin_type=True)
 
 
-def frame_whole(payload: bytes) -> bytes:
-    return _header(WHOLE) + bytes(payload)
+# Largest msgpack cost of a chunk around its data: the map at the largest index, plus a bin32
+# header (5 bytes) instead of the bin8 header (2 bytes) of the empty data packed here.
+CHUNK_OVERHEAD = len(pack_chunk(bytes(TRANSFER_ID_SIZE), MAX_CHUNK_INDEX, b"")) + 3
+
+
+def first_key(payload: bytes) -> object:
+    """The first key of a msgpack map at the start of ``payload``, or ``None`` (not a map, empty,
+    or a first key that is not short). Reads at most the first few dozen bytes."""
+    up = msgpack.Unpacker(raw=False, max_buffer_size=_PEEK_BYTES)
+    up.feed(payload[:_PEEK_BYTES])
+    try:
+        if up.read_map_header() < 1:
+            return None
+        key: object = up.unpack()
+    except Exception:  # noqa: BLE001 - not a map, truncated or malformed: not a manifest
+        return None
+    return key
 
 
 def frame_payload(payload: bytes, chunk_size: int) -> list[tuple[str, bytes]]:
-    """Frame ``payload`` for publishing: ``[(topic_suffix, frame), ...]`` in publish order.
+    """Frame ``payload`` for publishing: ``[(topic_suffix, payload), ...]`` in publish order.
 
-    ``len(payload) <= chunk_size`` gives ``[("", WHOLE)]``; otherwise the CHUNK frames on
-    ``"/c/{i}"`` come first and the MANIFEST on ``""`` last.
+    ``len(payload) <= chunk_size`` gives ``[("", payload)]`` (the message as is); otherwise the
+    chunks on ``"/c/{i}"`` come first and the manifest on ``""`` last.
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
     total = len(data)
+    if total == 0:
+        raise ValueError("an empty payload is not a message (on a retained topic it clears it)")
     if total <= chunk_size:
-        return [("", frame_whole(bytes(data)))]
+        return [("", bytes(data))]
     n_chunks = math.ceil(total / chunk_size)
     if n_chunks > MAX_CHUNK_INDEX:
         raise ValueError(f"payload of {total} bytes needs {n_chunks} chunks (max {MAX_CHUNK_INDEX})")
@@ -108,16 +127,17 @@ def frame_payload(payload: bytes, chunk_size: int) -> list[tuple[str, bytes]]:
     for i in range(n_chunks):
         piece = view[i * chunk_size:(i + 1) * chunk_size]
         digests.append(hashlib.sha256(piece).digest())
-        frames.append((f"{CHUNK_SUFFIX}{i}", _header(CHUNK) + _CHUNK_HDR.pack(tid, i) + piece.tobytes()))
+        frames.append((f"{CHUNK_SUFFIX}{i}", pack_chunk(tid, i, piece.tobytes())))
     manifest = {
-        "transfer_id": tid,
-        "total_size": total,
+        MANIFEST_KEY: MANIFEST_VERSION,
+        "transfer": tid,
+        "size": total,
         "chunk_size": chunk_size,
-        "n_chunks": n_chunks,
+        "chunks": n_chunks,
         "chunk_sha256": digests,
         "sha256": hashlib.sha256(view).digest(),
     }
-    mframe = _header(MANIFEST) + msgpack.packb(manifest, use_bin_type=True)
+    mframe = msgpack.packb(manifest, use_bin_type=True)
     if len(mframe) > chunk_size + CHUNK_OVERHEAD:
         raise ValueError(
             f"payload of {total} bytes at chunk_size {chunk_size} needs {n_chunks} chunks and a "
@@ -143,36 +163,46 @@ class Manifest:
         return self.total_size - self.chunk_size * (self.n_chunks - 1)
 
 
-def _int_field(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
+def _int_field(obj: dict[str, Any], name: str, lo: int, hi: int, what: str = "chunk manifest") -> int:
     v = obj.get(name)
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ProtocolError(f"manifest field {name!r} must be an int, got {type(v).__name__}")
+        raise ProtocolError(f"{what} field {name!r} must be an int, got {type(v).__name__}")
     if not lo <= v <= hi:
-        raise ProtocolError(f"manifest field {name!r}={v} out of range [{lo}, {hi}]")
+        raise ProtocolError(f"{what} field {name!r}={v} out of range [{lo}, {hi}]")
     return v
 
 
-def parse_manifest(body: bytes, max_message_bytes: int) -> Manifest:
-    """Decode and validate a MANIFEST body (without the 2-byte header)."""
-    obj = unpack_limited(body, max_bytes=len(body), what="chunk manifest")
+def _fields(obj: Any, expected: frozenset[str], what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise ProtocolError(f"chunk manifest must be a map, got {type(obj).__name__}")
-    expected = {"transfer_id", "total_size", "chunk_size", "n_chunks", "chunk_sha256", "sha256"}
+        raise ProtocolError(f"{what} must be a map, got {type(obj).__name__}")
     if set(obj) != expected:
         missing = sorted(expected - set(obj))
         extra = sorted(map(str, set(obj) - expected))
-        raise ProtocolError(f"chunk manifest fields wrong (missing {missing}, unknown {extra})")
-    tid = obj["transfer_id"]
+        raise ProtocolError(f"{what} fields wrong (missing {missing}, unknown {extra})")
+    return obj
+
+
+def _transfer_id(obj: dict[str, Any], what: str) -> bytes:
+    tid = obj["transfer"]
     if not isinstance(tid, bytes) or len(tid) != TRANSFER_ID_SIZE:
-        raise ProtocolError("chunk manifest transfer_id must be 16 bytes")
-    total = _int_field(obj, "total_size", 0, 2**63)
+        raise ProtocolError(f"{what} transfer must be {TRANSFER_ID_SIZE} bytes (bin)")
+    return tid
+
+
+def parse_manifest(payload: bytes, max_message_bytes: int) -> Manifest:
+    """Decode and validate a manifest (``{"fedmq_manifest": 1, ...}``)."""
+    obj = _fields(unpack_limited(payload, max_bytes=len(payload), what="chunk manifest"), _MANIFEST_FIELDS,
+                  "chunk manifest")
+    _int_field(obj, MANIFEST_KEY, MANIFEST_VERSION, MANIFEST_VERSION)
+    tid = _transfer_id(obj, "chunk manifest")
+    total = _int_field(obj, "size", 0, 2**63)
     if total > max_message_bytes:
         raise ProtocolError(f"chunk manifest declares {total} bytes, limit {max_message_bytes}")
     chunk_size = _int_field(obj, "chunk_size", 1, 2**63)
-    n_chunks = _int_field(obj, "n_chunks", 1, MAX_CHUNK_INDEX)
+    n_chunks = _int_field(obj, "chunks", 1, MAX_CHUNK_INDEX)
     if n_chunks != max(1, math.ceil(total / chunk_size)):
         raise ProtocolError(
-            f"chunk manifest n_chunks={n_chunks} inconsistent with total_size={total} "
+            f"chunk manifest chunks={n_chunks} inconsistent with size={total} "
             f"and chunk_size={chunk_size}"
         )
     digests = obj["chunk_sha256"]
@@ -184,6 +214,17 @@ def parse_manifest(body: bytes, max_message_bytes: int) -> Manifest:
     if not isinstance(whole, bytes) or len(whole) != 32:
         raise ProtocolError("chunk manifest sha256 must be a 32-byte digest")
     return Manifest(tid, total, chunk_size, n_chunks, tuple(digests), whole)
+
+
+def parse_chunk(payload: bytes) -> tuple[bytes, int, bytes]:
+    """Decode and validate a chunk: ``(transfer_id, index, data)``."""
+    obj = _fields(unpack_limited(payload, max_bytes=len(payload), what="chunk"), _CHUNK_FIELDS, "chunk")
+    index = _int_field(obj, CHUNK_KEY, 0, MAX_CHUNK_INDEX, what="chunk")
+    tid = _transfer_id(obj, "chunk")
+    data = obj["data"]
+    if not isinstance(data, bytes) or not data:
+        raise ProtocolError("chunk data must be non-empty bin")
+    return tid, index, data
 
 
 @dataclass
@@ -291,42 +332,34 @@ class Reassembler:
     # -- internals --------------------------------------------------------------------------
     def _feed(self, topic: str, frame: bytes) -> tuple[str, bytes] | None:
         if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise ProtocolError(f"frame on {topic!r} is not bytes")
+            raise ProtocolError(f"payload on {topic!r} is not bytes")
         frame = bytes(frame)
         if len(frame) == 0:
             return None  # a retained clear
-        if len(frame) < HEADER_SIZE or frame[0] != FRAME_MAGIC:
+        if _RETIRED_FRAME.match(frame):
             raise ProtocolError(
-                f"payload on {topic!r} is not a fedmq frame (first byte {frame[:1].hex() or 'none'}, "
-                f"expected {FRAME_MAGIC:02x})"
+                f"payload on {topic!r} uses the retired 0xFD framing of earlier fedmq releases "
+                f"(every payload is now one msgpack object); upgrade the sender"
             )
-        kind = frame[1:2]
         logical, index = split_chunk_topic(topic)
-        if kind == CHUNK:
-            if index is None:
-                raise ProtocolError(f"chunk frame on {topic!r}, which is not a '<topic>/c/<index>' topic")
-            return self._on_chunk(logical, index, frame)
         if index is not None:
-            raise ProtocolError(f"non-chunk frame on chunk topic {topic!r}")
-        if kind == WHOLE:
-            body = frame[HEADER_SIZE:]
-            if len(body) > self.max_message_bytes:
-                raise ProtocolError(
-                    f"message on {topic!r} is {len(body)} bytes, limit {self.max_message_bytes}"
-                )
-            self.completed += 1
-            return topic, body
-        if kind == MANIFEST:
-            return self._on_manifest(topic, parse_manifest(frame[HEADER_SIZE:], self.max_message_bytes))
-        raise ProtocolError(f"unknown frame type {kind!r} on {topic!r}")
+            return self._on_chunk(logical, index, frame)
+        key = first_key(frame)
+        if key == MANIFEST_KEY:
+            return self._on_manifest(topic, parse_manifest(frame, self.max_message_bytes))
+        if key == CHUNK_KEY:
+            raise ProtocolError(f"chunk on {topic!r}, which is not a '<topic>/c/<index>' topic")
+        if len(frame) > self.max_message_bytes:
+            raise ProtocolError(f"message on {topic!r} is {len(frame)} bytes, limit {self.max_message_bytes}")
+        self.completed += 1
+        return topic, frame
 
     def _on_chunk(self, logical: str, topic_index: int, frame: bytes) -> tuple[str, bytes] | None:
-        if len(frame) <= CHUNK_OVERHEAD:
-            raise ProtocolError(f"chunk frame on {logical!r} too short ({len(frame)} bytes)")
-        tid, index = _CHUNK_HDR.unpack_from(frame, HEADER_SIZE)
+        if len(frame) > min(self.max_pending_bytes, self.max_message_bytes) + CHUNK_OVERHEAD:
+            raise ProtocolError(f"chunk of {len(frame)} bytes on {logical!r} exceeds the limits")
+        tid, index, data = parse_chunk(frame)
         if index != topic_index:
             raise ProtocolError(f"chunk index {index} does not match its topic index {topic_index}")
-        data = frame[CHUNK_OVERHEAD:]
         key = (logical, tid)
         if key in self._completed:
             self.duplicates += 1
@@ -354,7 +387,7 @@ class Reassembler:
 
     def _check_chunk(self, m: Manifest, logical: str, index: int, data: bytes) -> None:
         if index >= m.n_chunks:
-            raise ProtocolError(f"chunk {index} on {logical!r} beyond n_chunks={m.n_chunks}")
+            raise ProtocolError(f"chunk {index} on {logical!r} beyond the manifest's chunks={m.n_chunks}")
         if len(data) != m.chunk_len(index):
             raise ProtocolError(
                 f"chunk {index} on {logical!r} is {len(data)} bytes, manifest says {m.chunk_len(index)}"

@@ -35,6 +35,12 @@ def fedavg(global_weights: dict[str, np.ndarray], updates: list[m.Update]) -> di
     return out
 
 
+# The exact codecs, for tests that check FedAvg arithmetic against the updates sent (the
+# defaults, int4 updates and int8 differences, are lossy by design).
+DENSE_UPLINK = {"values": "float32"}
+DENSE_DOWNLINK = {"values": "float32", "zstd": False}
+
+
 def write_yaml(path: Path, obj: dict) -> Path:
     path.write_text(yaml.safe_dump(obj, sort_keys=False))
     return path

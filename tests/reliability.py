@@ -26,7 +26,16 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport
 from fedmq_protocol.transport.config import BrokerConfig
-from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all
+from tests.federation import (
+    DENSE_DOWNLINK,
+    DENSE_UPLINK,
+    Capture,
+    agent_config,
+    coordinator_config,
+    fedavg,
+    spawn,
+    stop_all,
+)
 
 FEDERATION = "test"
 TOPICS = Topics("fedmq", FEDERATION)
@@ -125,15 +134,16 @@ class Federation:
         self.reconfigure()
         # a hung (SIGSTOPped) agent must not be declared dead by the broker's keepalive meanwhile
         agent_broker = {**CHUNKED, "keepalive_s": 300}
+        # dense fp32 both ways: check_globals_are_fedavg checks exact FedAvg of the updates sent
         self.agent_cfgs = {f"dev-{i}": agent_config(tmp, i, self.broker.url, self.data, broker=agent_broker,
-                                                    **(agent_extra or {}))
+                                                    **{"uplink": DENSE_UPLINK, **(agent_extra or {})})
                            for i in range(agents)}
 
     def reconfigure(self, **changes) -> None:
         """(Re)write the coordinator YAML; a coordinator started afterwards reads it."""
         args = {**self._coord_args, **changes}
         self._coord_args = args
-        extra = {"evaluate": False, "round_deadline_s": 60, "wait_for_devices_s": 60,
+        extra = {"evaluate": False, "round_deadline_s": 60, "wait_for_devices_s": 60, "downlink": DENSE_DOWNLINK,
                  **{k: v for k, v in args.items() if k not in ("rounds", "min_clients", "fit", "coordinator_broker")}}
         self.coord_cfg = coordinator_config(self.tmp, self.broker.url, rounds=args["rounds"],
                                             min_clients=args["min_clients"], fit=args["fit"],

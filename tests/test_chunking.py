@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import random
-import struct
 
 import msgpack
 import pytest
@@ -14,13 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmq_protocol.chunking import (
-    CHUNK,
+    CHUNK_KEY,
     CHUNK_OVERHEAD,
-    FRAME_MAGIC,
-    MANIFEST,
-    WHOLE,
+    MANIFEST_KEY,
     Reassembler,
     frame_payload,
+    pack_chunk,
     split_chunk_topic,
 )
 from fedmq_protocol.errors import ProtocolError
@@ -45,33 +43,49 @@ def feed_all(r: Reassembler, frames, topic=TOPIC):
 
 
 def manifest_frame(**fields) -> bytes:
-    return bytes((FRAME_MAGIC,)) + MANIFEST + msgpack.packb(fields, use_bin_type=True)
+    return msgpack.packb({MANIFEST_KEY: 1, **fields}, use_bin_type=True)
 
 
 def good_manifest_fields(payload: bytes, chunk_size: int) -> dict:
     frames = frame_payload(payload, chunk_size)
-    return msgpack.unpackb(frames[-1][1][2:], raw=False)
+    return msgpack.unpackb(frames[-1][1], raw=False)
 
 
 # -- framing ---------------------------------------------------------------------------------
 
 
-def test_small_payload_is_one_whole_frame():
-    frames = frame_payload(b"hello", 1024)
-    assert frames == [("", bytes((FRAME_MAGIC,)) + WHOLE + b"hello")]
-    assert make().feed(TOPIC, frames[0][1]) == (TOPIC, b"hello")
+def test_small_payload_is_the_message_itself():
+    message = msgpack.packb({"schema": 1, "kind": "fit"})
+    frames = frame_payload(message, 1024)
+    assert frames == [("", message)]
+    assert make().feed(TOPIC, frames[0][1]) == (TOPIC, message)
+    assert make().feed(TOPIC, b"hello") == (TOPIC, b"hello")  # not a manifest: handed on as is
 
 
 def test_large_payload_chunks_first_manifest_last():
     payload = os.urandom(10_000)
     frames = frame_payload(payload, 1024)
     assert [s for s, _ in frames] == [f"/c/{i}" for i in range(10)] + [""]
-    assert all(f[1:2] == CHUNK for _, f in frames[:-1])
-    assert frames[-1][1][1:2] == MANIFEST
+    chunks = [msgpack.unpackb(f, raw=False) for _, f in frames[:-1]]  # every payload is plain msgpack
+    assert [c[CHUNK_KEY] for c in chunks] == list(range(10))
+    assert b"".join(c["data"] for c in chunks) == payload
     assert all(len(f) <= 1024 + CHUNK_OVERHEAD for _, f in frames)
-    m = msgpack.unpackb(frames[-1][1][2:], raw=False)
-    assert m["total_size"] == 10_000 and m["n_chunks"] == 10 and m["chunk_size"] == 1024
-    assert m["sha256"] == hashlib.sha256(payload).digest() and len(m["transfer_id"]) == 16
+    m = msgpack.unpackb(frames[-1][1], raw=False)
+    assert next(iter(m)) == MANIFEST_KEY and m[MANIFEST_KEY] == 1
+    assert m["size"] == 10_000 and m["chunks"] == 10 and m["chunk_size"] == 1024
+    assert m["sha256"] == hashlib.sha256(payload).digest() and len(m["transfer"]) == 16
+    assert {c["transfer"] for c in chunks} == {m["transfer"]}
+    assert m["chunk_sha256"] == [hashlib.sha256(c["data"]).digest() for c in chunks]
+
+
+def test_chunk_overhead_bounds_the_largest_chunk_header():
+    assert len(pack_chunk(b"\xff" * 16, 0xFFFFFFFF, b"x" * 70_000)) == 70_000 + CHUNK_OVERHEAD
+
+
+def test_retired_0xfd_framing_is_refused_with_its_reason():
+    for topic, frame in ((TOPIC, b"\xfdW\x80"), (TOPIC, b"\xfdM\x80"), (TOPIC + "/c/0", b"\xfdC" + bytes(30))):
+        with pytest.raises(ProtocolError, match="retired 0xFD framing"):
+            make().feed(topic, frame)
 
 
 def test_manifest_that_would_not_fit_a_chunk_is_refused():
@@ -91,7 +105,7 @@ def test_split_chunk_topic():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    payload=st.binary(min_size=0, max_size=6000),
+    payload=st.binary(min_size=1, max_size=6000),  # b"" is a retained clear, not a message
     chunk_size=st.integers(min_value=256, max_value=4096),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
     dup_factor=st.integers(min_value=0, max_value=3),
@@ -136,8 +150,10 @@ def test_interleaved_transfers_on_different_topics(payloads, seed):
 def test_garbage_raises_protocol_error_only(garbage, topic_index):
     r = make()
     topic = TOPIC if topic_index == 0 else f"{TOPIC}/c/{topic_index}"
-    for frame in (garbage, bytes((FRAME_MAGIC,)) + garbage, bytes((FRAME_MAGIC,)) + MANIFEST + garbage,
-                  bytes((FRAME_MAGIC,)) + CHUNK + garbage, bytes((FRAME_MAGIC,)) + WHOLE + garbage):
+    manifest_prefix = msgpack.packb({MANIFEST_KEY: 1})[:-1] + b"\x01"  # a map header, its first key
+    chunk_prefix = b"\x83" + msgpack.packb(CHUNK_KEY)
+    for frame in (garbage, b"\x87" + msgpack.packb(MANIFEST_KEY) + garbage, manifest_prefix + garbage,
+                  chunk_prefix + garbage, b"\xfdW" + garbage):
         with contextlib.suppress(ProtocolError):
             r.feed(topic, frame)
 
@@ -185,16 +201,18 @@ def test_chunk_with_wrong_topic_index_rejected():
 def test_chunk_frame_on_plain_topic_and_manifest_on_chunk_topic_rejected():
     frames = frame_payload(os.urandom(3000), 1024)
     r = make()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="not a '<topic>/c/<index>' topic"):
         r.feed(TOPIC, frames[0][1])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="chunk fields wrong"):
         r.feed(TOPIC + "/c/0", frames[-1][1])
+    with pytest.raises(ProtocolError, match="chunk must be a map"):  # a whole message on a chunk topic
+        r.feed(TOPIC + "/c/0", msgpack.packb([1, 2]))
 
 
 def test_whole_payload_sha_mismatch_rejected():
     payload = os.urandom(3000)
     frames = frame_payload(payload, 1024)
-    fields = msgpack.unpackb(frames[-1][1][2:], raw=False)
+    fields = msgpack.unpackb(frames[-1][1], raw=False)
     fields["sha256"] = b"\0" * 32  # same transfer id, bad whole digest
     r = make()
     for s, f in frames[:-1]:
@@ -207,21 +225,40 @@ def test_bad_manifests_rejected():
     payload = os.urandom(3000)
     base = good_manifest_fields(payload, 1024)
     cases = [
-        {**base, "n_chunks": 4},
-        {**base, "transfer_id": b"short"},
+        {**base, "chunks": 4},
+        {**base, "transfer": b"short"},
+        {**base, "transfer": "x" * 16},
         {**base, "chunk_sha256": base["chunk_sha256"][:2]},
         {**base, "chunk_sha256": [b"x"] * 3},
-        {**base, "total_size": -1},
+        {**base, "size": -1},
         {**base, "chunk_size": 0},
-        {**base, "total_size": True},
+        {**base, "size": True},
+        {**base, MANIFEST_KEY: 2},
         {**base, "extra": 1},
         {k: v for k, v in base.items() if k != "sha256"},
     ]
     for fields in cases:
         with pytest.raises(ProtocolError):
             make().feed(TOPIC, manifest_frame(**fields))
-    with pytest.raises(ProtocolError, match="must be a map"):
-        make().feed(TOPIC, bytes((FRAME_MAGIC,)) + MANIFEST + msgpack.packb([1, 2]))
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        make().feed(TOPIC, msgpack.packb({MANIFEST_KEY: 1, "size": 1})[:-1])
+
+
+def test_bad_chunks_rejected():
+    frames = frame_payload(os.urandom(3000), 1024)
+    good = msgpack.unpackb(frames[0][1], raw=False)
+    cases = [
+        {**good, "transfer": b"short"},
+        {**good, "data": b""},
+        {**good, "data": "text"},
+        {**good, CHUNK_KEY: -1},
+        {**good, CHUNK_KEY: "0"},
+        {**good, "extra": 1},
+        {k: v for k, v in good.items() if k != "data"},
+    ]
+    for fields in cases:
+        with pytest.raises(ProtocolError):
+            make().feed(TOPIC + "/c/0", msgpack.packb(fields, use_bin_type=True))
 
 
 # -- bounds ------------------------------------------------------------------------------------
@@ -231,10 +268,10 @@ def test_manifest_over_limit_rejected_without_allocation():
     huge = 1 << 40
     n = 4
     fields = {
-        "transfer_id": os.urandom(16),
-        "total_size": huge,
+        "transfer": os.urandom(16),
+        "size": huge,
         "chunk_size": huge // n,
-        "n_chunks": n,
+        "chunks": n,
         "chunk_sha256": [b"\0" * 32] * n,
         "sha256": b"\0" * 32,
     }
@@ -320,6 +357,11 @@ def test_progress_keeps_a_transfer_alive():
     assert outs == [(TOPIC, payload)]
 
 
+def test_empty_payload_is_not_framed():
+    with pytest.raises(ValueError, match="empty payload"):
+        frame_payload(b"", 1024)
+
+
 def test_empty_payload_ignored():
     r = make()
     assert r.feed(TOPIC, b"") is None
@@ -358,10 +400,11 @@ def test_chunk_length_checked_against_manifest():
     payload = os.urandom(3000)
     frames = frame_payload(payload, 1024)
     s, f = frames[0]
-    tid, _ = struct.unpack_from(">16sI", f, 2)
+    chunk = msgpack.unpackb(f, raw=False)
+    tid, data = chunk["transfer"], chunk["data"]
     r = make()
     r.feed(TOPIC, frames[-1][1])
     with pytest.raises(ProtocolError, match="bytes, manifest says"):
-        r.feed(TOPIC + s, f[:-10])
-    with pytest.raises(ProtocolError, match="beyond n_chunks"):
-        r.feed(TOPIC + "/c/9", f[:2] + struct.pack(">16sI", tid, 9) + f[CHUNK_OVERHEAD:])
+        r.feed(TOPIC + s, pack_chunk(tid, 0, data[:-10]))
+    with pytest.raises(ProtocolError, match="beyond the manifest's chunks"):
+        r.feed(TOPIC + "/c/9", pack_chunk(tid, 9, data))

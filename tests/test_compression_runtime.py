@@ -181,7 +181,39 @@ def test_server_optimizers_follow_their_rules_and_survive_a_restart(name):
 
 def test_coordinator_config_selects_server_optimizer_and_downlink():
     cfg = CoordinatorConfig.model_validate({"server_optimizer": {"name": "fedadam", "lr": 0.001},
-                                            "downlink": {"snapshot_every": 5, "values": "int8", "density": 0.1}})
+                                            "downlink": {"snapshot_every": 5, "values": "int8", "density": 0.1,
+                                            "zstd": False}})
     assert cfg.server_optimizer.name == "fedadam" and cfg.downlink.spec() == CodecSpec(values="int8", density=0.1)
     with pytest.raises(ValueError, match="snapshot_every"):
         CoordinatorConfig.model_validate({"downlink": {"snapshot_every": 0}})
+
+
+def test_v0_snapshot_of_a_fresh_adapter_is_compressed_and_exact():
+    """A fresh LoRA adapter (random lora_A, all-zero lora_B) goes out as exact float32 + zstd:
+    lora_B costs almost nothing, and the device's weights are bitwise the coordinator's."""
+    rng = np.random.default_rng(0)
+    fresh = {}
+    for i in range(4):  # SmolLM2-like q/v projections at r=8
+        fresh[f"l{i}.lora_A.weight"] = (rng.standard_normal((8, 576)) * 0.04).astype(np.float32)
+        fresh[f"l{i}.lora_B.weight"] = np.zeros((576, 8), np.float32)
+    fresh["l0.lora_B.weight"][0, 0] = -0.0  # signed zeros survive too
+    numel_a = sum(a.size for k, a in fresh.items() if "lora_A" in k)
+    dense = 4 * sum(a.size for a in fresh.values())
+
+    server = ServerModel(fresh, DownlinkConfig(), ServerOptimizerConfig())  # the defaults: zstd on
+    snap = server.snapshot(0, 0, ADAPTER, None)
+    size = len(snap.to_msgpack())
+    plain = ServerModel(fresh, DownlinkConfig(values="float32", zstd=False), ServerOptimizerConfig())
+    assert len(plain.snapshot(0, 0, ADAPTER, None).to_msgpack()) >= dense  # dense fp32: everything
+    assert size < 4 * numel_a + 2048  # lora_B (half the adapter) is nearly free
+    assert size < 0.55 * dense
+
+    dev = GlobalSync(max_elements=10**6)
+    assert dev.offer(m.GlobalModel.from_msgpack(snap.to_msgpack()))
+    for k, a in server.published.items():
+        assert dev.arrays[k].dtype == np.float32
+        assert dev.arrays[k].tobytes() == a.tobytes(), k  # bitwise, -0.0 included
+    # all-zero weights (e.g. a zero-initialised adapter) shrink to a small fraction of dense
+    zeros = {k: np.zeros_like(a) for k, a in fresh.items()}
+    zsnap = ServerModel(zeros, DownlinkConfig(), ServerOptimizerConfig()).snapshot(0, 0, ADAPTER, None)
+    assert len(zsnap.to_msgpack()) < 0.02 * dense

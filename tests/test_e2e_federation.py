@@ -9,7 +9,17 @@ import numpy as np
 
 from edge_agent.data import synthesize
 from fedmq_protocol.topics import Topics
-from tests.federation import Capture, agent_config, coordinator_config, fedavg, spawn, stop_all, wait_for_status
+from tests.federation import (
+    DENSE_DOWNLINK,
+    DENSE_UPLINK,
+    Capture,
+    agent_config,
+    coordinator_config,
+    fedavg,
+    spawn,
+    stop_all,
+    wait_for_status,
+)
 
 # The broker refuses any MQTT message over 8 KiB; the adapter is larger, so every update and
 # global must travel chunked (4 KiB chunks) and be reassembled.
@@ -22,8 +32,11 @@ def test_three_agents_three_rounds_global_is_fedavg_of_sent_updates(mosquitto, t
     data = tmp_path / "data"
     synthesize(data, num_devices=3, samples_per_device=60, eval_samples=40, seed=1)
     capture = Capture(broker.url, Topics("fedmq", "test"), chunk_size=CHUNKED["chunk_size"]).start()
-    coord_cfg = coordinator_config(tmp_path, broker.url, rounds=3, min_clients=3, broker=CHUNKED)
-    procs = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, broker=CHUNKED))],
+    # dense fp32 both ways: the globals are checked against exact FedAvg of the updates sent
+    coord_cfg = coordinator_config(tmp_path, broker.url, rounds=3, min_clients=3, broker=CHUNKED,
+                                   downlink=DENSE_DOWNLINK)
+    procs = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, broker=CHUNKED,
+                                                          uplink=DENSE_UPLINK))],
                    tmp_path / f"a{i}.log")
              for i in range(3)]
     try:

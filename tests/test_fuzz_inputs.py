@@ -36,7 +36,7 @@ from broker_coordinator.strategy import mean_delta
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from fedmq_protocol import messages as m
-from fedmq_protocol.chunking import Reassembler, frame_payload, frame_whole
+from fedmq_protocol.chunking import Reassembler, frame_payload, pack_chunk
 from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
@@ -47,7 +47,7 @@ from fedmq_protocol.transport import MqttTransport, Published
 from fedmq_protocol.transport.config import BrokerConfig
 from tests import fuzzing as fz
 from tests.fake_device import FakeDevice, read_retained_json, tiny_adapter, update_obj
-from tests.federation import coordinator_config, spawn, stop_all
+from tests.federation import DENSE_DOWNLINK, coordinator_config, spawn, stop_all
 
 FUZZ_IN_PROCESS = int(os.environ.get("FUZZ_IN_PROCESS", "90000"))
 FUZZ_LIVE = int(os.environ.get("FUZZ_LIVE", "10000"))
@@ -185,7 +185,7 @@ class Harness:
         big = fz.pack(out[0][2])
         for topic_suffix, frame in frame_payload(big, 512):
             out.append(("frame" + topic_suffix, frame, None, None))
-        out.append(("frame", frame_whole(big), None, None))
+        out.append(("frame", big, None, None))  # a whole message goes as is
         return out
 
     def run(self, kind: str, payload: bytes, task: m.Task | None = None, which: str = "signed",
@@ -318,7 +318,8 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
     signer, pub = _signer(tmp_path)
     coord_cfg = coordinator_config(tmp_path, broker.url, rounds=1, min_clients=1, evaluate=False,
                                    round_deadline_s=float(os.environ.get("FUZZ_LIVE_DEADLINE_S", "400")),
-                                   round_retries=0, device_keys={"dev-0": pub})
+                                   round_retries=0, device_keys={"dev-0": pub},
+                                   downlink=DENSE_DOWNLINK)  # the new global is checked to be exactly the delta
     rng = random.Random(7)
     stats = {"published": 0, "raw_frames": 0, "mutated": 0, "invalid_resigned": 0, "skipped_equivalent": 0}
     delta = _delta(5)
@@ -331,12 +332,14 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
         topic = dev.topics.device_update("dev-0")
         while stats["published"] < FUZZ_LIVE:
             r = rng.random()
-            if r < 0.05:  # malformed frames: bad magic, unknown type, lying manifests, stray chunks
+            if r < 0.05:  # malformed payloads: cut, retired framing, lying manifests, stray chunks
                 frame = rng.choice([
-                    fz.byte_mutate(rng, frame_whole(plain_payload))[:rng.randrange(1, 64)],
-                    b"\x00" + plain_payload, b"\xfdZ" + plain_payload, b"\xfdM" + fz.byte_mutate(rng, b"\x80"),
-                    b"\xfdM" + fz.pack({"transfer_id": b"x" * 16, "total_size": 2**40, "chunk_size": 1,
-                                        "n_chunks": 1, "chunk_sha256": [b"\x00" * 32], "sha256": b"\x00" * 32}),
+                    fz.byte_mutate(rng, plain_payload)[:rng.randrange(1, 64)],
+                    b"\x00" + plain_payload, b"\xfdW" + plain_payload,
+                    fz.byte_mutate(rng, fz.pack({"fedmq_manifest": 1, "size": 1})),
+                    fz.pack({"fedmq_manifest": 1, "transfer": b"x" * 16, "size": 2**40, "chunk_size": 1,
+                             "chunks": 1, "chunk_sha256": [b"\x00" * 32], "sha256": b"\x00" * 32}),
+                    pack_chunk(b"x" * 16, 0, plain_payload[:100]),  # a chunk on the message topic
                 ])
                 dev.transport.publish(topic, frame, qos=1)
                 stats["raw_frames"] += 1
@@ -348,7 +351,7 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
                     payload = fz.pack(bad)
                 except (OverflowError, ValueError, TypeError):
                     continue
-                dev.transport.publish(topic, frame_whole(payload), qos=1)
+                dev.transport.publish(topic, payload, qos=1)
                 stats["invalid_resigned"] += 1
             else:
                 payload = fz.mutate(rng, plain_payload, valid)
@@ -358,7 +361,7 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
                         continue
                 except (ProtocolError, Exception):  # noqa: BLE001 - undecodable: certainly invalid
                     pass
-                dev.transport.publish(topic, frame_whole(payload), qos=1)
+                dev.transport.publish(topic, payload, qos=1)
                 stats["mutated"] += 1
             stats["published"] += 1
 

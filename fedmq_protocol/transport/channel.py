@@ -3,8 +3,9 @@
 - A *framed* subscription to an exact filter ``F`` subscribes to both ``F`` and ``F/c/+`` (the
   chunk sub-topics); a filter ending in ``#`` already covers them and is used as is. Each framed
   subscription has its own :class:`~fedmq_protocol.chunking.Reassembler`; its handler receives
-  ``(logical_topic, payload)``. Malformed frames are counted and logged, never fatal.
-- ``publish(framed=True)`` chunks with the configured chunk size, capped below the broker's
+  ``(logical_topic, payload)``. Malformed manifests and chunks are counted and logged, never fatal.
+- ``publish(framed=True)`` sends a payload as is, or in chunks (each payload one msgpack object:
+  :mod:`fedmq_protocol.chunking`) above the configured chunk size, capped below the broker's
   MQTT 5 Maximum-Packet-Size when announced, and returns :class:`Published` (bytes and chunks).
 - A retained framed payload leaves retained chunk topics behind; the channel remembers how many
   per topic and clears the stale higher-index ones when a retained payload shrinks or is cleared.
@@ -35,7 +36,7 @@ _PACKET_OVERHEAD = 64  # fixed header, lengths, packet id, properties: generous
 class Published:
     """What one ``publish()`` put on the wire."""
 
-    bytes: int  # payload bytes including frames, without MQTT headers
+    bytes: int  # payload bytes including chunk and manifest maps, without MQTT headers
     chunks: int  # chunk sub-topic messages (``T/c/i``; the manifest on ``T`` not counted); 0: one message
 
 
@@ -233,7 +234,7 @@ class MqttTransport:
         framed: bool = False,
         timeout: float | None = None,
     ) -> Published:
-        """Publish; returns what went on the wire (payload incl. frames, no MQTT headers).
+        """Publish; returns what went on the wire (payloads incl. chunk maps, no MQTT headers).
 
         Waits until every QoS >= 1 message is acknowledged (QoS 0: written), at most
         ``max_inflight`` outstanding at a time; raises ``TransportError`` on timeout or when the
@@ -257,7 +258,7 @@ class MqttTransport:
                     f"Maximum-Packet-Size is {max_packet_size} (use framed=True)"
                 )
             frames = [("", payload)]
-        n_chunks = len(frames) - 1  # frame_payload: the chunks, then the manifest (or one WHOLE)
+        n_chunks = len(frames) - 1  # frame_payload: the chunks, then the manifest (or the message as is)
         messages = [(topic + suffix, frame) for suffix, frame in frames]
         if retain:
             with self._lock:
