@@ -138,7 +138,15 @@ class EdgeAgent:
             applied_version=self.global_version,
             agent_version=AGENT_VERSION,
             memory=self.memory.status() if online else None,
+            template=self._template(),
         )
+
+    def _template(self) -> str:
+        """The prompt template in use: the loaded trainer's (chat, plain, custom), else the config's."""
+        from edge_agent.data import template_kind
+
+        loaded = getattr(self.method, "template", None)
+        return loaded if isinstance(loaded, str) else template_kind(self.cfg.data.template)
 
     def announce(self) -> None:
         try:

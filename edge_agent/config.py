@@ -16,6 +16,20 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     train: Path = Field(description="JSONL of local training examples")
     eval: Path | None = Field(None, description="JSONL of held-out examples for federated evaluation")
+    template: str = Field(
+        "auto",
+        description="how an example becomes model input, for training and evaluation alike: auto (chat "
+        "when the tokenizer has a chat template, else plain), chat (the model's chat template: the "
+        "prompt is the user turn, the response the assistant turn; loss on the answer and the "
+        "end-of-turn token), plain ('### Instruction:\\n{prompt}\\n### Response:\\n', the response "
+        "after it, then eos), or a custom format string with {prompt} (the response follows it)")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from edge_agent.data import check_template
+
+        return check_template(v)
 
     @field_validator("train", "eval")
     @classmethod

@@ -10,13 +10,19 @@ import random
 import re
 import string
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
-"""The one prompt template, used for training, evaluation and generation alike. The response
-follows directly after it and is terminated by the tokenizer's eos token."""
+"""The plain prompt template (``data.template: plain``), used for training and evaluation alike.
+The response follows directly after it and is terminated by the tokenizer's eos token."""
+
+TEMPLATE_NAMES = ("auto", "chat", "plain")
+"""``data.template``: ``auto`` (the default: ``chat`` when the tokenizer has a chat template, else
+``plain``), ``chat`` (the model's own chat template: the prompt is the user turn, the response the
+assistant turn), ``plain`` (``PROMPT_TEMPLATE``), or any other string: a custom format string with
+``{prompt}``, the response following it (terminated by the eos token, as with ``plain``)."""
 
 
 class DataError(ValueError):
@@ -28,11 +34,44 @@ class Example:
     prompt: str
     response: str
     family: str | None = None
+    # the conversation before the response, (role, content) turns, for a record given as chat
+    # messages (``prompt`` is then its flattened text); the chat template uses these turns
+    turns: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
-def format_prompt(prompt: str) -> str:
-    """``"### Instruction:\\n{prompt}\\n### Response:\\n"``."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def format_prompt(prompt: str, template: str = PROMPT_TEMPLATE) -> str:
+    """``"### Instruction:\\n{prompt}\\n### Response:\\n"`` (or ``template``, a format string with
+    ``{prompt}``)."""
+    return template.format(prompt=prompt)
+
+
+def check_template(value: str) -> str:
+    """``value`` if it is a valid ``data.template`` (a name of ``TEMPLATE_NAMES`` or a format
+    string using ``{prompt}`` and no other field); ValueError otherwise."""
+    if value in TEMPLATE_NAMES:
+        return value
+    if "{prompt}" not in value:
+        raise ValueError(f"template {value!r} is neither one of {', '.join(TEMPLATE_NAMES)} "
+                         "nor a format string with {prompt}")
+    try:
+        value.format(prompt="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"template {value!r}: only the field {{prompt}} may appear "
+                         f"(write {{{{ and }}}} for braces): {exc!r}") from None
+    return value
+
+
+def template_kind(value: str) -> str:
+    """``auto`` / ``chat`` / ``plain`` / ``custom`` (a format string)."""
+    return value if value in TEMPLATE_NAMES else "custom"
+
+
+def chat_messages(ex: Example) -> list[dict[str, str]]:
+    """The conversation before the response, for a chat template: the record's own turns (system
+    turn included) when it came as messages, else one user turn with the prompt."""
+    if ex.turns:
+        return [{"role": r, "content": c} for r, c in ex.turns]
+    return [{"role": "user", "content": ex.prompt}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +92,7 @@ def _str_field(obj: dict, key: str, where: str, *, required: bool = True, allow_
     return v
 
 
-def _from_messages(msgs: Any, where: str) -> tuple[str, str]:
+def _from_messages(msgs: Any, where: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     turns: list[tuple[str, str]] = []
@@ -83,7 +122,8 @@ def _from_messages(msgs: Any, where: str) -> tuple[str, str]:
         lines = [f"{r.capitalize()}: {c}" for r, c in dialog[:-1]]
         lines.append(dialog[-1][1])
         parts.append("\n".join(lines))
-    return "\n\n".join(parts), response
+    turns_before = tuple((r, c) for r, c in before if r != "system" or c.strip())
+    return "\n\n".join(parts), response, turns_before
 
 
 def parse_record(obj: Any, where: str) -> Example:
@@ -93,8 +133,9 @@ def parse_record(obj: Any, where: str) -> Example:
     family = obj.get("family")
     if family is not None and not isinstance(family, str):
         raise DataError(f"{where}: field 'family' must be a string")
+    turns: tuple[tuple[str, str], ...] = ()
     if "messages" in obj:
-        prompt, response = _from_messages(obj["messages"], where)
+        prompt, response, turns = _from_messages(obj["messages"], where)
     elif "prompt" in obj or "response" in obj:
         prompt = _str_field(obj, "prompt", where)
         response = _str_field(obj, "response", where)
@@ -109,7 +150,7 @@ def parse_record(obj: Any, where: str) -> Example:
             f"{where}: unrecognised record (keys: {keys}); expected prompt/response, "
             "instruction/input/output, or messages"
         )
-    return Example(prompt=prompt, response=response, family=family)
+    return Example(prompt=prompt, response=response, family=family, turns=turns)
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

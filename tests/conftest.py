@@ -65,3 +65,13 @@ def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, num_devices=3, samples_per_device=120, eval_samples=70, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``tiny_family("tiny-qwen2")``: the path of a tiny random checkpoint of that family
+    (tiny-llama, tiny-qwen2, tiny-gemma, tiny-phi3), built once per session."""
+    from edge_agent.models import resolve_model
+
+    home = tmp_path_factory.mktemp("fedmq-families")
+    return lambda name: resolve_model(name, cache_dir=home, log=lambda _msg: None)

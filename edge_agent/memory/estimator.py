@@ -81,6 +81,8 @@ class ModelShape:
     head_dim: int
     tie_word_embeddings: bool = True
     name: str = "model"
+    model_type: str = ""  # config.json's model_type (phi3 fuses q/k/v and gate/up)
+    bias_params: int = 0  # biases of the decoder layers' linears (Qwen2: q/k/v)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], name: str = "model") -> ModelShape:
@@ -94,8 +96,16 @@ class ModelShape:
         kv = int(_first(cfg, "num_key_value_heads", default=heads) or heads)
         head_dim = int(_first(cfg, "head_dim", default=h // heads) or h // heads)
         inter = int(_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h)
+        model_type = str(cfg.get("model_type") or "")
+        qkv = (heads + 2 * kv) * head_dim
+        if model_type == "qwen2":  # q/k/v always carry a bias
+            bias = qkv
+        elif cfg.get("attention_bias"):  # Llama-style: q/k/v and o
+            bias = qkv + int(h)
+        else:
+            bias = 0
         return cls(int(vocab), int(h), inter, int(layers), heads, kv, head_dim,
-                   bool(cfg.get("tie_word_embeddings", True)), name)
+                   bool(cfg.get("tie_word_embeddings", True)), name, model_type, bias * int(layers))
 
     @classmethod
     def from_path(cls, path: str | Path) -> ModelShape:
@@ -117,11 +127,13 @@ class ModelShape:
 
     # -- parameter counts -----------------------------------------------------------------------
     def module_dims(self, name: str) -> tuple[int, int]:
-        """(in, out) features of a decoder-layer linear (Llama naming; others count as h × h)."""
+        """(in, out) features of a decoder-layer linear (Llama naming, and Phi-3's fused qkv_proj and
+        gate_up_proj; others count as h × h)."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}.get(name, (h, h))
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+                "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}.get(name, (h, h))
 
     @property
     def linear_params(self) -> int:
@@ -136,15 +148,22 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Norms: two per layer plus the final one."""
-        return self.hidden_size * (2 * self.num_layers + 1)
+        """Norms: two per layer plus the final one; the linears' biases."""
+        return self.hidden_size * (2 * self.num_layers + 1) + self.bias_params
 
     @property
     def num_params(self) -> int:
         return self.linear_params + self.embed_params + self.other_params
 
     def lora_params(self, r: int, target_modules: Iterable[str]) -> int:
-        return self.num_layers * sum(r * sum(self.module_dims(t)) for t in target_modules)
+        """LoRA parameters on ``target_modules`` (Llama names, as the adapter spec gives them: the
+        modules the architecture fuses them into are counted once; ``all-linear``: every linear)."""
+        from edge_agent.models import ALL_LINEAR, lora_target_modules
+
+        modules = lora_target_modules(self.model_type, tuple(target_modules))
+        if modules == ALL_LINEAR:
+            modules = lora_target_modules(self.model_type, _LINEARS)
+        return self.num_layers * sum(r * sum(self.module_dims(t)) for t in modules)
 
 
 def _nf4_bytes(numel: int) -> float:

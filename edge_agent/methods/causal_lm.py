@@ -17,12 +17,12 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from edge_agent.data import Example, format_prompt
+from edge_agent.data import PROMPT_TEMPLATE, Example, chat_messages, check_template, format_prompt
 from edge_agent.methods.base import (
     FULL_PRECISION,
     NO_PLAN,
@@ -35,8 +35,11 @@ from edge_agent.methods.base import (
     StopFn,
     TrainingMethod,
 )
-from edge_agent.models import resolve_device
+from edge_agent.models import lora_target_modules, resolve_device
 from fedmq_protocol.messages import AdapterSpec, FitConfig
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 ADAPTER_NAME = "default"
 _TOKEN_CACHE_MAX = 200_000
@@ -47,7 +50,9 @@ class CausalLmMethod(TrainingMethod):
 
     Subclasses build the model from the loaded base (``_build``: attach an adapter, pick the
     parameters) and implement ``fit`` with ``_train_steps``. Constructor keywords: ``device``,
-    ``dtype``, ``seed`` (LoRA init), ``loader`` (default: the class's ``default_loader``)."""
+    ``dtype``, ``seed`` (LoRA init), ``loader`` (default: the class's ``default_loader``),
+    ``template`` (``data.template``: auto, chat, plain or a format string with ``{prompt}``;
+    ``self.template`` is what it resolved to: chat, plain or custom)."""
 
     default_loader: ClassVar[ModelLoader] = FULL_PRECISION
 
@@ -60,6 +65,7 @@ class CausalLmMethod(TrainingMethod):
         dtype: str = "float32",
         seed: int = 0,
         loader: ModelLoader | None = None,
+        template: str = "auto",
     ) -> None:
         super().__init__(model_path, adapter)
         self.seed = seed
@@ -68,9 +74,15 @@ class CausalLmMethod(TrainingMethod):
         self.loader = loader if loader is not None else self.default_loader
         base, self.tokenizer = self.loader.load(model_path, dtype=dtype, device=self.device)
         self.model, self._params = self._build(base)
-        self._token_cache: dict[tuple[str, str], Row] = {}
+        self._token_cache: dict[tuple[str, str, tuple[tuple[str, str], ...]], Row] = {}
         self._eos = self.tokenizer.eos_token_id
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos
+        self.template, self._format = resolve_template(template, self.tokenizer)
+
+    @classmethod
+    def options_for(cls, config: AgentConfig) -> dict[str, Any]:
+        """The prompt template (``data.template``)."""
+        return {"template": config.data.template}
 
     @abc.abstractmethod
     def _build(self, base: Any) -> tuple[Any, dict[str, torch.nn.Parameter]]:
@@ -99,7 +111,9 @@ class CausalLmMethod(TrainingMethod):
             r=adapter.r,
             lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
             lora_dropout=adapter.dropout,
-            target_modules=list(adapter.target_modules),
+            # Llama's module names, or the architecture's fused ones; ("all-linear",): peft's all-linear
+            target_modules=lora_target_modules(str(getattr(base.config, "model_type", "") or ""),
+                                               adapter.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -158,11 +172,15 @@ class CausalLmMethod(TrainingMethod):
 
     # -- tokenization -------------------------------------------------------------------------
     def _token_ids(self, ex: Example) -> Row:
-        key = (ex.prompt, ex.response)
+        """(prompt ids, response ids): the loss is on the response ids only."""
+        key = (ex.prompt, ex.response, ex.turns)
         hit = self._token_cache.get(key)
         if hit is None:
-            p = self.tokenizer(format_prompt(ex.prompt))["input_ids"]
-            r = self.tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [self._eos]
+            if self.template == "chat":
+                p, r = chat_token_ids(self.tokenizer, ex, self.model_path)
+            else:
+                p = self.tokenizer(format_prompt(ex.prompt, self._format))["input_ids"]
+                r = self.tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [self._eos]
             if len(self._token_cache) >= _TOKEN_CACHE_MAX:
                 self._token_cache.clear()
             hit = self._token_cache[key] = (list(p), list(r))
@@ -264,6 +282,44 @@ class CausalLmMethod(TrainingMethod):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model_path!r}, r={self.adapter_spec.r}, "
                 f"device={self.device!r}, trainable={self.num_trainable_params()})")
+
+
+def chat_token_ids(tok: Any, ex: Example, model: str = "the model") -> Row:
+    """The chat template's (prompt ids, response ids): the prompt is the conversation templated
+    with ``add_generation_prompt=True``, the response what the full conversation adds to it: the
+    answer and the end-of-turn token(s), whitespace after the last of them dropped."""
+    before = chat_messages(ex)
+    prompt_text = tok.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
+    full_text = tok.apply_chat_template([*before, {"role": "assistant", "content": ex.response}], tokenize=False)
+    p = list(tok(prompt_text, add_special_tokens=False)["input_ids"])
+    full = list(tok(full_text, add_special_tokens=False)["input_ids"])
+    if full[:len(p)] != p or len(full) <= len(p):
+        raise ValueError(
+            f"the chat template of {model} does not extend the prompt (templated with "
+            "add_generation_prompt) into the conversation with the answer, so the answer tokens "
+            "cannot be told apart; set data.template: plain or a format string")
+    r = full[len(p):]
+    special = set(tok.all_special_ids)
+    while len(r) > 1 and r[-1] not in special and not tok.decode([r[-1]]).strip():
+        r.pop()  # the newline after the end-of-turn token is no part of the answer
+    return p, r
+
+
+def resolve_template(template: str, tokenizer: Any) -> tuple[str, str]:
+    """(chat | plain | custom, the format string of plain and custom) for ``data.template`` and this
+    tokenizer: ``auto`` is chat when the tokenizer has a chat template, else plain."""
+    check_template(template)
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        template = "chat" if has_chat else "plain"
+    if template == "chat":
+        if not has_chat:
+            raise ValueError("data.template is chat but the tokenizer has no chat template; "
+                             "use auto, plain or a format string")
+        return "chat", PROMPT_TEMPLATE
+    if template == "plain":
+        return "plain", PROMPT_TEMPLATE
+    return "custom", template
 
 
 def _init_lora(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:

@@ -32,7 +32,8 @@ class LoraMethod(CausalLmMethod):
 
     @classmethod
     def options_for(cls, config: AgentConfig) -> dict[str, Any]:
-        return {"gradient_checkpointing": True} if config.training.gradient_checkpointing else {}
+        extra = {"gradient_checkpointing": True} if config.training.gradient_checkpointing else {}
+        return {**super().options_for(config), **extra}
 
     def _build(self, base: Any) -> tuple[Any, dict[str, torch.nn.Parameter]]:
         return self._attach_lora(self._prepare_base(base))

@@ -48,7 +48,7 @@ class ZoAdapterMethod(ZoMethod):
     def options_for(cls, config: AgentConfig) -> dict[str, Any]:
         """The fallback's step and perturbation (``memory_budget.zo_lr`` / ``zo_eps``)."""
         mb = config.memory_budget
-        return {"lr": mb.zo_lr, "eps": mb.zo_eps} if mb is not None else {}
+        return {**super().options_for(config), **({"lr": mb.zo_lr, "eps": mb.zo_eps} if mb is not None else {})}
 
     def local_spec(self, cfg: FitConfig) -> ZoSpec:
         return ZoSpec(seed=cfg.seed, num_seeds=self.num_seeds, eps=self.zo_eps, lr=self.zo_lr,
