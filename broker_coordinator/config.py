@@ -56,6 +56,11 @@ class CoordinatorConfigBase(BaseModel):
         15, ge=0, description="a selected device that went offline (Last Will) is still awaited this long: "
         "a broker restart publishes every Will, and the device is back within seconds")
     evaluate: bool = True
+    eval_devices: list[str] | None = Field(
+        None, description="evaluate on these devices only (those of them ready with eval data); "
+        "null: every device with eval data")
+    eval_max_devices: int | None = Field(
+        None, ge=1, description="evaluate on at most this many devices (the first by device id); null: no limit")
     eval_deadline_s: float = Field(300, gt=0)
     wait_for_devices_s: float = Field(600, gt=0)
     selection_seed: int = 0
@@ -93,6 +98,11 @@ class CoordinatorConfigBase(BaseModel):
         if self.mode != "adapter" and not self.aggregation.is_plain:
             raise ValueError(
                 f"aggregation: robust rules and clipping apply to adapter updates, not to {self.mode} federations")
+        if self.eval_devices is not None:
+            if not self.eval_devices:
+                raise ValueError("eval_devices is empty: list device ids, or set evaluate: false")
+            for device_id in self.eval_devices:
+                check_level(device_id, f"eval_devices[{device_id!r}]")
         for device_id, key in self.device_keys.items():
             check_level(device_id, f"device_keys[{device_id!r}]")
             from fedmq_protocol.signing import SigningKeyError, load_public_key

@@ -219,9 +219,12 @@ class Coordinator:
                 self.publisher.publish()  # a restarted coordinator re-asserts its retained global
             if not self.state.history and self.cfg.evaluate:
                 self.rounds.wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
+                t0 = time.monotonic()
                 loss, n_dev, up, down = self.rounds.evaluate(0)
+                eval_s = time.monotonic() - t0
                 self._finish_round(m.RoundSummary(round=0, global_version=self.state.global_version, eval_loss=loss,
-                                                  eval_devices=n_dev, uplink_bytes=up, downlink_bytes=down))
+                                                  eval_devices=n_dev, uplink_bytes=up, downlink_bytes=down,
+                                                  duration_s=eval_s, fit_s=0.0, eval_s=eval_s))
             while self.state.round_completed < self.cfg.rounds and not self._stop.is_set():
                 summary = self.rounds.run_round(self.state.round_completed + 1)
                 self._finish_round(summary)

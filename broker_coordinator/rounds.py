@@ -189,13 +189,23 @@ class RoundRunner:
 
     def evaluate(self, round_no: int) -> tuple[float | None, int, int, int]:
         """(eval_loss, devices, bytes up, bytes down) for the current global."""
-        devices = [d.device_id for d in self.registry.ready() if d.eval_samples > 0]
+        devices = self.eval_selection()
         if not devices:
             return None, 0, 0, 0
         c, sent = self.send_tasks("evaluate", round_no, 0, devices, self.cfg.eval_deadline_s)
         self.collect_until(c, self.cfg.eval_deadline_s)
         self.open = None
         return mean_eval_loss(list(c.accepted.values())), len(c.accepted), c.bytes_in, sent
+
+    def eval_selection(self) -> list[str]:
+        """The ready devices with eval data that evaluate the global (``eval_devices``, ``eval_max_devices``)."""
+        ready = sorted(d.device_id for d in self.registry.ready() if d.eval_samples > 0)
+        if self.cfg.eval_devices is not None:
+            chosen = set(self.cfg.eval_devices)
+            ready = [d for d in ready if d in chosen]
+        if self.cfg.eval_max_devices is not None:
+            ready = ready[:self.cfg.eval_max_devices]
+        return ready
 
     def _select(self, round_no: int) -> list[str]:
         return select_devices(round_no, self.registry.ready(), min_clients=self.cfg.min_clients,
@@ -256,10 +266,12 @@ class RoundRunner:
         for d in receivers:
             self.traffic.add("down", d.device_id, global_bytes)
 
+        fit_s = time.monotonic() - t_start
         eval_loss, eval_devices, eval_up, eval_down = (None, 0, 0, 0)
         if self.cfg.evaluate:
             self._set_status("evaluating")
             eval_loss, eval_devices, eval_up, eval_down = self.evaluate(round_no)
+        duration_s = time.monotonic() - t_start
 
         tl = [(u.metrics["train_loss"], u.num_samples) for u in updates if u.metrics.get("train_loss") is not None]
         train_loss = sum(loss * n for loss, n in tl) / sum(n for _, n in tl) if tl else None
@@ -275,7 +287,9 @@ class RoundRunner:
             eval_devices=eval_devices,
             uplink_bytes=c.bytes_in + eval_up,
             downlink_bytes=task_bytes + eval_down + global_bytes * max(1, len(receivers)),
-            duration_s=time.monotonic() - t_start,
+            duration_s=duration_s,
+            fit_s=fit_s,
+            eval_s=duration_s - fit_s,
             aggregate_s=aggregate_s,
             timings=protocol_timings(updates, c, aggregate_s, publish_s),
         )

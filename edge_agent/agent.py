@@ -26,6 +26,7 @@ import numpy as np
 
 from edge_agent import resources
 from edge_agent.config import AgentConfig
+from edge_agent.logs import quiet_libraries
 from edge_agent.memory import MemoryManager, OverBudget, PlanRefused, configure_allocator
 from edge_agent.methods.base import FitMemory, FitResult, TrainingMethod, release_memory
 from edge_agent.modes import AgentContext, AgentMode, GlobalRejected, create_mode
@@ -75,6 +76,7 @@ class EdgeAgent:
     def __init__(self, config: AgentConfig, *, transport: MqttTransport | None = None) -> None:
         from edge_agent.data import load_jsonl
 
+        quiet_libraries()  # before the ML stack is imported
         self.cfg = config
         self.topics = Topics(config.topic_root, config.federation)
         self.device_id = config.device_id
@@ -95,6 +97,7 @@ class EdgeAgent:
         self.method: TrainingMethod | None = None  # the trainer, built on first use (_ensure_method)
         self._method_key: Any = None  # TrainerChoice.key of the trainer loaded
         self.model_path: str | None = None
+        self._model_names: dict[str, bool] = {}  # model name a task asked for -> this device holds it
         # newest global reachable from the snapshots and differences received (applied when idle)
         self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
         self.uplink = UplinkEncoder(config.uplink, config.uplink_budget_bytes, config.state_dir)
@@ -391,6 +394,15 @@ class EdgeAgent:
         return False
 
     # ------------------------------------------------------------------ tasks
+    def _holds_model(self, name: str) -> bool:
+        """Whether the model a task names is this device's: the configured name, or a name that
+        resolves to the same checkpoint (``smollm2-135m`` is a directory of the model cache)."""
+        if name not in self._model_names:
+            from edge_agent.models import same_model
+
+            self._model_names[name] = same_model(name, self.cfg.model, cache_dir=self.cfg.model_cache)
+        return self._model_names[name]
+
     def _on_task(self, payload: bytes) -> None:
         task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
         if task.device_id != self.device_id:
@@ -402,7 +414,7 @@ class EdgeAgent:
             return
         self._seen_tasks = ([*self._seen_tasks, task.task_id])[-64:]
         deadline = time.monotonic() + task.deadline_s
-        if task.model and task.model != self.cfg.model:
+        if task.model and not self._holds_model(task.model):
             log.warning("task asks for model %s; this device holds %s", task.model, self.cfg.model)
         self._plan_fit = self._local_fit_config(task.fit)
         try:

@@ -106,6 +106,34 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
     raise ValueError(f"unknown model {name!r}; accepted: {ACCEPTED}")
 
 
+def model_location(name_or_path: str, *, cache_dir: Path | None = None) -> str | None:
+    """Where ``resolve_model`` finds ``name_or_path``, without fetching or converting anything:
+    a real path, a hub id, or None when that takes work (a .gguf is named by its digest) or the
+    name is not one ``resolve_model`` accepts."""
+    name = name_or_path.strip() if isinstance(name_or_path, str) else ""
+    if not name:
+        return None
+    models_dir = (Path(cache_dir) if cache_dir is not None else fedmq_home()) / "models"
+    if name.lower() in SMOLLM2_ALIASES:
+        return os.path.realpath(models_dir / "smollm2-135m")
+    if name.lower() == TINY_LLAMA:
+        return os.path.realpath(models_dir / TINY_LLAMA)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return os.path.realpath(p)
+    if "/" in name and not p.exists() and not name.lower().endswith(".gguf"):
+        return name
+    return None
+
+
+def same_model(a: str, b: str, *, cache_dir: Path | None = None) -> bool:
+    """Whether two model names (as a task or a config gives them) name one checkpoint."""
+    if a.strip() == b.strip():
+        return True
+    la, lb = model_location(a, cache_dir=cache_dir), model_location(b, cache_dir=cache_dir)
+    return la is not None and la == lb
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -91,15 +91,23 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedmq.demo import DemoOptions, run_demo
+    from fedmq.demo import DemoError, DemoOptions, run_demo
 
+    if args.mqtt_version == "5" and not args.broker:
+        print("fedmq: error: the embedded broker speaks MQTT 3.1.1 only; --mqtt-version 5 needs --broker",
+              file=sys.stderr)
+        return 2
     opts = DemoOptions(
         broker=args.broker, agents=args.agents, rounds=args.rounds, model=args.model, method=args.method,
         summary=Path(args.summary) if args.summary else None, workdir=Path(args.workdir),
         local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
-        uplink_values=args.uplink, downlink_values=args.downlink,
+        mqtt_version=args.mqtt_version, uplink=args.uplink, downlink=args.downlink,
     )
-    run_demo(opts)
+    try:
+        run_demo(opts)
+    except DemoError as exc:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -175,15 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--agents", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
-    d.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    d.add_argument("--method", choices=["lora", "qlora", "zo"], default="qlora",
+                   help="LoRA, QLoRA (4-bit base) or zeroth-order FedKSeed (zo) (default qlora)")
     d.add_argument("--summary", help="write per-round figures as JSON here")
     d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
     d.add_argument("--local-steps", type=int, default=8)
-    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--lr", type=float, help="learning rate (default 2e-3; 1e-5 for zo)")
     d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--uplink", choices=["int4", "int2", "int8", "float16", "float32"], default="int4",
+    d.add_argument("--mqtt-version", choices=["5", "3.1.1"],
+                   help="MQTT protocol (default 3.1.1 on the embedded broker, 5 with --broker)")
+    values = ["float32", "float16", "bfloat16", "int8", "int4", "int2", "sign"]  # fedmq_protocol.codec.ValueFormat
+    d.add_argument("--uplink", choices=values, default="int4",
                    help="value format of updates, with error feedback (default int4; float32: dense fp32)")
-    d.add_argument("--downlink", choices=["int8", "float16", "float32"], default="int8",
+    d.add_argument("--downlink", choices=values, default="int8",
                    help="value format of global differences (default int8 + zstd; float32: dense fp32, no zstd)")
     d.set_defaults(func=cmd_demo)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,15 @@ from rich.table import Table
 from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
 
+# zeroth-order (FedKSeed) on the full model: MeZO's scale of perturbation and learning rate
+ZO_DEMO = {"seed": 0, "num_seeds": 1024, "eps": 1e-3, "direction": "gaussian", "target": "full"}
+ZO_DEMO_LR = 1e-5
+LORA_DEMO_LR = 2e-3
+
+
+class DemoError(RuntimeError):
+    """The demo could not finish: a device process died, or the rounds stopped short."""
+
 
 @dataclass(frozen=True)
 class DemoOptions:
@@ -36,20 +46,27 @@ class DemoOptions:
     summary: Path | None = None
     workdir: Path = Path("fedmq-demo")
     local_steps: int = 8
-    lr: float = 2e-3
+    lr: float | None = None  # None: 2e-3 (LoRA, QLoRA), 1e-5 (zo)
     batch_size: int = 4
     max_seq_len: int = 96
     samples_per_device: int = 120
     eval_samples: int = 48
     federation: str = "demo"
-    uplink_values: str = "int4"  # float32: dense fp32 updates
-    downlink_values: str = "int8"  # float32: dense fp32 differences, no zstd
+    mqtt_version: str | None = None  # None: 3.1.1 on the embedded broker (amqtt), else 5
+    uplink: str = "int4"  # agent uplink.values, with error feedback (float32: dense fp32 updates)
+    downlink: str = "int8"  # coordinator downlink.values (float32: dense fp32 differences, no zstd)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return ZO_DEMO_LR if self.method == "zo" else LORA_DEMO_LR
 
 
 def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir: Path) -> tuple[Path, list[Path]]:
     """The YAML files a real deployment would have: one coordinator, one per device."""
     wd = opts.workdir
-    mqtt_version = "3.1.1" if opts.broker is None else "5"  # amqtt speaks 3.1.1 only
+    mqtt_version = opts.mqtt_version or ("3.1.1" if opts.broker is None else "5")  # amqtt speaks 3.1.1 only
     broker = {"url": broker_url, "mqtt_version": mqtt_version}
     threads = max(1, (os.cpu_count() or 2) // opts.agents)
     coord = {
@@ -58,17 +75,21 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
         "state_dir": str(wd / "state" / "coordinator"),
         "model": opts.model,
         "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "fit": {"local_steps": opts.local_steps, "lr": opts.lr, "batch_size": opts.batch_size,
+        "fit": {"local_steps": opts.local_steps, "lr": opts.learning_rate, "batch_size": opts.batch_size,
                 "max_seq_len": opts.max_seq_len, "max_grad_norm": 1.0},
         # exact float32 snapshots with zstd; int8 differences with server-side error feedback
-        "downlink": {"snapshot_every": 10, "values": opts.downlink_values, "zstd": opts.downlink_values != "float32"},
+        "downlink": {"snapshot_every": 10, "values": opts.downlink, "zstd": opts.downlink != "float32"},
         "server_optimizer": {"name": "fedavg", "lr": 1.0},
         "rounds": opts.rounds,
         "min_clients": opts.agents,
         "round_deadline_s": 1800,
+        # every device holds the same eval file: one of them computes the loss of each global
+        "eval_max_devices": 1,
         "eval_deadline_s": 900,
         "wait_for_devices_s": 600,
     }
+    if opts.method == "zo":
+        coord["zo"] = {**ZO_DEMO, "lr": opts.learning_rate}
     coord_path = wd / "coordinator.yaml"
     coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
     agent_paths = []
@@ -83,8 +104,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
             "state_dir": str(wd / "state" / f"device-{i}"),
             "training": {"torch_threads": threads},
             "telemetry_interval_s": 1.0,
-            # int4 + error feedback; uplink_values="float32" for dense fp32 updates
-            "uplink": {"values": opts.uplink_values, "error_feedback": True},
+            # int4 + error feedback; uplink="float32" for dense fp32 updates
+            "uplink": {"values": opts.uplink, "error_feedback": True},
         }
         p = wd / f"agent-{i}.yaml"
         p.write_text(yaml.safe_dump(agent, sort_keys=False))
@@ -93,10 +114,13 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
 
 
 def summary_table(history: list[m.RoundSummary]) -> Table:
-    t = Table(title="fedmq demo: per round")
-    for col in ("round", "participants", "train loss", "eval loss", "uplink", "downlink", "time"):
+    evaluators = max((h.eval_devices for h in history), default=0)
+    t = Table(title="fedmq demo: per round",
+              caption=f"fit: time to the new global; eval: time to its loss on {evaluators} device(s)")
+    for col in ("round", "participants", "train loss", "eval loss", "uplink", "downlink", "fit", "eval"):
         t.add_column(col, justify="right")
     for h in history:
+        fit_s = h.fit_s if h.fit_s is not None else (h.duration_s if h.round else None)
         t.add_row(
             str(h.round),
             str(len(h.participants)) if h.round else "baseline",
@@ -104,7 +128,8 @@ def summary_table(history: list[m.RoundSummary]) -> Table:
             "" if h.eval_loss is None else f"{h.eval_loss:.4f}",
             _fmt_bytes(h.uplink_bytes),
             _fmt_bytes(h.downlink_bytes),
-            f"{h.duration_s:.1f}s" if h.round else "",
+            f"{fit_s:.1f}s" if h.round and fit_s is not None else "",
+            "" if h.eval_s is None or h.eval_loss is None else f"{h.eval_s:.1f}s",
         )
     return t
 
@@ -123,20 +148,55 @@ def summary_json(history: list[m.RoundSummary], opts: DemoOptions) -> dict:
         "model": opts.model,
         "method": opts.method,
         "agents": opts.agents,
+        "uplink": opts.uplink,
+        "downlink": opts.downlink,
         "rounds": [
             {
                 "round": h.round,
                 "participants": list(h.participants),
                 "train_loss": h.train_loss,
                 "eval_loss": h.eval_loss,
+                "eval_devices": h.eval_devices,
                 "uplink_bytes": h.uplink_bytes,
                 "downlink_bytes": h.downlink_bytes,
                 "duration_s": round(h.duration_s, 3),
+                "fit_s": None if h.fit_s is None else round(h.fit_s, 3),
+                "eval_s": None if h.eval_s is None else round(h.eval_s, 3),
                 "timings": h.timings,
             }
             for h in history
         ],
     }
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failed|Refused)\b")
+
+
+def last_error(log_path: Path, max_bytes: int = 64 * 1024) -> str | None:
+    """The line of a device log that says why it stopped: a traceback's last line, else the last
+    ``fedmq: error:`` or ERROR/CRITICAL log line, else the last line (None: an empty log)."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, log_path.stat().st_size - max_bytes))
+            lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    for ln in reversed(lines):
+        if _EXCEPTION_LINE.match(ln):
+            return ln
+    for ln in reversed(lines):
+        if ln.startswith("fedmq: error:"):
+            return ln.removeprefix("fedmq: error:").strip()
+        match = re.search(r" (?:ERROR|CRITICAL) [\w.]+: (.*)$", ln)
+        if match:
+            return match.group(1)
+    return lines[-1] if lines else None
+
+
+def exit_message(device_id: str, returncode: int, log_path: Path) -> str:
+    """``device D exited (code N): <its last error line>``."""
+    why = last_error(log_path)
+    return f"device {device_id} exited (code {returncode})" + (f": {why}" if why else "") + f"; see {log_path}"
 
 
 def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
@@ -186,7 +246,8 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
                 [sys.executable, "-m", "fedmq", "agent", "--config", str(p)],
                 stdout=log_file, stderr=subprocess.STDOUT, env=env,
             ))
-    console.print(f"[bold]agents[/] {opts.agents} processes ({opts.method}); logs in {logs}")
+    console.print(f"[bold]agents[/] {opts.agents} processes ({opts.method}, uplink {opts.uplink}, "
+                  f"downlink {opts.downlink}); logs in {logs}")
 
     cfg = load_config(coord_path, CoordinatorConfig)
     history: list[m.RoundSummary] = []
@@ -227,19 +288,28 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
 
         coordinator = Coordinator(cfg, on_round=on_round)
         failed = threading.Event()
+        exits: list[str] = []  # why the first device process that died did
 
         def watch_agents() -> None:
             while not failed.is_set():
                 for i, p in enumerate(procs):
                     if p.poll() is not None:
-                        console.print(f"[red]device-{i} exited with {p.returncode}; see {logs}/device-{i}.log")
+                        exits.append(exit_message(f"device-{i}", p.returncode, logs / f"device-{i}.log"))
                         failed.set()
                         coordinator.stop()
+                        return
                 time.sleep(1)
 
-        threading.Thread(target=watch_agents, daemon=True).start()
+        watcher_thread = threading.Thread(target=watch_agents, daemon=True)
+        watcher_thread.start()
         try:
             coordinator.run()
+        except Exception:
+            if not failed.is_set():
+                raise
+            watcher_thread.join(timeout=5)
+            if not exits:
+                raise
         finally:
             failed.set()
             coordinator.close("finished")
@@ -255,11 +325,13 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
             if embedded:
                 embedded.stop()
 
+    if exits:
+        raise DemoError(exits[0])
     console.print(summary_table(history))
     if opts.summary:
         opts.summary.parent.mkdir(parents=True, exist_ok=True)
         opts.summary.write_text(json.dumps(summary_json(history, opts), indent=1))
         console.print(f"summary written to {opts.summary}")
     if len([h for h in history if h.round > 0]) < opts.rounds:
-        raise RuntimeError(f"demo stopped after {len(history) - 1} of {opts.rounds} rounds; see {logs}")
+        raise DemoError(f"demo stopped after {len(history) - 1} of {opts.rounds} rounds; see {logs}")
     return history

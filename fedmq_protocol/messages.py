@@ -230,6 +230,10 @@ class RoundSummary(Message):
     uplink_bytes_by_device: dict[str, int] = Field(default_factory=dict)
     downlink_bytes_by_device: dict[str, int] = Field(default_factory=dict)
     duration_s: float = 0.0
+    # duration_s in two parts: training (select, fan-out, collect, aggregate, publish) and evaluation
+    # (absent from summaries written before they were reported apart)
+    fit_s: float | None = None
+    eval_s: float | None = None
     aggregate_s: float = 0.0
     # protocol-time breakdown in seconds (encode, transfer, decode, aggregate, publish, apply)
     timings: dict[str, float] = Field(default_factory=dict)
