@@ -118,11 +118,14 @@ def model_location(name_or_path: str, *, cache_dir: Path | None = None) -> str |
         return os.path.realpath(models_dir / "smollm2-135m")
     if name.lower() == TINY_LLAMA:
         return os.path.realpath(models_dir / TINY_LLAMA)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return os.path.realpath(p)
-    if "/" in name and not p.exists() and not name.lower().endswith(".gguf"):
-        return name
+    try:
+        p = Path(name).expanduser()
+        if p.is_dir():
+            return os.path.realpath(p)
+        if "/" in name and not p.exists() and not name.lower().endswith(".gguf"):
+            return name
+    except (OSError, ValueError):  # a name no file system takes (too long, NUL bytes): no checkpoint
+        return None
     return None
 
 

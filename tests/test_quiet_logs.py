@@ -21,6 +21,9 @@ def test_a_name_and_its_cache_path_are_the_same_model(tmp_path):
     assert not same_model("tiny-llama", str(held), cache_dir=cache)
     assert not same_model("org/other", str(held), cache_dir=cache)
     assert same_model("org/name", "org/name")
+    # a task's model field is untrusted input: a name no file system takes is simply another model
+    assert not same_model("x" * 5000, str(held), cache_dir=cache)
+    assert not same_model("a\0b/c", str(held), cache_dir=cache)
     assert model_location("nothing-like-a-model", cache_dir=cache) is None
 
 
