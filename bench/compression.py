@@ -22,6 +22,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,10 +45,13 @@ N_CLIENTS = 4
 def settings(dense_bytes: int) -> list[dict]:
     """Every setting: uplink (agent ``uplink:``), optional byte budget, downlink (coordinator
     ``downlink:``), and ``freeze_a`` (FFA-LoRA: only lora_B trains, so only B's difference travels)."""
+    # explicit formats: the configs' defaults changed after these results (int4 up, int8+zstd down)
     lossy_down = {"values": "int8", "zstd": True}
+    fp32_down = {"values": "float32", "zstd": False}
+    fp32_up = {"values": "float32"}
     # most telling first: report() after each setting keeps a partial run useful
     s = [
-        {"name": "dense fp32", "uplink": {}, "downlink": {}},
+        {"name": "dense fp32", "uplink": fp32_up, "downlink": fp32_down},
         {"name": "dense sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down},
         {"name": "dense int2 +EF", "uplink": {"values": "int2", "zstd": True}, "downlink": lossy_down},
         {"name": "frozen-A sign +EF", "uplink": {"values": "sign", "zstd": True}, "downlink": lossy_down,
@@ -56,7 +60,7 @@ def settings(dense_bytes: int) -> list[dict]:
          "downlink": lossy_down},
         {"name": "dense int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down},
         {"name": "budget dense/50 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 50, "downlink": lossy_down},
-        {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16"}},
+        {"name": "dense fp16", "uplink": {"values": "float16"}, "downlink": {"values": "float16", "zstd": False}},
         {"name": "top-10% int8 no EF",
          "uplink": {"values": "int8", "density": 0.10, "zstd": True, "error_feedback": False},
          "downlink": lossy_down},
@@ -66,13 +70,79 @@ def settings(dense_bytes: int) -> list[dict]:
          "downlink": lossy_down},
         {"name": "frozen-A int4 +EF", "uplink": {"values": "int4", "zstd": True}, "downlink": lossy_down,
          "freeze_a": True},
-        {"name": "frozen-A dense fp32", "uplink": {}, "downlink": {}, "freeze_a": True},
+        {"name": "frozen-A dense fp32", "uplink": fp32_up, "downlink": fp32_down, "freeze_a": True},
         {"name": "top-3% int8 +EF", "uplink": {"values": "int8", "density": 0.03, "zstd": True},
          "downlink": lossy_down},
         {"name": "frozen-A budget dense/100 +EF", "uplink": {"zstd": True}, "budget": dense_bytes // 100,
          "downlink": lossy_down, "freeze_a": True},
     ]
     return s
+
+
+def update_msg(i: int, n: int, metrics: dict, enc) -> m.Update:
+    """Client ``i``'s fit Update carrying the encoded tensors ``enc`` (its msgpack size is the uplink bytes)."""
+    return m.Update(kind="fit", task_id="r-fit-v-a0", round=1, device_id=f"dev-{i}", base_version=0,
+                    num_samples=n, metrics=metrics, tensors=enc)
+
+
+def probe_metrics() -> dict:
+    """The metrics an agent's Update carries (zeros of the same keys: same encoded size)."""
+    return {"train_loss": 0.0, "steps": 0.0, "train_s": 0.0, "tokens": 0.0, "diff_s": 0.0,
+            **dict.fromkeys(METRIC_KEYS, 0.0), "encode_s": 0.0, "sent_at": 0.0}
+
+
+def run_setting(
+    v0: dict, adapter: m.AdapterSpec, uplink: UplinkConfig, budget: int | None, downlink: DownlinkConfig,
+    rounds: int, n_clients: int, local_fit: Callable[[dict, int, int], tuple[dict, int, float]],
+    state_dir: Path, after_round: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """One setting's federation from the global ``v0``: per round, each client's ``local_fit(global it
+    reconstructed, client, round)`` -> (local - global, samples, train loss) goes through its uplink
+    encoder (error feedback persisted under ``state_dir``) into a real Update message, the coordinator
+    validates and averages them, its ServerModel publishes the next global as a real GlobalModel message
+    (v0's snapshot first), which a device follows through GlobalSync (checked bitwise against the
+    coordinator's copy). ``after_round(round, published global)`` is called after each round.
+
+    Returns ``uplink_bytes`` (per round, per client), ``downlink_bytes`` (per round 1..rounds),
+    ``v0_snapshot_bytes``, ``chosen`` (last round's encodings), ``train_losses`` and ``final`` (the global)."""
+    server = ServerModel(v0, downlink, ServerOptimizerConfig())
+    device = GlobalSync(max_elements=1 << 26)  # what each device reconstructs
+    snap = server.snapshot(0, 0, adapter, None).to_msgpack()
+    device.offer(m.GlobalModel.from_msgpack(snap))
+    encoders = [UplinkEncoder(uplink, budget, state_dir / f"dev-{i}") for i in range(n_clients)]
+    up_bytes: list[list[int]] = []
+    down_bytes, choices, train_losses = [], [], []
+    for r in range(1, rounds + 1):
+        published = server.published
+        assert all(np.array_equal(device.arrays[k], published[k]) for k in published)
+        updates, decoded, round_up = [], [], []
+        choices = []
+        for i in range(n_clients):
+            delta, n, tl = local_fit(device.arrays, i, r)
+            train_losses.append(tl)
+            metrics = probe_metrics()
+            enc, um = encoders[i].encode(
+                delta, lambda e, i=i, n=n, metrics=metrics: len(update_msg(i, n, metrics, e).to_msgpack()))
+            payload = update_msg(i, n, {**metrics, **um}, enc).to_msgpack()
+            assert len(payload) == um["uplink_bytes"]
+            round_up.append(len(payload))
+            choices.append({k: um[k] for k in ("uplink_density", "uplink_value_bits")})
+            upd = m.Update.from_msgpack(payload)  # what the coordinator receives
+            updates.append(upd)
+            decoded.append(validate_update_tensors(published, upd))
+        up_bytes.append(round_up)
+        server.step(mean_delta(published, updates, decoded))
+        gm = server.advance(r, r, adapter, None)
+        payload = gm.to_msgpack()
+        down_bytes.append(len(payload))
+        device.offer(m.GlobalModel.from_msgpack(payload))
+        assert device.version == r
+        if after_round is not None:
+            after_round(r, server.published)
+    final = {k: v.copy() for k, v in server.published.items()}
+    assert all(np.array_equal(device.arrays[k], final[k]) for k in final)  # bitwise agreement
+    return {"uplink_bytes": up_bytes, "downlink_bytes": down_bytes, "v0_snapshot_bytes": len(snap),
+            "chosen": choices, "train_losses": train_losses, "final": final}
 
 
 def main() -> int:
@@ -138,14 +208,6 @@ def main() -> int:
         round1 = {False: [local_fit(v0, i, 1) for i in range(N_CLIENTS)]}
         print(f"round 1 local training {time.perf_counter() - t0:.1f}s", flush=True)
 
-        def update_msg(i: int, n: int, metrics: dict, enc) -> m.Update:
-            return m.Update(kind="fit", task_id="r-fit-v-a0", round=1, device_id=f"dev-{i}", base_version=0,
-                            num_samples=n, metrics=metrics, tensors=enc)
-
-        def probe_metrics() -> dict:
-            return {"train_loss": 0.0, "steps": 0.0, "train_s": 0.0, "tokens": 0.0, "diff_s": 0.0,
-                    **dict.fromkeys(METRIC_KEYS, 0.0), "encode_s": 0.0, "sent_at": 0.0}
-
         # every element as fp32 (auto_sparse off): the reference size of a dense LoRA update
         enc0 = encode(round1[False][0][0], CodecSpec(auto_sparse=False))
         dense_bytes = len(update_msg(0, 1, probe_metrics(), enc0).to_msgpack())
@@ -159,39 +221,15 @@ def main() -> int:
             adapter = adapters[frozen]
             if frozen not in round1:  # round 1 from the same global and seeds: computed once per adapter kind
                 round1[frozen] = [local_fit(v0, i, 1, frozen) for i in range(N_CLIENTS)]
-            down = DownlinkConfig(snapshot_every=10, **st["downlink"])
-            server = ServerModel(v0, down, ServerOptimizerConfig())
-            device = GlobalSync(max_elements=1 << 26)  # what each device reconstructs
-            device.offer(server.snapshot(0, 0, adapter, None))
-            encoders = [UplinkEncoder(UplinkConfig(**st["uplink"]), st.get("budget"),
-                                      tmp / st["name"].replace(" ", "_") / f"dev-{i}")
-                        for i in range(N_CLIENTS)]
-            up_bytes, down_bytes, choices, train_losses = [], [], [], []
-            for r in range(1, args.rounds + 1):
-                published = server.published
-                assert all(np.array_equal(device.arrays[k], published[k]) for k in published)
-                updates, decoded = [], []
-                for i in range(N_CLIENTS):
-                    delta, n, tl = round1[frozen][i] if r == 1 else local_fit(device.arrays, i, r, frozen)
-                    train_losses.append(tl)
-                    metrics = probe_metrics()
-                    enc, um = encoders[i].encode(
-                        delta, lambda e, i=i, n=n, metrics=metrics: len(update_msg(i, n, metrics, e).to_msgpack()))
-                    payload = update_msg(i, n, {**metrics, **um}, enc).to_msgpack()
-                    assert len(payload) == um["uplink_bytes"]
-                    up_bytes.append(len(payload))
-                    choices.append({k: um[k] for k in ("uplink_density", "uplink_value_bits")})
-                    upd = m.Update.from_msgpack(payload)  # what the coordinator receives
-                    updates.append(upd)
-                    decoded.append(validate_update_tensors(published, upd))
-                server.step(mean_delta(published, updates, decoded))
-                gm = server.advance(r, r, adapter, None)
-                payload = gm.to_msgpack()
-                down_bytes.append(len(payload))
-                device.offer(m.GlobalModel.from_msgpack(payload))
-                assert device.version == r
-            final = {k: v.copy() for k, v in server.published.items()}
-            assert all(np.array_equal(device.arrays[k], final[k]) for k in final)  # bitwise agreement
+            run = run_setting(
+                v0, adapter, UplinkConfig(**st["uplink"]), st.get("budget"), DownlinkConfig(snapshot_every=10,
+                                                                                           **st["downlink"]),
+                args.rounds, N_CLIENTS,
+                lambda w, i, r, frozen=frozen: round1[frozen][i] if r == 1 else local_fit(w, i, r, frozen),
+                tmp / st["name"].replace(" ", "_"))
+            up_bytes = [b for rnd in run["uplink_bytes"] for b in rnd]
+            down_bytes = run["downlink_bytes"]  # v0's snapshot not counted here (see bench/defaults.py)
+            choices, train_losses, final = run["chosen"], run["train_losses"], run["final"]
             loss = evaluate(final, frozen)
             res = {
                 "name": st["name"], "uplink": st["uplink"], "budget_bytes": st.get("budget"),
