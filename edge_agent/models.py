@@ -253,20 +253,22 @@ def _ensure_pad(tok: Any, model: Any | None = None) -> None:
 
 def build_tiny_tokenizer() -> Any:
     """A byte-level tokenizer (no merges: one token per UTF-8 byte) + <pad>, <s>, </s>."""
+    return _byte_level_tokenizer(["<pad>", "<s>", "</s>"], "<pad>", "<s>", "</s>")
+
+
+def _byte_level_tokenizer(specials: list[str], pad: str, bos: str, eos: str) -> Any:
+    """One token per UTF-8 byte (BPE without merges), ``specials`` first in the vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>"]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(specials + alphabet)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        model_max_length=2048,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos,
+                                   model_max_length=2048)
 
 
 def _build_tiny_llama(out_dir: Path) -> None:
@@ -323,18 +325,8 @@ _TINY_TOKENS: dict[str, tuple[list[str], str, str, str, str]] = {
 def build_family_tokenizer(family: str) -> Any:
     """A byte-level tokenizer (as ``build_tiny_tokenizer``) with ``family``'s special tokens and
     chat template (``_TINY_TOKENS``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials, pad, bos, eos, template = _TINY_TOKENS[family]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(specials + alphabet)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos,
-                                  model_max_length=2048)
+    tok = _byte_level_tokenizer(specials, pad, bos, eos)
     tok.chat_template = template
     return tok
 
