@@ -91,6 +91,13 @@ def probe_metrics() -> dict:
             **dict.fromkeys(METRIC_KEYS, 0.0), "encode_s": 0.0, "sent_at": 0.0}
 
 
+def federated_data(tmp: Path, n_clients: int, samples: int, eval_samples: int) -> tuple[list, list]:
+    """Each client's non-IID training rows and the shared held-out rows (synthesize, seed 0)."""
+    synthesize(tmp / "data", num_devices=n_clients, samples_per_device=samples, eval_samples=eval_samples, seed=0)
+    train = [load_jsonl(tmp / "data" / f"device_{i}.jsonl") for i in range(n_clients)]
+    return train, load_jsonl(tmp / "data" / "eval.jsonl")
+
+
 def run_setting(
     v0: dict, adapter: m.AdapterSpec, uplink: UplinkConfig, budget: int | None, downlink: DownlinkConfig,
     rounds: int, n_clients: int, local_fit: Callable[[dict, int, int], tuple[dict, int, float]],
@@ -169,10 +176,7 @@ def main() -> int:
                 for frozen in (False, True)}
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-compression-") as tmp_s:
         tmp = Path(tmp_s)
-        synthesize(tmp / "data", num_devices=N_CLIENTS, samples_per_device=args.samples,
-                   eval_samples=args.eval_samples, seed=0)
-        train = [load_jsonl(tmp / "data" / f"device_{i}.jsonl") for i in range(N_CLIENTS)]
-        evalset = load_jsonl(tmp / "data" / "eval.jsonl")
+        train, evalset = federated_data(tmp, N_CLIENTS, args.samples, args.eval_samples)
         methods: dict[bool, object] = {}  # by freeze_a, built on first use (same seeded init)
 
         def method_for(frozen: bool):

@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench.compression import run_setting
+from bench.compression import federated_data, run_setting
 from bench.report import command_line, machine, md_table, update_doc_section, write_json
 from broker_coordinator.downlink import DownlinkConfig
-from edge_agent.data import load_jsonl, synthesize
 from edge_agent.models import resolve_model
 from edge_agent.uplink import UplinkConfig
 from fedmq_protocol import messages as m
@@ -86,10 +85,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-defaults-") as tmp_s:
         tmp = Path(tmp_s)
-        synthesize(tmp / "data", num_devices=N_CLIENTS, samples_per_device=args.samples,
-                   eval_samples=args.eval_samples, seed=0)
-        train = [load_jsonl(tmp / "data" / f"device_{i}.jsonl") for i in range(N_CLIENTS)]
-        evalset = load_jsonl(tmp / "data" / "eval.jsonl")
+        train, evalset = federated_data(tmp, N_CLIENTS, args.samples, args.eval_samples)
 
         def evaluate(weights: dict, template: str) -> float:
             meth = methods[template]
