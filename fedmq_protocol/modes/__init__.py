@@ -63,9 +63,15 @@ def payload_type(kind: MessageKind, mode: str) -> type[ModePayload] | None:
     return payload_types().get((kind, mode))
 
 
-def payload_modes(kind: MessageKind) -> set[str]:
-    """Names of the modes that carry a payload in messages of ``kind``."""
-    return {mode for (k, mode) in payload_types() if k == kind}
+_modes_by_kind: dict[str, frozenset[str]] = {}
+
+
+def payload_modes(kind: MessageKind) -> frozenset[str]:
+    """Names of the modes that carry a payload in messages of ``kind`` (asked by every decode)."""
+    found = _modes_by_kind.get(kind)
+    if found is None:
+        found = _modes_by_kind[kind] = frozenset(mode for (k, mode) in payload_types() if k == kind)
+    return found
 
 
 __all__ = ["DEFAULT_MODE", "MODES", "ModePayload", "check_mode", "mode_names", "payload_modes", "payload_type"]
