@@ -233,7 +233,9 @@ def test_restarted_coordinator_accepts_updates_the_broker_held_for_it(mosquitto,
 
 # ---------------------------------------------------------------------------------------------
 def _rabbitmq_server() -> str | None:
-    for path in (shutil.which("rabbitmq-server"), "/usr/sbin/rabbitmq-server", "/usr/lib/rabbitmq/bin/rabbitmq-server"):
+    # the server script itself: /usr/sbin's wrapper would switch to the rabbitmq user, who cannot
+    # read the test's private directory
+    for path in ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server")):
         if path and os.access(path, os.X_OK):
             return path
     return None
@@ -273,15 +275,18 @@ def rabbitmq(tmp_path_factory):
         "loopback_users = none\n"
         "log.console = false\n")
     (d / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+    for sub in ("mnesia", "log"):
+        (d / sub).mkdir()
     env = dict(os.environ, HOME=str(d), RABBITMQ_NODENAME=f"fedmq{mqtt_port}@localhost",
                RABBITMQ_MNESIA_BASE=str(d / "mnesia"), RABBITMQ_LOG_BASE=str(d / "log"),
                RABBITMQ_CONFIG_FILE=str(d / "rabbitmq.conf"), RABBITMQ_ENABLED_PLUGINS_FILE=str(d / "enabled_plugins"),
-               RABBITMQ_PID_FILE=str(d / "rabbit.pid"), RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+               RABBITMQ_PID_FILE=str(d / "rabbit.pid"), RABBITMQ_FEATURE_FLAGS_FILE=str(d / "feature_flags"),
+               ERL_CRASH_DUMP=str(d / "erl_crash.dump"), RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
                RABBITMQ_NODE_PORT=str(amqp), RABBITMQ_DIST_PORT=str(dist), ERL_EPMD_ADDRESS="127.0.0.1",
                ERL_EPMD_PORT=str(epmd),
                RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}")
     log = open(d / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime, closed below
-    proc = subprocess.Popen([exe], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([exe], env=env, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not _port_open(mqtt_port):
@@ -305,7 +310,7 @@ def rabbitmq(tmp_path_factory):
         log.close()
 
 
-def test_rabbitmq_federation_and_a_late_device_reaches_the_same_global(rabbitmq, tmp_path):
+def test_rabbitmq_federation_and_a_late_device_reaches_the_same_global(rabbitmq, tmp_path, caplog):
     """RabbitMQ 3.10 speaks MQTT 3.1.1 only and delivers retained messages to exact-topic
     subscriptions only: 2 agents train 2 rounds, then a third joins late and reaches the global
     the others hold (exact chunk topics from the manifest, exact next-difference topics)."""
@@ -332,3 +337,4 @@ def test_rabbitmq_federation_and_a_late_device_reaches_the_same_global(rabbitmq,
         stop_all(procs)
     late_log = (tmp_path / "a2.log").read_text()
     assert "applied global version 2" in late_log
+    assert "refused MQTT 5" in caplog.text and "retrying with MQTT 3.1.1" in caplog.text  # the watcher
