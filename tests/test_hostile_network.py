@@ -53,10 +53,10 @@ class TelemetryWatch:
         def on(topic: str, payload: bytes) -> None:
             try:
                 tel = m.Telemetry.from_json(payload)
+                if topic == TOPICS.device_telemetry(tel.device_id):
+                    self.latest[tel.device_id] = tel
             except ProtocolError:
                 return  # the hostile client's junk
-            if topic == TOPICS.device_telemetry(tel.device_id):
-                self.latest[tel.device_id] = tel
 
         self.t.subscribe(TOPICS.all_device_telemetry, on, qos=0)
         self.t.connect(10)
