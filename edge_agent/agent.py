@@ -278,10 +278,14 @@ class EdgeAgent:
                 return  # an earlier status of ours (a replay): the coordinator ignores it
             if self.signer is None and st.device_id == self.device_id:
                 # unsigned, the coordinator cannot tell it from ours: step above it in the order
+                # (a new connection mark above the forgery's; the Will of the next connection too)
                 with self._presence_lock:
                     self.seq = max(self.seq, st.seq)
                     self._counter = max(self._counter, st.conn, st.counter)
+                    self.conn = self._next_counter()
                 self.state_file.raise_birth_seq(self.seq)
+                with contextlib.suppress(Exception):
+                    self.transport.set_will(self._will())
         self.status_forged += 1
         if time.monotonic() - self._status_restored_at >= 1.0:  # not faster than once a second
             self._status_restored_at = time.monotonic()

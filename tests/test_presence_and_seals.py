@@ -154,3 +154,72 @@ def test_a_broker_that_refuses_mqtt5_is_recognised():
     assert refuses_mqtt5("refused by broker: Unsupported protocol version (reason code 132)")
     assert not refuses_mqtt5("cannot connect: TLS failure (before CONNACK)")
     assert not refuses_mqtt5("not authorized: broker says 'Not authorized'")
+
+
+class _Recorder:
+    """A transport that records what the agent publishes."""
+
+    connected = True
+    messages_rejected = 0
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.wills: list[bytes] = []
+
+    def publish(self, topic, payload, **kw):
+        from fedmq_protocol.transport import Published
+
+        self.published.append((topic, bytes(payload)))
+        return Published(len(payload), 0)
+
+    def set_will(self, will) -> None:
+        self.wills.append(will.payload)
+
+
+def test_an_agent_replaces_a_forged_status_on_its_topic_and_steps_above_it(tmp_path):
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import AgentConfig
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "response": "b"}\n')
+    rec = _Recorder()
+    agent = EdgeAgent(AgentConfig(device_id="d1", model="tiny-llama", data={"train": train}, federation="t",
+                                  state_dir=tmp_path / "agent"), transport=rec)
+    agent.state = "idle"
+    agent.announce()
+    mine = m.DeviceStatus.from_json(rec.published[-1][1])
+    assert m.DeviceStatus.from_json(agent._will().payload).will  # the Will says it is one
+    forged = mine.model_copy(update={"seq": mine.seq + 7, "state": "loading", "counter": 10**6})
+    agent._events.put(("own_status", TOPIC, forged.to_json(), time.time()))
+    agent._pump(0)
+    again = m.DeviceStatus.from_json(rec.published[-1][1])
+    assert again.order > forged.order and again.state == "idle"
+    assert agent.rejected == {"own_status": 1} and agent.status_forged == 1
+    assert m.DeviceStatus.from_json(rec.wills[-1]).order > forged.order  # the next connection's Will
+    reg = DeviceRegistry({}, TOPICS, offline_grace_s=0)  # as the coordinator sees the sequence
+    for payload in (mine.to_json(), forged.to_json(), rec.published[-1][1]):
+        reg.on_status(TOPIC, payload)
+    assert reg.devices["d1"].state == "idle"
+    n = len(rec.published)
+    agent._events.put(("own_status", TOPIC, mine.to_json(), time.time()))  # an older one of ours
+    agent._pump(0)
+    assert len(rec.published) == n and agent.status_forged == 1
+
+
+def test_seal_wire_format_is_the_documented_one():
+    """docs/protocol.md "Sealed coordinator messages", computed independently of fedmq's code."""
+    import hashlib
+
+    import msgpack
+
+    body = m.Task(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id="d1", global_version=0, deadline_s=60,
+                  adapter=m.AdapterSpec()).to_msgpack()
+    topic = TOPICS.device_task("d1")
+    sealed = Sealer("t", start=41).seal(topic, body, round_no=1, version=0)
+    obj = msgpack.unpackb(sealed, raw=False)
+    assert list(obj) == ["fedmq_sealed", "topic", "round", "version", "counter", "body", "check"]
+    signed = b"fedmq-coordinator-seal-v1\x00" + msgpack.packb(
+        ["t", topic, 1, 0, 42, hashlib.sha256(body).digest()], use_bin_type=True)
+    assert obj == {"fedmq_sealed": 1, "topic": topic, "round": 1, "version": 0, "counter": 42, "body": body,
+                   "check": hashlib.sha256(signed).digest()}
+    assert m.Task.from_msgpack(obj["body"]).task_id == "r1-fit-v0-a0"  # the message bytes, unchanged
