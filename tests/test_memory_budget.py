@@ -336,6 +336,7 @@ class FakeTransport:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.on_connect: list = []
+        self.on_disconnect: list = []
         self.bytes_sent = self.bytes_received = 0
         self.connected = True
 
