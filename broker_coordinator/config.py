@@ -75,7 +75,17 @@ class CoordinatorConfigBase(BaseModel):
         default_factory=dict,
         description="device_id -> Ed25519 public key: a file (PEM or base64 of the raw 32 bytes) or the base64 itself")
     require_signatures: bool | None = Field(
-        None, description="refuse updates not signed by their device's key (default: on when device_keys is set)")
+        None, description="refuse updates and statuses not signed by their device's key "
+        "(default: on when device_keys is set)")
+    coordinator_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every task, global, "
+        "difference and retained mode message; agents check it with coordinator_public_key")
+    status_max_age_s: float | None = Field(
+        120, gt=0, description="a device whose status has not been refreshed for this long is not ready "
+        "(agents refresh theirs every status_interval_s); null: statuses never age")
+    retained_guard_s: float = Field(
+        5.0, gt=0, description="a forged copy of one of the coordinator's retained messages is replaced "
+        "by the real one at most this often per topic")
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
@@ -111,6 +121,13 @@ class CoordinatorConfigBase(BaseModel):
                 load_public_key(key)
             except SigningKeyError as exc:
                 raise ValueError(f"device_keys.{device_id}: {exc}") from None
+        if self.coordinator_key is not None:
+            from fedmq_protocol.signing import Signer, SigningKeyError
+
+            try:
+                Signer.from_file(self.coordinator_key)
+            except SigningKeyError as exc:
+                raise ValueError(f"coordinator_key: {exc}") from None
         if self.require_signatures and not self.device_keys:
             raise ValueError("require_signatures needs device_keys (device_id: public key)")
         return self

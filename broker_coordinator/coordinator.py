@@ -8,10 +8,17 @@
 
 Threading: paho's network thread only enqueues raw payloads; every decision and every piece of
 state is handled on the coordinator's own thread, so no state is shared between threads.
+
+Intake is bounded per message class (``Inbox``): updates from devices the open fan-out awaits
+come first and are never dropped for room; other updates, statuses and copies of the
+coordinator's own retained topics each have a bounded queue whose overflow is dropped and
+counted, so junk cannot starve the work. Refusals are counted per source topic and reason and
+logged at most once per topic per ``REJECTION_LOG_EVERY_S``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -30,14 +37,66 @@ from broker_coordinator.registry import DeviceRegistry
 from broker_coordinator.rounds import RoundFailed, RoundRunner
 from broker_coordinator.state import CoordinatorState, FileStateStore, StateStore
 from fedmq_protocol import messages as m
+from fedmq_protocol.chunking import split_chunk_topic
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.signing import Verifier
+from fedmq_protocol.rejections import RejectionLog
+from fedmq_protocol.seal import Sealer
+from fedmq_protocol.signing import Signer, Verifier
 from fedmq_protocol.topics import QOS_ROUNDS, QOS_STATUS, QOS_UPDATE, Topics
 from fedmq_protocol.transport import MqttTransport, WillMessage
 
 log = logging.getLogger("fedmq.coordinator")
 
 STATUS_COUNTERS_EVERY_S = 1.0  # at most this often, a rejection republishes the status (counters)
+REJECTION_LOG_EVERY_S = 10.0  # refused input: one log line per source topic at most this often
+# events held per class before new ones are dropped (counted); "awaited" (updates from devices
+# the open fan-out waits for) and "control" are never dropped
+INBOX_LIMITS = {"update": 64, "status": 2048, "retained": 256}
+INBOX_ORDER = ("control", "awaited", "status", "update", "retained")
+
+Event = tuple[str, str, bytes, float]
+
+
+class Inbox:
+    """The coordinator's bounded queues of events, one per class, taken in ``INBOX_ORDER``."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._q: dict[str, collections.deque[Event]] = {c: collections.deque() for c in INBOX_ORDER}
+        self.dropped: dict[str, int] = {}
+
+    def put(self, cls: str, event: Event) -> bool:
+        with self._cv:
+            q = self._q[cls]
+            limit = INBOX_LIMITS.get(cls)
+            if limit is not None and len(q) >= limit:
+                self.dropped[cls] = self.dropped.get(cls, 0) + 1
+                return False
+            q.append(event)
+            self._cv.notify()
+            return True
+
+    def _take(self) -> Event | None:
+        for cls in INBOX_ORDER:
+            if self._q[cls]:
+                return self._q[cls].popleft()
+        return None
+
+    def get(self, timeout: float | None = None) -> Event:
+        with self._cv:
+            event = self._take()
+            if event is None and self._cv.wait_for(lambda: any(self._q.values()), timeout=timeout):
+                event = self._take()
+        if event is None:
+            raise queue.Empty
+        return event
+
+    def get_nowait(self) -> Event:
+        return self.get(timeout=0)
+
+    def put_event(self, event: Event) -> None:
+        """An event of the coordinator's own (control class)."""
+        self.put("control", event)
 
 __all__ = ["Coordinator", "RoundFailed"]
 
@@ -61,7 +120,12 @@ class Coordinator:
         self.counters = CoordinatorCounters()
         self.on_round = on_round
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
-        self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
+        self._events = Inbox()
+        self.rejections = RejectionLog(log, REJECTION_LOG_EVERY_S)
+        signer = Signer.from_file(config.coordinator_key) if config.coordinator_key is not None else None
+        self.sealer = Sealer(config.federation, signer)
+        self._guarded_at: dict[str, float] = {}  # logical topic -> when its real copy was last put back
+        self._guard_filters: set[str] = set()
         self._stop = threading.Event()
         self.alive_at = time.monotonic()  # liveness for a supervisor (systemd watchdog)
         self._counters_published: dict[str, int] = {}
@@ -73,33 +137,57 @@ class Coordinator:
                            m.CoordinatorStatus(online=False, seq=self._status_seq, state="offline").to_json(),
                            QOS_STATUS, True)
         self.transport = transport or MqttTransport(config.broker, config.coordinator_id, will=will)
-        self.registry = DeviceRegistry(self.state.devices, self.topics, config.offline_grace_s)
         verifier = Verifier.from_config(config.device_keys, config.federation) if config.device_keys else None
+        self.registry = DeviceRegistry(self.state.devices, self.topics, config.offline_grace_s,
+                                       status_max_age_s=config.status_max_age_s, verifier=verifier,
+                                       signatures_required=config.signatures_required)
         self.intake = UpdateIntake(self.topics, self.mode, self.counters,
                                    max_message_bytes=config.broker.max_message_bytes,
                                    verifier=verifier, signatures_required=config.signatures_required)
-        self.publisher = GlobalPublisher(self.transport, self.topics, self.mode, self.state)
+        self.publisher = GlobalPublisher(self.transport, self.topics, self.mode, self.state, self.sealer)
         self.rounds = RoundRunner(config, self.topics, self.transport, self.store, self.state, self.mode,
                                   self.registry, self.intake, self.publisher, self.counters,
                                   pump=self._pump, stopped=self._stop.is_set, set_status=self._publish_status,
-                                  handle=self._handle)
+                                  handle=self._handle, sealer=self.sealer)
 
     # ------------------------------------------------------------------ wiring
     def _enqueue(self, kind: str) -> Callable[[str, bytes], None]:
         def handler(topic: str, payload: bytes) -> None:
-            self._events.put((kind, topic, payload, time.time()))
+            cls = kind
+            if kind == "update" and self._awaited(topic):
+                cls = "awaited"
+            if not self._events.put(cls, (kind, topic, payload, time.time())):
+                self.counters.dropped += 1
 
         return handler
+
+    def _awaited(self, topic: str) -> bool:
+        """(network thread) An update from a device the open fan-out (or the round to restore) awaits."""
+        try:
+            return self.topics.device_id_from(topic) in self.rounds.awaited()
+        except (ProtocolError, RuntimeError):  # junk topic; a set resized while read
+            return False
 
     def start(self) -> None:
         self.transport.subscribe(self.topics.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
         self.transport.subscribe(self.topics.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True)
+        # the coordinator's own retained topics: a copy it did not publish is a forgery, replaced
+        self._guard(f"{self.topics.global_model}/#")
+        self._guard(self.topics.global_model)
+        self._guard(self.topics.coordinator_status)
         self.transport.on_connect.append(lambda session_present: self._publish_status("running"))
         # handled on the coordinator thread: after a broker restart re-assert what the broker lost
         self.transport.on_connect.append(
-            lambda session_present: self._events.put(("connected", "", b"1" if session_present else b"", time.time())))
+            lambda session_present: self._events.put_event(
+                ("connected", "", b"1" if session_present else b"", time.time())))
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self._publish_status("starting")
+
+    def _guard(self, topic_filter: str) -> None:
+        if topic_filter in self._guard_filters:
+            return
+        self._guard_filters.add(topic_filter)
+        self.transport.subscribe(topic_filter, self._enqueue("retained"), qos=QOS_STATUS)
 
     def stop(self) -> None:
         self._stop.set()
@@ -142,6 +230,8 @@ class Coordinator:
                 break
             self._handle(*event)
         self._maybe_publish_counters()
+        for topic_filter in sorted(self.publisher.mode_filters - self._guard_filters):
+            self._guard(topic_filter)
 
     def _maybe_publish_counters(self) -> None:
         """Republish the status (with its counters) after rejections, at most once a second."""
@@ -153,11 +243,13 @@ class Coordinator:
     def _handle(self, kind: str, topic: str, payload: bytes, arrived_at: float) -> None:
         try:
             if kind == "status":
-                presence = self.registry.on_status(topic, payload)
+                presence = self.registry.on_status(topic, payload, arrived_at)
                 if presence is not None:
                     self.rounds.on_presence(presence)
             elif kind == "update":
                 self.rounds.on_update(topic, payload, arrived_at)
+            elif kind == "retained":
+                self._on_retained_copy(topic, payload, arrived_at)
             elif kind == "connected":
                 self._on_connected(session_present=bool(payload))
         except ProtocolError as exc:
@@ -173,7 +265,35 @@ class Coordinator:
         elif kind == "status":
             self.counters.status_rejected += 1
         self.counters.last_rejection = f"{topic}: {reason}"[:1000]
-        log.warning("rejected %s on %s: %s", kind, topic, reason[:1000])
+        self.rejections.add(topic, reason, what=f"rejected {kind}")
+
+    def _on_retained_copy(self, wire_topic: str, payload: bytes, arrived_at: float) -> None:
+        """A message on one of the coordinator's retained topics: if it is not what the coordinator
+        put there (a forgery, a replay, a clear), the real one is published again (at most once
+        per ``retained_guard_s`` per topic). One that arrived before the coordinator last published
+        the topic is superseded already (what a predecessor left retained, say)."""
+        ours = self.transport.retained_by_us(wire_topic, payload, arrived_at)
+        if ours:
+            return
+        if ours is None and not payload:
+            return  # a topic we never held, empty: nothing to put back
+        history = self.transport.retained_history.get(wire_topic)
+        if history and arrived_at <= history[-1][1]:
+            return  # arrived before our latest publish there, which replaced it
+        logical = split_chunk_topic(wire_topic)[0]
+        self.counters.retained_forged += 1
+        now = time.monotonic()
+        if now - self._guarded_at.get(logical, -1e9) < self.cfg.retained_guard_s:
+            return
+        self._guarded_at[logical] = now
+        if logical == self.topics.coordinator_status:
+            self._publish_status(self._last_status_state)
+        elif not self.publisher.republish(logical):
+            if ours is None and wire_topic == logical:
+                return  # not one of ours: a forged message a receiver refuses (no seal of ours)
+            self.transport.publish(wire_topic, b"", qos=QOS_STATUS, retain=True)  # a chunk we never wrote
+        self.counters.retained_restored += 1
+        log.warning("%s held a message this coordinator did not publish; the real one is back", wire_topic)
 
     def _on_connected(self, session_present: bool) -> None:
         if not self._connected_before:
@@ -186,6 +306,11 @@ class Coordinator:
     def figures(self) -> dict[str, Any]:
         """Counters for operators and tests (logged as one JSON line after every round)."""
         out: dict[str, Any] = self.counters.as_dict()
+        out["dropped_by_class"] = dict(self._events.dropped)
+        out["rejected_total"] = self.rejections.total
+        out["rejected_by_topic"] = self.rejections.top_topics()
+        out["rejected_by_reason"] = dict(sorted(self.rejections.by_reason.items(), key=lambda kv: -kv[1])[:20])
+        out["status_replays_ignored"] = self.registry.replays_ignored
         stats = self.transport.stats()
         out.update({k: stats[k] for k in ("connects", "disconnects", "messages_rejected") if k in stats})
         for key in ("expired", "duplicates"):  # chunked transfers dropped idle / frames seen twice

@@ -20,6 +20,10 @@ class CoordinatorCounters:
     status_rejected: int = 0
     frames_rejected: int = 0  # refused by the transport before decoding (framing, chunking, size)
     errors: int = 0  # unexpected exceptions while handling input (a bug; counted, logged, survived)
+    dropped: int = 0  # input dropped unread: its class's intake queue was full (a flood)
+    queued_after_restart: int = 0  # updates the broker held for a restarted coordinator, accepted
+    retained_forged: int = 0  # copies on the coordinator's retained topics it did not publish
+    retained_restored: int = 0  # of those, real ones published again
     last_rejection: str = ""
 
     def as_dict(self) -> dict[str, int]:

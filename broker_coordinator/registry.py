@@ -1,8 +1,14 @@
 """The device registry: what the coordinator knows of each device, from its presence messages.
 
-Presence is the retained status each agent publishes (birth) and its Last Will (death), paired by
-``seq``: a status older than the latest one seen is stale and ignored. The records live in
-``CoordinatorState.devices`` and are persisted with it; ``online`` is re-learnt after a restart.
+Presence is the retained status each agent publishes (birth, refreshed every
+``status_interval_s``) and its Last Will (death). Statuses are totally ordered
+(``DeviceStatus.order``: process ``seq``, connection, birth before death, message counter): one
+not later than the latest accepted is a replay, a redelivery or a stale Will, and is ignored, so
+no copy of an earlier status can move a device back. A device whose status has not been
+refreshed for ``status_max_age_s`` is not counted as ready (a wrong state cannot stick). With
+device keys, a status must be signed by its device (``require_signatures``: unsigned ones are
+refused). The records live in ``CoordinatorState.devices`` and are persisted with it;
+``online`` is re-learnt after a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from broker_coordinator.state import DeviceRecord
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.signing import Verifier
 from fedmq_protocol.topics import Topics
 
 log = logging.getLogger("fedmq.coordinator")
@@ -29,15 +36,22 @@ class Presence:
 
 
 class DeviceRegistry:
-    def __init__(self, devices: dict[str, DeviceRecord], topics: Topics, offline_grace_s: float) -> None:
+    def __init__(self, devices: dict[str, DeviceRecord], topics: Topics, offline_grace_s: float, *,
+                 status_max_age_s: float | None = None, verifier: Verifier | None = None,
+                 signatures_required: bool = False) -> None:
         self.devices = devices
         self.topics = topics
         self.offline_grace_s = offline_grace_s
+        self.status_max_age_s = status_max_age_s
+        self.verifier = verifier
+        self.signatures_required = signatures_required
         self._announce_expected: set[str] = set()  # after the broker lost our session
+        self._relearn = set(devices)  # after a restart, the retained status (order seen before) counts once
+        self.replays_ignored = 0  # statuses not later than the latest accepted (replays, stale Wills)
         for dev in devices.values():
             dev.online = False  # presence is re-learnt from the retained status topics
 
-    def on_status(self, topic: str, payload: bytes) -> Presence | None:
+    def on_status(self, topic: str, payload: bytes, arrived_at: float | None = None) -> Presence | None:
         """Record a status message (None: cleared or stale); ProtocolError when it is invalid."""
         if not payload:
             return None  # a cleared retained status
@@ -45,11 +59,18 @@ class DeviceRegistry:
         st = m.DeviceStatus.from_json(payload)
         if st.device_id != device_id:
             raise ProtocolError(f"status names device {st.device_id!r} but was published on {topic!r}")
+        self._check_signature(st)
         dev = self.devices.setdefault(device_id, DeviceRecord(device_id))
-        if st.seq < dev.seq:
-            return None  # a stale Will or birth from an earlier connection
+        order = list(st.order)
+        if dev.order is not None and (order < dev.order or (order == dev.order and device_id not in self._relearn)):
+            self.replays_ignored += 1
+            return None  # a replay, a QoS 1 redelivery, or a stale Will or birth from an earlier connection
+        if dev.order is None and st.seq < dev.seq:
+            return None  # a record of an earlier release: only seq was kept
+        self._relearn.discard(device_id)
         was_online, was_seq = dev.online, dev.seq
-        dev.seq, dev.online, dev.last_seen = st.seq, st.online, time.time()
+        dev.seq, dev.order, dev.online = st.seq, order, st.online
+        dev.last_seen = time.time() if arrived_at is None else arrived_at  # never the status's own ts
         dev.state = st.state if st.online else "offline"
         if st.online:
             dev.method, dev.model = st.method, st.model
@@ -60,18 +81,33 @@ class DeviceRegistry:
             if st.memory is not None and st.memory.refused and dev.state == "refused":
                 log.warning("device %s refuses to train: %s", device_id, st.memory.refused)
         if was_online != dev.online:
-            log.info("device %s is %s", device_id, "online" if dev.online else "offline")
+            log.info("device %s is %s%s", device_id, "online" if dev.online else "offline",
+                     " (Last Will)" if st.will else "")
         back = not was_online or st.seq > was_seq or device_id in self._announce_expected
         if st.online:
             self._announce_expected.discard(device_id)
         return Presence(device_id, st.online, back)
 
+    def _check_signature(self, st: m.DeviceStatus) -> None:
+        if self.verifier is None:
+            return
+        if not self.signatures_required and (st.signature is None or st.device_id not in self.verifier.keys):
+            return  # optional: unsigned or unknown devices pass, a bad signature does not
+        self.verifier.verify_status(st)
+
     def expect_announcements(self, device_ids: set[str]) -> None:
         """These devices' next status counts as their coming back (the broker lost our session)."""
         self._announce_expected = set(device_ids)
 
+    def fresh(self, dev: DeviceRecord, now: float | None = None) -> bool:
+        """Its status was refreshed within ``status_max_age_s`` (no limit: always)."""
+        if self.status_max_age_s is None:
+            return True
+        return (time.time() if now is None else now) - dev.last_seen <= self.status_max_age_s
+
     def ready(self) -> list[DeviceRecord]:
-        return [d for d in self.devices.values() if d.ready]
+        now = time.time()
+        return [d for d in self.devices.values() if d.ready and self.fresh(d, now)]
 
     def ready_with_data(self) -> int:
         return len([d for d in self.ready() if d.num_samples > 0])

@@ -21,6 +21,7 @@ from broker_coordinator.registry import DeviceRegistry, Presence
 from broker_coordinator.state import CoordinatorState, StateStore
 from broker_coordinator.strategy import mean_eval_loss, select_devices
 from fedmq_protocol import messages as m
+from fedmq_protocol.seal import Sealer
 from fedmq_protocol.signing import new_nonce
 from fedmq_protocol.topics import QOS_TASK, Topics
 from fedmq_protocol.transport import MqttTransport
@@ -55,7 +56,7 @@ class RoundRunner:
         state: CoordinatorState, mode: CoordinatorMode, registry: DeviceRegistry, intake: UpdateIntake,
         publisher: GlobalPublisher, counters: CoordinatorCounters, *,
         pump: Callable[[float], None], stopped: Callable[[], bool], set_status: Callable[[str], None],
-        handle: EventHandler,
+        handle: EventHandler, sealer: Sealer | None = None,
     ) -> None:
         self.cfg, self.topics, self.transport, self.store, self.state = cfg, topics, transport, store, state
         self.mode, self.registry, self.intake = mode, registry, intake
@@ -64,6 +65,24 @@ class RoundRunner:
         self.open: Collection | None = None  # the fan-out whose results are being collected
         self.traffic = Traffic()
         self._restoring = False  # replaying the open round's accepted updates from disk
+        self.sealer = sealer or Sealer(topics.federation)
+        # Until the open round recorded before a restart is restored, updates for it that the
+        # broker kept for this coordinator (its session) wait here instead of being refused
+        self._restore_selected: frozenset[str] = frozenset()
+        self._held: list[tuple[str, bytes, float]] = []
+        try:
+            found = store.load_open_round()
+        except Exception:  # noqa: BLE001 - an unreadable record is reported when the round starts
+            found = None
+        if found is not None and found[0].kind == "fit" and found[0].round == state.round_completed + 1:
+            self._restore_selected = frozenset(found[0].selected)
+
+    def awaited(self) -> frozenset[str]:
+        """Devices whose updates the coordinator waits for (read from the network thread)."""
+        c = self.open
+        if c is not None:
+            return frozenset(c.expected)
+        return self._restore_selected
 
     # ------------------------------------------------------------------ tasks
     def send_tasks(self, kind: m.TaskKind, round_no: int, attempt: int, devices: list[str],
@@ -82,7 +101,9 @@ class RoundRunner:
             fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + c.round_no * 7919 + c.attempt}),
             model=self.cfg.model, payload=self.mode.task_payload(c.kind, c.round_no), nonce=c.nonce,
         )
-        n = self.transport.publish(self.topics.device_task(dev), task.to_msgpack(), qos=QOS_TASK, framed=True).bytes
+        topic = self.topics.device_task(dev)
+        sealed = self.sealer.seal(topic, task.to_msgpack(), round_no=c.round_no, version=c.base_version)
+        n = self.transport.publish(topic, sealed, qos=QOS_TASK, framed=True).bytes
         self.traffic.add("down", dev, n)
         return n
 
@@ -106,6 +127,10 @@ class RoundRunner:
 
     def on_update(self, topic: str, payload: bytes, arrived_at: float) -> None:
         c = self.open
+        if (c is None and self._restore_selected and len(self._held) < 4 * len(self._restore_selected)
+                and self.topics.device_id_from(topic) in self._restore_selected):
+            self._held.append((topic, payload, arrived_at))  # fed to the round once it is restored
+            return
         upd = self.intake.receive(topic, payload, arrived_at, c)
         if upd is None:
             log.info("duplicate update from %s for %s ignored",
@@ -310,6 +335,7 @@ class RoundRunner:
                 or rec.attempt > self.cfg.round_retries):
             log.info("discarding the open round recorded before the restart (%s)", rec.task_id)
             self.store.clear_open_round()
+            self._release_held()
             return None
         self.wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
         gv = self.state.global_version
@@ -332,7 +358,19 @@ class RoundRunner:
             self._restoring = False
         log.info("round %d: resuming task %s with %d accepted update(s) restored from disk (%s)",
                  round_no, c.task_id, len(c.accepted), ", ".join(sorted(c.accepted)) or "none")
+        before = self.counters.updates_accepted
+        self._release_held()
+        if self.counters.updates_accepted > before:
+            self.counters.queued_after_restart += self.counters.updates_accepted - before
+            log.info("round %d: %d update(s) the broker held for this coordinator accepted",
+                     round_no, self.counters.updates_accepted - before)
         return c
+
+    def _release_held(self) -> None:
+        """Feed the updates held until the restore (the open round is now restored, or gone)."""
+        held, self._held, self._restore_selected = self._held, [], frozenset()
+        for topic, payload, arrived_at in held:
+            self._handle("update", topic, payload, arrived_at)
 
 
 def protocol_timings(updates: list[m.Update], c: Collection, aggregate_s: float, publish_s: float) -> dict[str, float]:

@@ -33,7 +33,9 @@ class DeviceRecord:
     device_id: str
     online: bool = False
     seq: int = -1
-    last_seen: float = 0.0
+    # DeviceStatus.order of the latest status accepted (statuses not later are ignored)
+    order: list[int] | None = None
+    last_seen: float = 0.0  # arrival of the latest status accepted (a Will is dated by its arrival)
     state: str | None = None
     method: str | None = None
     model: str | None = None

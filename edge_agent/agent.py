@@ -12,6 +12,7 @@ the agent's main thread. A small telemetry thread reads progress fields (plain a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -36,14 +37,22 @@ from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.modes import ModePayload
+from fedmq_protocol.rejections import RejectionLog
+from fedmq_protocol.seal import SealOpener
 from fedmq_protocol.storage import atomic_write
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_TELEMETRY, QOS_UPDATE, Topics
 from fedmq_protocol.transport import MqttTransport, WillMessage
+from fedmq_protocol.transport.errors import SubscriptionRefused
 
 log = logging.getLogger("fedmq.agent")
 
 AGENT_VERSION = "0.1.0"
-_RUNTIME_KINDS = ("task", "global")  # event kinds of the runtime's own subscriptions
+_RUNTIME_KINDS = ("task", "global", "own_status")  # event kinds of the runtime's own subscriptions
+# bounded event queues, by kind: a flood of one kind cannot grow memory or starve the others
+EVENT_QUEUE_LIMITS = {"own_status": 64}  # events held per kind (default below)
+EVENT_QUEUE_DEFAULT = 4096
+EVENT_QUEUE_BYTES = 64 << 20  # payload bytes held per kind (one event is always taken)
+REJECTION_LOG_EVERY_S = 10.0  # refused payloads: one log line per topic at most this often
 
 
 class AgentError(RuntimeError):
@@ -71,6 +80,60 @@ class AgentStateFile:
         self.save()
         return seq
 
+    def raise_birth_seq(self, seq: int) -> None:
+        if seq > int(self.data.get("birth_seq", 0)):
+            self.data["birth_seq"] = seq
+            self.save()
+
+
+class EventQueues:
+    """The agent's inbox: one bounded queue per event kind, taken in arrival order.
+
+    The network thread puts, the agent's thread gets. A kind whose queue is full (events or
+    bytes) drops the new event (counted in ``dropped``): junk on one topic cannot take another
+    kind's room, nor grow memory without bound."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._items: dict[str, collections.deque[tuple[int, tuple[str, str, bytes, float]]]] = {}
+        self._n = 0
+        self._bytes: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+
+    def put(self, event: tuple[str, str, bytes, float]) -> None:
+        kind = event[0]
+        limit = EVENT_QUEUE_LIMITS.get(kind, EVENT_QUEUE_DEFAULT)
+        with self._cv:
+            q = self._items.setdefault(kind, collections.deque())
+            held = self._bytes.get(kind, 0)
+            if q and (len(q) >= limit or held + len(event[2]) > EVENT_QUEUE_BYTES):
+                self.dropped[kind] = self.dropped.get(kind, 0) + 1
+                return
+            self._n += 1
+            self._bytes[kind] = held + len(event[2])
+            q.append((self._n, event))
+            self._cv.notify()
+
+    def get(self, timeout: float | None = None) -> tuple[str, str, bytes, float]:
+        with self._cv:
+            if not any(self._items.values()) and not self._cv.wait_for(
+                    lambda: any(self._items.values()), timeout=timeout):
+                raise queue.Empty
+            q = min((q for q in self._items.values() if q), key=lambda q: q[0][0])
+            event = q.popleft()[1]
+            self._bytes[event[0]] -= len(event[2])
+            return event
+
+    def get_nowait(self) -> tuple[str, str, bytes, float]:
+        return self.get(timeout=0)
+
+    def qsize(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._items.values())
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
 
 class EdgeAgent:
     def __init__(self, config: AgentConfig, *, transport: MqttTransport | None = None) -> None:
@@ -84,13 +147,21 @@ class EdgeAgent:
         self.eval_examples = load_jsonl(config.data.eval) if config.data.eval else []
         self.state_file = AgentStateFile(config.state_dir)
         self.seq = self.state_file.next_birth_seq()
+        # presence order (messages.DeviceStatus.order): a connection mark and a per-message counter
+        self._presence_lock = threading.RLock()
+        self._counter = 0
+        self.conn = self._next_counter()
+        self._announced_at = 0.0
+        self._last_status: bytes | None = None  # the last status this agent published (its own copy)
+        self._status_restored_at = 0.0
+        self.status_forged = 0  # someone else's status on this device's topic, replaced by ours
         self.stop_event = threading.Event()
         # Liveness for a supervisor (systemd watchdog): refreshed by the work loop and, through the
         # progress callback every fit gets from _fit, by every training step (_heartbeat)
         self.alive_at = time.monotonic()
         self.on_ready: list[Callable[[], Any]] = []  # called once connected, announced and the model resolved
         # (kind, topic, payload, arrival wall time): arrival is stamped on the network thread
-        self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
+        self._events = EventQueues()
         self._seen_tasks: list[str] = []
         self._results = ResultCache(config.state_dir)
         self.results_resent = 0
@@ -109,10 +180,16 @@ class EdgeAgent:
         self.signer = signer
         self._updates = UpdateBuilder(self.device_id, config.federation, self.uplink, signer)
         self.rejected: dict[str, int] = {}  # payloads refused, by kind (published in telemetry)
+        self.rejections = RejectionLog(log, REJECTION_LOG_EVERY_S)  # by topic and reason, log rate-limited
+        self.seals = _seal_opener(config)  # tasks, globals, mode messages: the coordinator's seal
+        last_task = self.state_file.data.get("task_counter")
+        if isinstance(last_task, int):  # an old task replayed after a restart is still old
+            self.seals.last_counter[self.topics.device_task(self.device_id)] = last_task
         self.global_version: int | None = None  # version whose weights the trainer holds
         self._dirty = False  # the trainer holds local (trained) weights, not the global
         self._global_timing: dict[str, float] = {}
         self._global_topic: str | None = None
+        self._next_diff_topic: str | None = None  # exact subscription to the next difference
         self.mode: AgentMode = create_mode(AgentContext(config, self.topics, Path(config.state_dir), self._memory_plan))
         # memory budget: the plan training runs with, the per-step guard (edge_agent.memory)
         self.memory = MemoryManager(config, self.state_file, method=self.mode.planned_as(config.method))
@@ -123,15 +200,40 @@ class EdgeAgent:
             configure_allocator()  # resident memory tracks what is in use (see edge_agent.memory.guard)
         self.state = "loading"
         self.progress: dict[str, Any] = {}
-        will = WillMessage(self.topics.device_status(self.device_id), self._status(False).to_json(), QOS_STATUS, True)
-        self.transport = transport or MqttTransport(config.broker, f"fedmq-agent-{self.device_id}", will=will)
+        self.transport = transport or MqttTransport(config.broker, f"fedmq-agent-{self.device_id}",
+                                                    will=self._will())
+
+    def _next_counter(self) -> int:
+        with self._presence_lock:
+            self._counter += 1
+            return self._counter
+
+    def _will(self) -> WillMessage:
+        """The Last Will of connection ``self.conn``: says it is a Will and claims nothing current."""
+        st = m.DeviceStatus(device_id=self.device_id, online=False, seq=self.seq, conn=self.conn, will=True,
+                            state="offline", agent_version=AGENT_VERSION)
+        return WillMessage(self.topics.device_status(self.device_id), self._signed(st).to_json(), QOS_STATUS, True)
+
+    def _signed(self, st: m.DeviceStatus) -> m.DeviceStatus:
+        if self.signer is None:
+            return st
+        obj = st.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return st.model_copy(update={"signature": self.signer.sign_status(self.cfg.federation, obj)})
+
+    def _on_disconnected(self, reason: str) -> None:
+        """The next connection gets a new mark, and a Will with it (set before paho reconnects)."""
+        self.conn = self._next_counter()
+        with contextlib.suppress(Exception):
+            self.transport.set_will(self._will())
 
     # ------------------------------------------------------------------ presence & telemetry
     def _status(self, online: bool) -> m.DeviceStatus:
-        return m.DeviceStatus(
+        return self._signed(m.DeviceStatus(
             device_id=self.device_id,
             online=online,
             seq=self.seq,
+            conn=self.conn,
+            counter=self._next_counter(),
             method=self.cfg.method,
             model=self.cfg.model,
             num_samples=len(self.train_examples) if online else None,
@@ -142,7 +244,7 @@ class EdgeAgent:
             agent_version=AGENT_VERSION,
             memory=self.memory.status() if online else None,
             template=self._template(),
-        )
+        ))
 
     def _template(self) -> str:
         """The prompt template in use: the loaded trainer's (chat, plain, custom), else the config's."""
@@ -152,12 +254,43 @@ class EdgeAgent:
         return loaded if isinstance(loaded, str) else template_kind(self.cfg.data.template)
 
     def announce(self) -> None:
+        """Publish the retained status (also every ``status_interval_s``, from the telemetry thread)."""
         try:
-            self.transport.publish(
-                self.topics.device_status(self.device_id), self._status(True).to_json(), qos=QOS_STATUS, retain=True
-            )
+            with self._presence_lock:  # counters in the order the broker gets them
+                payload = self._status(True).to_json()
+                self._last_status, self._announced_at = payload, time.monotonic()
+            self.transport.publish(self.topics.device_status(self.device_id), payload, qos=QOS_STATUS, retain=True)
         except Exception as exc:  # noqa: BLE001 - presence is best effort; the next announce retries
             log.warning("could not publish status: %s", exc)
+
+    def _on_own_status(self, payload: bytes) -> None:
+        """A status on this device's own topic that it did not publish (a forgery or replay, which
+        the broker now retains): ours is published again, above it in the order."""
+        if not payload or payload == self._last_status or self._last_status is None:
+            return
+        try:
+            st = m.DeviceStatus.from_json(payload)
+        except ProtocolError:
+            st = None
+        if st is not None and self._last_status is not None:
+            mine = m.DeviceStatus.from_json(self._last_status)
+            if st.order < mine.order:
+                return  # an earlier status of ours (a replay): the coordinator ignores it
+            if self.signer is None and st.device_id == self.device_id:
+                # unsigned, the coordinator cannot tell it from ours: step above it in the order
+                # (a new connection mark above the forgery's; the Will of the next connection too)
+                with self._presence_lock:
+                    self.seq = max(self.seq, st.seq)
+                    self._counter = max(self._counter, st.conn, st.counter)
+                    self.conn = self._next_counter()
+                self.state_file.raise_birth_seq(self.seq)
+                with contextlib.suppress(Exception):
+                    self.transport.set_will(self._will())
+        self.status_forged += 1
+        if time.monotonic() - self._status_restored_at >= 1.0:  # not faster than once a second
+            self._status_restored_at = time.monotonic()
+            self.announce()
+        raise ProtocolError("a status this device did not publish was on its status topic; ours republished")
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -181,11 +314,20 @@ class EdgeAgent:
             resources=resources.snapshot(),
             uplink=self.uplink.last,
             memory=self.memory.status(),
-            rejected=dict(self.rejected),
+            rejected={**self.rejected, **{f"dropped_{k}": n for k, n in self._events.dropped.items()}},
         )
 
     def _telemetry_loop(self) -> None:
-        while not self.stop_event.wait(self.cfg.telemetry_interval_s):
+        """Telemetry every ``telemetry_interval_s``; the retained status every ``status_interval_s``
+        (so a wrong state the broker retains, or a coordinator that missed one, is corrected)."""
+        next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+        while not self.stop_event.wait(min(1.0, self.cfg.telemetry_interval_s, self.cfg.status_interval_s)):
+            now = time.monotonic()
+            if now - self._announced_at >= self.cfg.status_interval_s and self.transport.connected:
+                self.announce()
+            if now < next_telemetry:
+                continue
+            next_telemetry = now + self.cfg.telemetry_interval_s
             try:
                 self.transport.publish(
                     self.topics.device_telemetry(self.device_id), self.telemetry().to_json(), qos=QOS_TELEMETRY
@@ -207,7 +349,12 @@ class EdgeAgent:
         self.transport.subscribe(self.topics.device_task(self.device_id), handler("task"), qos=QOS_TASK, framed=True)
         self.transport.subscribe(self.topics.global_model, handler("global"), qos=QOS_GLOBAL, framed=True)
         self.transport.subscribe(self.topics.all_global_diffs, handler("global"), qos=QOS_GLOBAL, framed=True)
+        try:
+            self.transport.subscribe(self.topics.device_status(self.device_id), handler("own_status"), qos=QOS_STATUS)
+        except SubscriptionRefused as exc:  # an ACL without read on it: forged statuses go unnoticed here
+            log.warning("cannot watch this device's own status topic: %s", exc)
         self.transport.on_connect.append(lambda session_present: self.announce())
+        self.transport.on_disconnect.append(self._on_disconnected)
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self.announce()
         self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
@@ -255,6 +402,18 @@ class EdgeAgent:
         except queue.Empty:
             return
         try:
+            if kind == "own_status":
+                self._on_own_status(payload)
+                return
+            if payload:  # (an empty payload clears a retained topic)
+                opened = self.seals.open(topic, payload, kind=kind)
+                if opened is None:
+                    self.rejected["replayed"] = self.rejected.get("replayed", 0) + 1
+                    return  # a copy of a message already taken (or an older one): not acted on
+                payload = opened.body
+                if kind == "task" and opened.counter is not None:
+                    self.state_file.data["task_counter"] = opened.counter
+                    self.state_file.save()
             if kind == "global":
                 self._global_topic = topic  # checked against the message (_check_global_topic)
                 self._on_global(payload, arrived_at)
@@ -267,7 +426,7 @@ class EdgeAgent:
 
     def _count_rejection(self, kind: str, topic: str, reason: str) -> None:
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
-        log.warning("rejected %s on %s: %s", kind, topic, reason[:1000])
+        self.rejections.add(topic, reason, what=f"rejected {kind}")
 
     def _on_global(self, payload: bytes, received_at: float) -> None:
         t0 = time.perf_counter()
@@ -279,6 +438,25 @@ class EdgeAgent:
         if self.sync.offer(gm):
             self._global_timing = {"global_receive_s": max(0.0, received_at - gm.created_at),
                                    "global_decode_s": time.perf_counter() - t0}
+            self._follow_next_diff()
+
+    def _follow_next_diff(self) -> None:
+        """Subscribe to the exact topic of the next difference: a broker that delivers retained
+        messages to exact-topic subscriptions only (RabbitMQ) still hands a late device the
+        differences retained after its snapshot (the wildcard subscription takes live ones)."""
+        if self.sync.version is None:
+            return
+        topic = self.topics.global_diff(self.sync.version + 1)
+        if topic == self._next_diff_topic:
+            return
+        old, self._next_diff_topic = self._next_diff_topic, topic
+        try:
+            if old is not None:
+                self.transport.unsubscribe(old)
+            self.transport.subscribe(topic, lambda t, p: self._events.put(("global", t, p, time.time())),
+                                     qos=QOS_GLOBAL, framed=True)
+        except Exception as exc:  # noqa: BLE001 - the wildcard subscription still takes live differences
+            log.debug("no exact subscription to %s: %s", topic, exc)
 
     def _check_global_topic(self, gm: m.GlobalModel) -> None:
         """A snapshot comes on ``global``, difference v on ``global/diff/{v}``: nothing else."""
@@ -521,6 +699,16 @@ class EdgeAgent:
             self._results.remember(task.task_id, self.mode.global_digest(), data)
         n = self.transport.publish(self.topics.device_update(self.device_id), data, qos=QOS_UPDATE, framed=True).bytes
         log.info("sent %s result for %s (%d bytes)", task.kind, task.task_id, n)
+
+
+def _seal_opener(config: AgentConfig) -> SealOpener:
+    key = None
+    if config.coordinator_public_key is not None:
+        from fedmq_protocol.signing import load_public_key
+
+        key = load_public_key(config.coordinator_public_key)
+    return SealOpener(config.federation, key, require_signatures=config.coordinator_signatures_required,
+                      max_bytes=config.broker.max_message_bytes)
 
 
 def create_agent(config: AgentConfig, **kwargs: Any) -> EdgeAgent:

@@ -140,7 +140,16 @@ class AgentConfig(BaseModel):
     memory_budget: MemoryBudgetConfig | None = Field(
         None, description="plan training to fit this memory and guard every step (host_mb, gpu_mb)")
     signing_key: Path | None = Field(
-        None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update")
+        None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every update and status")
+    status_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="the retained status is published again at least this often "
+        "(the coordinator ages out a status not refreshed within its status_max_age_s)")
+    coordinator_public_key: str | None = Field(
+        None, description="the coordinator's Ed25519 public key (a file, PEM or base64 of the raw 32 bytes, "
+        "or the base64 itself): tasks, globals and retained mode messages must carry its signature")
+    require_coordinator_signatures: bool | None = Field(
+        None, description="refuse coordinator messages not signed with coordinator_public_key "
+        "(default: on when the key is set)")
 
     @field_validator("method")
     @classmethod
@@ -162,6 +171,30 @@ class AgentConfig(BaseModel):
             except SigningKeyError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("coordinator_public_key")
+    @classmethod
+    def _public_key_loads(cls, v: str | None) -> str | None:
+        if v is not None:
+            from fedmq_protocol.signing import SigningKeyError, load_public_key
+
+            try:
+                load_public_key(v)
+            except SigningKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _signatures_need_key(self) -> AgentConfig:
+        if self.require_coordinator_signatures and self.coordinator_public_key is None:
+            raise ValueError("require_coordinator_signatures needs coordinator_public_key")
+        return self
+
+    @property
+    def coordinator_signatures_required(self) -> bool:
+        if self.require_coordinator_signatures is None:
+            return self.coordinator_public_key is not None
+        return self.require_coordinator_signatures
 
     @model_validator(mode="before")
     @classmethod

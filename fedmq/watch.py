@@ -84,8 +84,8 @@ class FleetView:
                 self.rounds[msg.round] = obj
             elif isinstance(msg, m.DeviceStatus):
                 dev = self.devices.setdefault(msg.device_id, {})
-                if msg.seq >= dev.get("status", {}).get("seq", -1):  # a stale Will never wins
-                    dev["status"] = obj
+                if msg.order >= tuple(dev.get("order", (-1,))):  # a stale Will or a replay never wins
+                    dev["status"], dev["order"] = obj, list(msg.order)
             elif isinstance(msg, m.Telemetry):
                 self.devices.setdefault(msg.device_id, {})["telemetry"] = obj
         return obj

@@ -317,6 +317,14 @@ class Reassembler:
                 self.last_reason = f"malformed frame on {topic!r}: {type(exc).__name__}: {exc}"
                 raise ProtocolError(self.last_reason) from None
 
+    def missing_chunks(self, topic: str) -> list[int]:
+        """Chunk indices still missing of the transfer on ``topic`` whose manifest arrived."""
+        with self._lock:
+            for tr in self._transfers.values():
+                if tr.topic == topic and tr.manifest is not None:
+                    return [i for i in range(tr.manifest.n_chunks) if i not in tr.chunks]
+        return []
+
     def expire(self) -> list[str]:
         """Drop transfers idle for more than ``timeout_s``; return one reason per drop."""
         with self._lock:

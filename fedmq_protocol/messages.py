@@ -154,13 +154,19 @@ class DeviceMemory(BaseModel):
 class DeviceStatus(Message):
     """Retained birth (``online`` true) and Last-Will death (``online`` false) of a device.
 
-    ``seq`` pairs a death with its birth: a death whose seq is older than the latest birth is
-    stale (a Will delivered after the device already reconnected) and is ignored.
+    Statuses are totally ordered by ``order``: ``seq`` (one per agent process), ``conn`` (one
+    per connection of that process, the Will's mark), then births before the death of their
+    connection, then ``counter`` (one per status message). A status not later than the latest
+    one accepted is a replay, a QoS 1 redelivery or a stale Will, and is ignored. ``will``: this
+    is the Last Will, set at connect time (its ``ts`` is then; the receiver dates it by arrival).
     """
 
     device_id: str
     online: bool
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, lt=1 << 53)
+    conn: int = Field(0, ge=0, lt=1 << 53)
+    counter: int = Field(0, ge=0, lt=1 << 53)
+    will: bool = False
     ts: float = Field(default_factory=time.time)
     method: str | None = None
     model: str | None = None
@@ -174,6 +180,13 @@ class DeviceStatus(Message):
     # the prompt template (agent config data.template): chat | plain | custom once the model is
     # loaded, auto before (JSON status only)
     template: str | None = None
+    # Ed25519 signature by the device's key (base64; fedmq_protocol.signing.sign_status)
+    signature: str | None = Field(None, max_length=128)
+
+    @property
+    def order(self) -> tuple[int, int, int, int]:
+        """Position in the device's total order of statuses (see the class docstring)."""
+        return (self.seq, self.conn, 0 if self.online else 1, self.counter)
 
 
 class CoordinatorStatus(Message):

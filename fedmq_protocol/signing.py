@@ -79,6 +79,19 @@ def signed_bytes(federation: str, update_obj: Mapping[str, Any]) -> bytes:
     return SIGNING_CONTEXT + msgpack.packb(fields, use_bin_type=True)
 
 
+STATUS_CONTEXT = b"fedmq-status-signature-v1\x00"
+
+
+def status_signed_bytes(federation: str, status_obj: Mapping[str, Any]) -> bytes:
+    """What a device signs for a status: its JSON map (``exclude_none``) without ``signature``,
+    keys sorted, compact, after the federation name."""
+    import json
+
+    body = {k: v for k, v in status_obj.items() if k != "signature"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return STATUS_CONTEXT + msgpack.packb([federation, text], use_bin_type=True)
+
+
 # -------------------------------------------------------------------------------------------- keys
 
 
@@ -122,6 +135,14 @@ class Signer:
     def sign(self, federation: str, update_obj: Mapping[str, Any]) -> bytes:
         signature: bytes = self._key.sign(signed_bytes(federation, update_obj))
         return signature
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        signature: bytes = self._key.sign(data)
+        return signature
+
+    def sign_status(self, federation: str, status_obj: Mapping[str, Any]) -> str:
+        """The base64 signature of a status map (``DeviceStatus.signature``)."""
+        return base64.b64encode(self._key.sign(status_signed_bytes(federation, status_obj))).decode()
 
 
 def _is_b64_key(text: str) -> bool:
@@ -198,3 +219,22 @@ class Verifier:
             key.verify(bytes(sig), signed_bytes(self.federation, update_obj))
         except InvalidSignature:
             raise ProtocolError(f"update from {device_id}: signature does not verify with the device's key") from None
+
+    def verify_status(self, status: Any) -> None:
+        """Raise ProtocolError unless a ``DeviceStatus`` is signed by its device's key."""
+        _, _, _, InvalidSignature = _crypto()
+        key = self.keys.get(status.device_id)
+        if key is None:
+            raise ProtocolError(f"no public key for device {status.device_id!r}: unsigned devices are refused")
+        if status.signature is None:
+            raise ProtocolError(f"status of {status.device_id} is not signed")
+        try:
+            sig = base64.b64decode(status.signature, validate=True)
+        except (ValueError, binascii.Error):
+            raise ProtocolError(f"status of {status.device_id}: signature is not base64") from None
+        obj = status.model_dump(by_alias=True, mode="json", exclude_none=True)
+        try:
+            key.verify(sig, status_signed_bytes(self.federation, obj))
+        except InvalidSignature:
+            raise ProtocolError(
+                f"status of {status.device_id}: signature does not verify with the device's key") from None

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv with fedmq and all its extras (agent, demo, test). Idempotent.
 #   ./scripts/install.sh            # Python side only
-#   ./scripts/install.sh --broker   # also Mosquitto 2 and systemd-analyze via apt-get when missing
-#                                   # (the tests run real brokers and verify the systemd units)
+#   ./scripts/install.sh --broker   # also Mosquitto 2, RabbitMQ (its MQTT plugin) and systemd-analyze
+#                                   # via apt-get when missing (the tests run real brokers and verify
+#                                   # the systemd units)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,16 @@ if [ "${1:-}" = "--broker" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
   # fedmq's tests start their own brokers; the packaged service is not needed
   $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+if [ "${1:-}" = "--broker" ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  # the RabbitMQ MQTT-plugin test starts its own node (loopback ports, its own data directory)
+  echo "==> installing rabbitmq-server (apt-get)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rabbitmq-server >/dev/null \
+    || echo "    rabbitmq-server not installed: its test is skipped"
+  $SUDO systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
 fi
 
 if [ "${1:-}" = "--broker" ] && ! command -v systemd-analyze >/dev/null 2>&1; then

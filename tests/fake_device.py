@@ -19,6 +19,7 @@ import numpy as np
 
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import encode
+from fedmq_protocol.seal import body_of
 from fedmq_protocol.signing import Signer
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport, Published
@@ -71,10 +72,13 @@ class FakeDevice:
         self.transport = MqttTransport(cfg, f"fake-{self.device_id}-{time.time_ns()}", clean_start=True)
         self._queue: queue.Queue[m.Task | None] = queue.Queue()
         self.transport.subscribe(self.topics.device_task(self.device_id),
-                                 lambda t, p: self._queue.put(m.Task.from_msgpack(p)), qos=1, framed=True)
+                                 lambda t, p: self._queue.put(m.Task.from_msgpack(body_of(p))), qos=1, framed=True)
         self.transport.connect(10)
         status = m.DeviceStatus(device_id=self.device_id, online=True, seq=int(time.time() * 1000),
                                 num_samples=10, eval_samples=0, state="idle", method="lora")
+        if self.signer is not None:  # a coordinator with device keys refuses unsigned statuses
+            obj = status.model_dump(by_alias=True, mode="json", exclude_none=True)
+            status = status.model_copy(update={"signature": self.signer.sign_status(self.federation, obj)})
         self.transport.publish(self.topics.device_status(self.device_id), status.to_json(), qos=1, retain=True)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()

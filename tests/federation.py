@@ -15,6 +15,7 @@ import yaml
 
 from fedmq_protocol import messages as m
 from fedmq_protocol.globals import GlobalSync
+from fedmq_protocol.seal import body_of
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport
 from fedmq_protocol.transport.config import BrokerConfig
@@ -94,7 +95,7 @@ class Capture:
         def on_global(topic: str, payload: bytes) -> None:
             if not payload:
                 return
-            g = m.GlobalModel.from_msgpack(payload)
+            g = m.GlobalModel.from_msgpack(body_of(payload))
             with self.lock:
                 self.globals_[g.version] = g
                 sync.offer(g)

@@ -16,6 +16,7 @@ from edge_agent.uplink import UplinkConfig, UplinkEncoder
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import CodecSpec, encode
 from fedmq_protocol.globals import GlobalSync
+from fedmq_protocol.seal import body_of
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport
 from fedmq_protocol.transport.config import BrokerConfig
@@ -115,7 +116,7 @@ def test_device_that_misses_two_globals_converges_to_the_coordinators_exact_weig
         def on(self, topic: str, payload: bytes) -> None:
             if payload:
                 with self.lock:
-                    self.sync.offer(m.GlobalModel.from_msgpack(payload))
+                    self.sync.offer(m.GlobalModel.from_msgpack(body_of(payload)))
 
         def wait(self, version: int) -> None:
             deadline = time.monotonic() + 20

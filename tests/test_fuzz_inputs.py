@@ -41,6 +41,7 @@ from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
 from fedmq_protocol.modes.zo import ZoLedgerRound
+from fedmq_protocol.seal import body_of
 from fedmq_protocol.signing import Signer, body_digest, generate_keypair, new_nonce
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport, Published
@@ -301,7 +302,7 @@ class GlobalWatch:
         sync = GlobalSync(max_elements=1 << 24)
 
         def on_global(topic: str, payload: bytes) -> None:
-            if payload and sync.offer(m.GlobalModel.from_msgpack(payload)):
+            if payload and sync.offer(m.GlobalModel.from_msgpack(body_of(payload))):
                 self.weights[sync.version] = sync.arrays
 
         self.transport = MqttTransport(BrokerConfig(url=self.url), f"watch-{time.time_ns()}", clean_start=True)

@@ -336,6 +336,7 @@ class FakeTransport:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
         self.on_connect: list = []
+        self.on_disconnect: list = []
         self.bytes_sent = self.bytes_received = 0
         self.connected = True
 
@@ -529,7 +530,8 @@ def test_coordinator_learns_plans_and_stops_waiting_for_a_device_over_budget():
 
     assert coord.rounds.may_answer("d1", _t.time())
     report = m.OverBudgetReport(task_id="r1-fit-v0-a0", round=1, step=2, peak_host_mb=1100, budget_host_mb=1024)
-    st2 = st.model_copy(update={"seq": 1, "memory": m.DeviceMemory(budget_host_mb=1024, plan=plan, over_budget=report)})
+    st2 = st.model_copy(update={"seq": 1, "counter": 1,  # the next status of the same connection
+                                "memory": m.DeviceMemory(budget_host_mb=1024, plan=plan, over_budget=report)})
     coord._handle("status", coord.topics.device_status("d1"), st2.to_json(), 0.0)
     assert not coord.rounds.may_answer("d1", _t.time())  # the round does not wait for it until the deadline
 

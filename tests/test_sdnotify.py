@@ -157,6 +157,7 @@ class _RecordingTransport:
 
     def __init__(self) -> None:
         self.on_connect: list = []
+        self.on_disconnect: list = []
         self.published: list[tuple[str, bytes]] = []
 
     def publish(self, topic, payload, qos=0, retain=False, framed=False, timeout=None) -> Published:

@@ -7,6 +7,9 @@
 - ``publish(framed=True)`` sends a payload as is, or in chunks (each payload one msgpack object:
   :mod:`fedmq_protocol.chunking`) above the configured chunk size, capped below the broker's
   MQTT 5 Maximum-Packet-Size when announced, and returns :class:`Published` (bytes and chunks).
+- A manifest that arrives without its chunks (a retained one, on a broker that delivers retained
+  messages to exact-topic subscriptions only, as RabbitMQ does) makes the channel subscribe to
+  the exact chunk topics it lists, until the payload completes.
 - A retained framed payload leaves retained chunk topics behind; the channel remembers how many
   per topic and clears the stale higher-index ones when a retained payload shrinks or is cleared.
 - Connecting, re-subscribing after reconnects, in-flight limiting, acknowledgement timeouts and
@@ -15,14 +18,18 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import itertools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedmq_protocol.chunking import CHUNK_OVERHEAD, Reassembler, chunk_topic, frame_payload
+from fedmq_protocol.chunking import CHUNK_OVERHEAD, Reassembler, chunk_topic, frame_payload, split_chunk_topic
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.transport.client import Handler, MqttClient
 from fedmq_protocol.transport.config import BrokerConfig
@@ -30,6 +37,8 @@ from fedmq_protocol.transport.connection import WillMessage
 from fedmq_protocol.transport.errors import SubscriptionRefused, TransportError
 
 _PACKET_OVERHEAD = 64  # fixed header, lengths, packet id, properties: generous
+CATCH_UP = "catch-up:"  # name prefix of the exact chunk-topic subscriptions of one manifest
+MAX_CATCH_UP_TOPICS = 4096
 
 
 @dataclass(frozen=True)
@@ -77,13 +86,21 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
         self._retained_chunks: dict[str, int] = {}
+        # (sha256, wall time handed to the broker) of the last retained messages this client
+        # published, per MQTT topic (chunks included), newest last
+        self.retained_history: dict[str, collections.deque[tuple[bytes, float]]] = {}
         self.messages_rejected = 0
         self.last_reject_reason: str | None = None
+        self.catch_ups = 0  # manifests whose chunks were asked for on their exact topics
 
     # -- connection: the client's -----------------------------------------------------------
     def connect(self, timeout: float | None = None) -> None:
         """Connect and wait for the CONNACK; afterwards reconnect automatically with back-off."""
         self.client.connect(timeout)
+
+    def set_will(self, will: WillMessage) -> None:
+        """The Last Will of the next connection (the current one keeps the Will it connected with)."""
+        self.client.set_will(will)
 
     def close(self) -> None:
         """Disconnect cleanly (the broker does not publish the Will) and stop the loop."""
@@ -189,6 +206,8 @@ class MqttTransport:
     def _reassembling(self, handler: Handler, reassembler: Reassembler) -> Handler:
         """A handler of raw frames that calls ``handler`` with each reassembled payload."""
 
+        catching_up: set[str] = set()
+
         def deliver(topic: str, frame: bytes) -> None:
             for reason in reassembler.expire():
                 self.log.warning("%s", reason)
@@ -198,7 +217,21 @@ class MqttTransport:
                 self._reject(str(exc))
                 return
             if done is not None:
+                if done[0] in catching_up:
+                    catching_up.discard(done[0])
+                    self.client.unsubscribe(CATCH_UP + done[0])
                 handler(done[0], done[1])
+            elif split_chunk_topic(topic)[1] is None:
+                # A manifest whose chunks did not come with it: some brokers (RabbitMQ) deliver
+                # retained messages to exact-topic subscriptions only, so ask for each chunk topic
+                missing = reassembler.missing_chunks(topic)
+                if 0 < len(missing) <= MAX_CATCH_UP_TOPICS:
+                    if topic in catching_up:  # a newer manifest: its chunks instead
+                        self.client.unsubscribe(CATCH_UP + topic)
+                    catching_up.add(topic)
+                    self.catch_ups += 1
+                    self.client.subscribe(CATCH_UP + topic, [chunk_topic(topic, i) for i in missing], deliver,
+                                          qos=1)
 
         return deliver
 
@@ -264,6 +297,11 @@ class MqttTransport:
             with self._lock:
                 retained_before = self._retained_chunks.get(topic, 0)
             messages += [(chunk_topic(topic, i), b"") for i in range(n_chunks, retained_before)]
+            with self._lock:
+                now = time.time()
+                for wire_topic, frame in messages:
+                    hist = self.retained_history.setdefault(wire_topic, collections.deque(maxlen=4))
+                    hist.append((hashlib.sha256(frame).digest(), now))
         self.client.publish_many(messages, qos=qos, retain=retain, timeout=timeout)
         if retain:
             with self._lock:
@@ -272,6 +310,19 @@ class MqttTransport:
                 else:
                     self._retained_chunks.pop(topic, None)
         return Published(bytes=sum(len(frame) for _, frame in messages), chunks=n_chunks)
+
+    def retained_by_us(self, wire_topic: str, payload: bytes, arrived_at: float, echo_s: float = 2.0) -> bool | None:
+        """Whether a message that arrived on ``wire_topic`` is what this client retained there
+        (None: it never retained anything there): the latest, or an earlier one arriving within
+        ``echo_s`` of its successor being published (the echo of a quick succession)."""
+        with self._lock:
+            hist = list(self.retained_history.get(wire_topic, ()))
+        if not hist:
+            return None
+        digest = hashlib.sha256(payload).digest()
+        if digest == hist[-1][0]:
+            return True
+        return any(d == digest and arrived_at - nxt[1] < echo_s for (d, _), nxt in itertools.pairwise(hist))
 
     def publish_json(
         self, topic: str, obj: Any, *, qos: int = 1, retain: bool = False, timeout: float | None = None

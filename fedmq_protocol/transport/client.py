@@ -39,6 +39,12 @@ from fedmq_protocol.transport.errors import SubscriptionRefused, TransportError
 Handler = Callable[[str, bytes], None]
 
 
+def refuses_mqtt5(reason: str) -> bool:
+    """A first-connect failure that means the broker does not speak MQTT 5 (closed before the
+    CONNACK, or refused as an unsupported protocol version)."""
+    return ("before CONNACK" in reason and "TLS failure" not in reason) or "protocol version" in reason.lower()
+
+
 @dataclass(frozen=True, eq=False)
 class RawSubscription:
     """MQTT filters whose messages go, as received, to one handler; ``unsubscribe(name)`` ends it."""
@@ -73,13 +79,8 @@ class MqttClient:
         self.log = logger or logging.getLogger("fedmq.transport")
         self._v5 = config.mqtt_version == "5"
         self._clean_start = clean_start
-        self._paho = new_paho_client(config, client_id, will=will, clean_start=clean_start)
-        self._paho.on_connect = self._on_connect
-        self._paho.on_disconnect = self._on_disconnect
-        self._paho.on_message = self._on_message
-        self._paho.on_subscribe = self._on_subscribe
-        self._paho.on_publish = self._on_publish
-        self._paho.on_connect_fail = self._on_connect_fail
+        self._will = will
+        self._paho = self._new_paho()
 
         self._lock = threading.Lock()
         # Held from paho.publish() until its id is registered, and while on_connect drops and
@@ -110,6 +111,21 @@ class MqttClient:
         self.on_disconnect: list[Callable[[str], None]] = []
 
     # -- connection -------------------------------------------------------------------------
+    def _new_paho(self) -> mqtt.Client:
+        client = new_paho_client(self.config, self.client_id, will=self._will, clean_start=self._clean_start)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_connect_fail = self._on_connect_fail
+        return client
+
+    def set_will(self, will: WillMessage) -> None:
+        """The Last Will of the next connection (the current one keeps the Will it connected with)."""
+        self._will = will
+        self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -139,10 +155,22 @@ class MqttClient:
             return
         with self._lock:
             self._connack = None
-        connect_first_time(
-            self._paho, self.config, self.client_id, clean_start=self._clean_start,
-            timeout=self.config.connect_timeout_s if timeout is None else timeout, connack=self._read_connack,
-        )
+        wait = self.config.connect_timeout_s if timeout is None else timeout
+        try:
+            connect_first_time(self._paho, self.config, self.client_id, clean_start=self._clean_start,
+                               timeout=wait, connack=self._read_connack)
+        except TransportError as exc:
+            if not (self._v5 and refuses_mqtt5(str(exc))):
+                raise
+            # a broker that speaks 3.1.1 only (RabbitMQ 3.10's MQTT plugin) drops an MQTT 5 CONNECT
+            self.log.warning("broker %s refused MQTT 5 (%s); retrying with MQTT 3.1.1", self.url, exc)
+            self.config = self.config.model_copy(update={"mqtt_version": "3.1.1"})
+            self._v5 = False
+            self._paho = self._new_paho()
+            with self._lock:
+                self._connack = None
+            connect_first_time(self._paho, self.config, self.client_id, clean_start=self._clean_start,
+                               timeout=wait, connack=self._read_connack)
         if not self._loop_started:
             self._paho.loop_start()
             self._loop_started = True
