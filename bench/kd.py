@@ -19,7 +19,7 @@ families of the token-mean loss on the answer) and exact-match accuracy (greedy 
 and downlink bytes per client per round. Round 1 of every row is the same local fit from the same
 LoRA init (no consensus yet), computed once.
 
-    OMP_NUM_THREADS=2 python bench/kd.py    # the recorded run (sizes: see --help defaults)
+    OMP_NUM_THREADS=1 python bench/kd.py    # the recorded run (sizes: the --help defaults)
 """
 
 from __future__ import annotations
@@ -94,22 +94,23 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=96)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--samples", type=int, default=40, help="training examples per device")
-    ap.add_argument("--eval-per-family", type=int, default=4)
-    ap.add_argument("--probes-per-family", type=int, default=5)
+    ap.add_argument("--eval-per-family", type=int, default=3)
+    ap.add_argument("--probes-per-family", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weighting", default="best", choices=["samples", "confidence", "best"])
     ap.add_argument("--probe-batch", type=int, default=4)
     ap.add_argument("--blocks", type=int, default=10, help="blocks of the smaller model (SmolLM2-135M has 30)")
-    ap.add_argument("--max-new-tokens", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--model", default="smollm2-135m", help="the larger model (tiny-llama: a smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from edge_agent.methods.kd import Distill, KdMethod
 
     t_start = time.perf_counter()

@@ -274,3 +274,38 @@ def test_probe_positions_cover_every_response_token(tiny_llama, tmp_path):
     assert ans.ids.shape == (4, 3) and np.all(ans.logprobs <= 0)
     assert np.all((ans.confidence > 0) & (ans.confidence <= 1))
     assert Path(tiny_llama).is_dir()
+
+
+def test_an_agent_with_another_tokenizer_refuses_the_task_and_a_foreign_consensus(tmp_path, tiny_family):
+    """A tiny Qwen2 (byte-level too, but other special tokens) in a tiny-Llama federation."""
+    from edge_agent.methods.kd import KdMethod
+    from edge_agent.modes import AgentContext, GlobalRejected
+    from edge_agent.modes.kd import KdMode
+    from fedmq_protocol.topics import Topics
+
+    llama = KdMethod(tiny_family("tiny-llama"), m.AdapterSpec(r=2), device="cpu")
+    qwen = KdMethod(tiny_family("tiny-qwen2"), m.AdapterSpec(r=2), device="cpu")
+    assert llama.tokenizer_fingerprint != qwen.tokenizer_fingerprint
+    probes = (Probe(prompt="Add 1 and 2.", response="3"),)
+    probe_set = KdProbeSet(manifest={"sha256": probe_sha256(probes), "count": 1}, probes=probes)
+    mode = KdMode(AgentContext(None, Topics("fedmq", "t"), tmp_path, lambda *a, **k: None))  # type: ignore[arg-type]
+    mode.on_message("probes", "fedmq/t/kd/probes", probe_set.to_msgpack())
+    payload = KdTask(manifest={**probe_set.manifest.model_dump(), "tokenizer": llama.tokenizer_fingerprint},
+                     top_k=4, lam=1.0, temperature=1.0, max_response_tokens=8, probe_batch_size=1)
+    task = m.Task(kind="fit", task_id="t1", round=1, device_id="dev-9", global_version=0, deadline_s=60,
+                  adapter=m.AdapterSpec(r=2), payload=payload)
+    mode.check_fit(task, llama)  # the federation's tokenizer: accepted
+    with pytest.raises(ValueError, match="tokenizer .* is not the federation's"):
+        mode.check_fit(task, qwen)
+    from fedmq_protocol.modes.kd import encode_consensus
+
+    ids, probs = encode_consensus(np.zeros((1, 1)), np.ones((1, 1)))
+    cons = KdConsensus(round=1, probe_sha256=probe_set.manifest.sha256, tokenizer=llama.tokenizer_fingerprint,
+                       vocab_size=llama.vocab_size, positions=(1,), weighting="samples", num_devices=1, ids=ids,
+                       probs=probs)
+    mode.on_message("consensus", "fedmq/t/kd/consensus", cons.to_msgpack())
+    assert mode.can_reach(1)
+    with pytest.raises(GlobalRejected, match="consensus is over tokenizer"):
+        mode.apply_global(qwen, 1, None)  # type: ignore[arg-type]
+    mode.apply_global(llama, 1, None)  # type: ignore[arg-type]
+    assert mode.applied == cons

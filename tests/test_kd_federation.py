@@ -67,3 +67,26 @@ def test_three_devices_of_two_sizes_distil_and_their_probe_kl_to_the_consensus_f
     # every device kept its own adapter; the 1-block model's has half the tensors of the 2-block one
     adapters = [np.load(tmp_path / f"agent-{i}" / "kd-adapter.npz") for i in range(3)]
     assert len(adapters[1].files) * 2 == len(adapters[0].files) == len(adapters[2].files)
+
+
+def test_kd_demo_runs_two_model_sizes(tmp_path, mosquitto):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.federation import REPO
+
+    summary, work = tmp_path / "summary.json", tmp_path / "work"
+    args = [sys.executable, "-m", "fedmq", "demo", "--model", "tiny-llama", "--method", "kd", "--agents", "2",
+            "--rounds", "2", "--local-steps", "4", "--lr", "0.01", "--workdir", str(work), "--summary", str(summary),
+            "--broker", mosquitto().url]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads(summary.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(len(r["participants"]) == 2 and r["eval_devices"] == 2 for r in rounds[1:])
+    models = [yaml.safe_load((work / f"agent-{i}.yaml").read_text())["model"] for i in range(2)]
+    assert models[1] == f"{models[0]}:blocks=1"  # tiny-llama has 2 blocks: the second device runs 1
+    coord = yaml.safe_load((work / "coordinator.yaml").read_text())
+    assert coord["kd"]["probe_path"].endswith("probes.jsonl") and coord["model"] is None
