@@ -288,7 +288,10 @@ def test_an_agent_with_another_tokenizer_refuses_the_task_and_a_foreign_consensu
     assert llama.tokenizer_fingerprint != qwen.tokenizer_fingerprint
     probes = (Probe(prompt="Add 1 and 2.", response="3"),)
     probe_set = KdProbeSet(manifest={"sha256": probe_sha256(probes), "count": 1}, probes=probes)
-    mode = KdMode(AgentContext(None, Topics("fedmq", "t"), tmp_path, lambda *a, **k: None))  # type: ignore[arg-type]
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(broker=SimpleNamespace(max_message_bytes=1 << 24))  # what the mode reads of it
+    mode = KdMode(AgentContext(config, Topics("fedmq", "t"), tmp_path, lambda *a, **k: None))
     mode.on_message("probes", "fedmq/t/kd/probes", probe_set.to_msgpack())
     payload = KdTask(manifest={**probe_set.manifest.model_dump(), "tokenizer": llama.tokenizer_fingerprint},
                      top_k=4, lam=1.0, temperature=1.0, max_response_tokens=8, probe_batch_size=1)
@@ -306,6 +309,6 @@ def test_an_agent_with_another_tokenizer_refuses_the_task_and_a_foreign_consensu
     mode.on_message("consensus", "fedmq/t/kd/consensus", cons.to_msgpack())
     assert mode.can_reach(1)
     with pytest.raises(GlobalRejected, match="consensus is over tokenizer"):
-        mode.apply_global(qwen, 1, None)  # type: ignore[arg-type]
-    mode.apply_global(llama, 1, None)  # type: ignore[arg-type]
+        mode.apply_global(qwen, 1, None)
+    mode.apply_global(llama, 1, None)
     assert mode.applied == cons

@@ -35,7 +35,7 @@ def test_three_devices_of_two_sizes_distil_and_their_probe_kl_to_the_consensus_f
     try:
         coord = spawn(["coordinator", "--config", str(coord_cfg)], tmp_path / "coord.log")
         procs.append(coord)
-        assert coord.wait(timeout=240) == 0, (tmp_path / "coord.log").read_text()[-3000:]
+        assert coord.wait(timeout=400) == 0, (tmp_path / "coord.log").read_text()[-3000:]
     finally:
         stop_all(procs)
         capture.close()
