@@ -298,7 +298,7 @@ def test_an_agent_with_another_tokenizer_refuses_the_task_and_a_foreign_consensu
     task = m.Task(kind="fit", task_id="t1", round=1, device_id="dev-9", global_version=0, deadline_s=60,
                   adapter=m.AdapterSpec(r=2), payload=payload)
     mode.check_fit(task, llama)  # the federation's tokenizer: accepted
-    with pytest.raises(ValueError, match="tokenizer .* is not the federation's"):
+    with pytest.raises(ValueError, match=r"tokenizer .* is not the federation's"):
         mode.check_fit(task, qwen)
     from fedmq_protocol.modes.kd import encode_consensus
 
