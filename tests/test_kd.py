@@ -202,6 +202,10 @@ def test_aggregate_publishes_and_persists_the_consensus(kd_mode, tmp_path):
     again.restore(CoordinatorState(round_completed=1, mode_state=mode.state_blob()))
     assert again.consensus == mode.consensus and again.positions == mode.positions
     assert again.task_payload("fit", 2).consensus_round == 1
+    # a federation keeps its probe set: another file under kd.probe_path refuses to resume
+    write_probe_set(mode.spec.probe_path, 1, seed=5)
+    with pytest.raises(ValueError, match=r"kd\.probe_path: .* but this federation started on probe set"):
+        create_mode(mode.cfg).restore(CoordinatorState(round_completed=1, mode_state=mode.state_blob()))
 
 
 # -- the wire -----------------------------------------------------------------------------------

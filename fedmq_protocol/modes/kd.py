@@ -188,9 +188,12 @@ class KdConsensus(Message):
     ids: dict[str, Any]  # codec map {"ids": [P, K]}
     probs: dict[str, Any]  # codec map {"probs": [P, K]}, rows sum to 1 (zero-padded)
 
-    def arrays(self, max_elements: int = MAX_POSITIONS * MAX_TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Validated (ids int64 [P, K], probs float64 [P, K])."""
         total = sum(self.positions)
+        if any(p < 1 for p in self.positions) or total > MAX_POSITIONS:
+            raise ProtocolError(f"consensus: every probe needs >= 1 position, {MAX_POSITIONS} in total at most")
+        max_elements = total * MAX_TOP_K  # what the positions allow: nothing larger is decoded
         ids = _decode_one(self.ids, "ids", max_elements, "consensus ids")
         probs = _decode_one(self.probs, "probs", max_elements, "consensus probs").astype(np.float64)
         if ids.shape != probs.shape or ids.ndim != 2 or ids.shape[0] != total:
