@@ -324,7 +324,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         "downlink: consensus + global, plus the one-off probe set and v0 amortised over the rounds; FedAvg: dense "
         f"float32 both ways, v0 snapshot amortised). {out['machine']['cores']} cores shared with other jobs, "
         f"{out['machine']['date']}, commit {out['machine']['commit']}. Sizes are far below a real run "
-        "(few rounds and steps) to fit ~12 minutes on this machine.\n\n"
+        "(few rounds, steps and eval rows), chosen for ~12 minutes on 2 unloaded cores.\n\n"
         + md_table(["row", "device", "own loss", "own acc", "unseen loss", "unseen acc", "unseen loss vs local-only",
                     "uplink B", "downlink B"], table)
         + "\n\nBefore training: " + "; ".join(
