@@ -106,7 +106,14 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m", help="the larger model (tiny-llama: a smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--from-json", type=Path,
+                    help="re-render the doc section of a recorded run (bench/results/kd.json)")
     args = ap.parse_args()
+    if args.from_json:
+        rec = __import__("json").loads(args.from_json.read_text())
+        report(argparse.Namespace(**{**rec["args"], "no_doc": args.no_doc}), rec["rows"], rec["baseline"],
+               rec["families"], rec["params"], rec["probes"], rec["seconds"], recorded=rec)
+        return 0
 
     import torch
 
@@ -270,7 +277,8 @@ def main() -> int:
 
 
 def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: list, params: dict, n_probes: int,
-           seconds: float) -> None:
+           seconds: float, recorded: dict | None = None) -> None:
+    """The JSON and the doc section; ``recorded``: a recorded run's JSON (its command and machine kept)."""
     local = {**rows[0]["devices"], **{f"small-{i}": d for i, d in rows[1]["devices"].items()}}
     fedavg = next(r for r in rows if r["name"] == "FedAvg LoRA")
     dense_up = fedavg["uplink"]
@@ -292,9 +300,27 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
                            + f"); uplink for {TARGET_PROBES} probes {per256:,.0f} B vs dense LoRA {dense_up:,.0f} B "
                            f"(dense LoRA / KD = {r['uplink_256_vs_dense_lora_x']:.1f}×: "
                            f"{'met' if per256 <= dense_up else 'missed'})")
-    out = {"benchmark": "kd", "command": command_line(), "machine": machine(), "args": vars(args), "seconds": seconds,
+    compare = []
+    for r in rows:
+        if not r["name"].startswith("KD"):
+            continue
+        for i, d in r["devices"].items():
+            if "blocks" in d["model"]:
+                continue  # FedAvg cannot federate this device's model at all
+            f = fedavg["devices"][i]
+            compare.append(f"{r['name']} dev-{i}: unseen loss {d['unseen_loss']:.3f} vs FedAvg "
+                           f"{f['unseen_loss']:.3f} "
+                           f"({100 * (d['unseen_loss'] / f['unseen_loss'] - 1):+.1f} %), own loss {d['own_loss']:.3f} "
+                           f"vs {f['own_loss']:.3f} ({100 * (d['own_loss'] / f['own_loss'] - 1):+.1f} %)")
+    kd0 = next(r for r in rows if r["name"].startswith("KD"))
+    compare.append(f"bytes per client per round: uplink {kd0['uplink']:,.0f} B (KD) vs {dense_up:,.0f} B (FedAvg, "
+                   f"{dense_up / kd0['uplink']:.0f}×), downlink {kd0['downlink']:,.0f} B vs "
+                   f"{fedavg['downlink']:,.0f} B "
+                   f"({fedavg['downlink'] / kd0['downlink']:.0f}×)")
+    out = {"benchmark": "kd", "command": recorded["command"] if recorded else command_line(),
+           "machine": recorded["machine"] if recorded else machine(), "args": vars(args), "seconds": seconds,
            "families": fams, "params": params, "probes": n_probes, "baseline": baseline, "rows": rows,
-           "targets": targets}
+           "targets": targets, "vs_fedavg": compare}
     path = write_json("kd", out)
 
     def short(model: str) -> str:
@@ -335,7 +361,9 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
             for r in kd_rows)
         + f". Probe set {kd_rows[0]['probe_set_bytes']:,} B once; KD uplink {kd_rows[0]['uplink_per_probe']:,.0f} B "
         f"per probe ({kd_rows[0]['positions']} positions).\n\nTargets:\n\n"
-        + "\n".join(f"- {t}" for t in targets) + "\n"
+        + "\n".join(f"- {t}" for t in targets)
+        + "\n\nAgainst FedAvg LoRA (same model everywhere; KD's 10-block device has no FedAvg counterpart): "
+        + "; ".join(compare) + ".\n"
     )
     if not args.no_doc:
         update_doc_section("kd", md)
