@@ -8,6 +8,9 @@ without touching the Hugging Face hub:
 - ``"tiny-llama"``: a tiny random-init Llama with a byte-level tokenizer built in code (tests).
 - ``"tiny-qwen2"``, ``"tiny-gemma"``, ``"tiny-phi3"``: the same for other architectures, each
   tokenizer with its family's turn tokens and chat template (tests).
+- ``"<model>:blocks=N"``: the first N transformer blocks of ``<model>`` (any name above), embeddings,
+  final norm and head kept: a smaller model sharing ``<model>``'s tokenizer, built once into
+  ``<cache>/models/<model dir>-blocks<N>/`` from the cached checkpoint (no hub).
 - a local directory holding ``config.json``: returned as is.
 - a ``.gguf`` file: converted once into ``<cache>/models/gguf-<sha256[:16]>/``.
 - any other name containing ``/`` (a hub id): returned as is.
@@ -56,7 +59,7 @@ ALL_LINEAR = "all-linear"  # AdapterSpec.target_modules ("all-linear",): every l
 
 ACCEPTED = (
     "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama' (or tiny-qwen2, tiny-gemma, "
-    "tiny-phi3), a local directory with "
+    "tiny-phi3), '<any of these>:blocks=N' (its first N blocks), a local directory with "
     "config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
 )
 
@@ -82,6 +85,13 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
     cache = Path(cache_dir) if cache_dir is not None else fedmq_home()
     models_dir = cache / "models"
 
+    base_name, blocks = split_blocks(name)
+    if blocks is not None:
+        base = Path(resolve_model(base_name, cache_dir=cache, log=log))
+        if not base.is_dir():
+            raise ValueError(f"model {name!r}: blocks=N needs a local checkpoint, {base_name!r} is not one")
+        target = models_dir / f"{base.name}-blocks{blocks}"
+        return str(_cached_build(target, lambda d: _build_truncated(base, blocks, d), log))
     if name.lower() in SMOLLM2_ALIASES:
         return str(_cached_build(models_dir / "smollm2-135m", lambda d: _build_smollm2(d, cache, log), log))
     if name.lower() == TINY_LLAMA:
@@ -104,6 +114,45 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
     if "/" in name and not p.exists():
         return name  # hub id: transformers uses its own cache
     raise ValueError(f"unknown model {name!r}; accepted: {ACCEPTED}")
+
+
+BLOCKS_SUFFIX = ":blocks="
+
+
+def split_blocks(name: str) -> tuple[str, int | None]:
+    """``("smollm2-135m", 12)`` for ``"smollm2-135m:blocks=12"``; ``(name, None)`` without the suffix."""
+    base, sep, n = name.rpartition(BLOCKS_SUFFIX)
+    if not sep:
+        return name, None
+    if not n.isdigit() or int(n) < 1 or not base.strip():
+        raise ValueError(f"model {name!r}: expected '<model>{BLOCKS_SUFFIX}N' with N >= 1")
+    return base.strip(), int(n)
+
+
+def _build_truncated(base: Path, blocks: int, out_dir: Path) -> None:
+    """The first ``blocks`` decoder blocks of the checkpoint at ``base`` (its tokenizer unchanged)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    layers = model.model.layers
+    if blocks > len(layers):
+        raise ValueError(f"{base.name} has {len(layers)} blocks; cannot keep the first {blocks}")
+    model.model.layers = layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:blocks]
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir))
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """SHA-256 of what makes token ids mean the same text: the vocabulary (token -> id, added
+    tokens included) and the special tokens' ids. Two models share a tokenizer when these agree."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+    blob = json.dumps({"vocab": vocab, "specials": specials}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def model_location(name_or_path: str, *, cache_dir: Path | None = None) -> str | None:

@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--agents", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
-    d.add_argument("--method", choices=["lora", "qlora", "zo"], default="qlora",
-                   help="LoRA, QLoRA (4-bit base) or zeroth-order FedKSeed (zo) (default qlora)")
+    d.add_argument("--method", choices=["lora", "qlora", "zo", "kd"], default="qlora",
+                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo) or distillation over logits "
+                   "between models of two sizes (kd) (default qlora)")
     d.add_argument("--summary", help="write per-round figures as JSON here")
     d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
     d.add_argument("--local-steps", type=int, default=8)

@@ -30,6 +30,9 @@ from fedmq_protocol.topics import Topics
 ZO_DEMO = {"seed": 0, "num_seeds": 1024, "eps": 1e-3, "direction": "gaussian", "target": "full"}
 ZO_DEMO_LR = 1e-5
 LORA_DEMO_LR = 2e-3
+# knowledge distillation: FedMKT-style best-per-probe teacher, top-16 log-probs per answer token
+KD_DEMO = {"top_k": 16, "weighting": "best", "lambda": 1.0, "temperature": 1.0, "max_response_tokens": 16}
+KD_PROBES_PER_FAMILY = 8
 
 
 class DemoError(RuntimeError):
@@ -90,6 +93,13 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
     }
     if opts.method == "zo":
         coord["zo"] = {**ZO_DEMO, "lr": opts.learning_rate}
+    models = [model_path] * opts.agents
+    if opts.method == "kd":
+        coord["kd"] = {**KD_DEMO, "probe_path": str(write_probe_set(data_dir))}
+        coord["model"] = None  # devices hold models of different sizes (one tokenizer)
+        coord.pop("eval_max_devices")  # every device evaluates its own model
+        if opts.agents > 1:  # the last device runs the first third of the model's blocks
+            models[-1] = f"{model_path}:blocks={max(1, num_blocks(model_path) // 3)}"
     coord_path = wd / "coordinator.yaml"
     coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
     agent_paths = []
@@ -98,7 +108,7 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
             "device_id": f"device-{i}",
             "federation": opts.federation,
             "broker": broker,
-            "model": model_path,
+            "model": models[i],
             "method": opts.method,
             "data": {"train": str(data_dir / f"device_{i}.jsonl"), "eval": str(data_dir / "eval.jsonl")},
             "state_dir": str(wd / "state" / f"device-{i}"),
@@ -111,6 +121,28 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
         p.write_text(yaml.safe_dump(agent, sort_keys=False))
         agent_paths.append(p)
     return coord_path, agent_paths
+
+
+def num_blocks(model_path: str) -> int:
+    """Decoder blocks of a local checkpoint (``num_hidden_layers`` of its config.json)."""
+    return int(json.loads((Path(model_path) / "config.json").read_text()).get("num_hidden_layers", 1))
+
+
+def write_probe_set(data_dir: Path, per_family: int = KD_PROBES_PER_FAMILY) -> Path:
+    """The kd demo's public probe set: prompts with their answers from every synthetic family,
+    none of them an eval or training prompt."""
+    import random
+
+    from edge_agent.data import DEFAULT_FAMILIES, load_jsonl, make_examples
+
+    avoid = {e.prompt for f in sorted(data_dir.glob("*.jsonl")) if f.name != "probes.jsonl" for e in load_jsonl(f)}
+    rng = random.Random("fedmq-demo-probes")
+    path = data_dir / "probes.jsonl"
+    with open(path, "w") as fh:
+        for fam in DEFAULT_FAMILIES:
+            for ex in make_examples(fam, per_family, rng, avoid):
+                fh.write(json.dumps({"prompt": ex.prompt, "response": ex.response, "family": fam}) + "\n")
+    return path
 
 
 def summary_table(history: list[m.RoundSummary]) -> Table:

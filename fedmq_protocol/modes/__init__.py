@@ -24,6 +24,7 @@ MessageKind = Literal["task", "update", "global"]
 MODES: dict[str, str] = {
     "adapter": "",
     "zo": "fedmq_protocol.modes.zo",
+    "kd": "fedmq_protocol.modes.kd",
 }
 
 DEFAULT_MODE = "adapter"
