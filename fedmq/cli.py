@@ -107,6 +107,24 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split_server(args: argparse.Namespace) -> int:
+    from fedmq.configfile import load_config
+    from split_server.config import SplitServerConfig
+
+    cfg = load_config(args.config, SplitServerConfig)
+    from fedmq.sdnotify import Notifier
+    from split_server.server import SplitServer
+
+    server = SplitServer(cfg)
+    sd = Notifier()
+    _on_sigterm(server.stop_event, sd)
+    server.load()
+    server.start()
+    sd.ready(f"split server: connected to {cfg.broker.url}")
+    server.run()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmq.demo import DemoError, DemoOptions, run_demo
 
@@ -194,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="coordinator YAML (see configs/coordinator.yaml)")
     c.add_argument("--rounds", type=int, help="override the number of rounds")
     c.set_defaults(func=cmd_coordinator)
+
+    ss = sub.add_parser("split-server", help="run the split server (the middle blocks of a split federation)")
+    ss.add_argument("--config", required=True, help="split server YAML (see configs/split-server.yaml)")
+    ss.set_defaults(func=cmd_split_server)
 
     d = sub.add_parser("demo", help="broker + coordinator + agents on one machine")
     d.add_argument("--broker", help="mqtt://HOST:PORT of an existing broker (default: embedded amqtt)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_agent.methods.lora import LoraMethod
-from edge_agent.split_model import Cut, load_part, response_loss
+from edge_agent.methods.split_model import Cut, load_part, response_loss
 from fedmq_protocol.messages import AdapterSpec
 from tests.split_support import build_deep_tiny_llama
 from tests.tiny_model import ALL_LINEAR

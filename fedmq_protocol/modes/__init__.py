@@ -24,6 +24,7 @@ MessageKind = Literal["task", "update", "global"]
 MODES: dict[str, str] = {
     "adapter": "",
     "zo": "fedmq_protocol.modes.zo",
+    "split": "fedmq_protocol.modes.split",
 }
 
 DEFAULT_MODE = "adapter"
