@@ -10,6 +10,7 @@ import pytest
 
 from edge_agent.split_link import SplitLink, SplitStepFailed
 from fedmq_protocol import messages as m
+from fedmq_protocol.codec import CodecSpec
 from fedmq_protocol.modes.split import (
     SplitRequest,
     SplitResponse,
@@ -19,7 +20,6 @@ from fedmq_protocol.modes.split import (
     request_topic,
     response_topic,
 )
-from fedmq_protocol.codec import CodecSpec
 from fedmq_protocol.topics import Topics
 from fedmq_protocol.transport import MqttTransport
 from fedmq_protocol.transport.config import BrokerConfig
