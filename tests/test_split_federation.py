@@ -73,5 +73,5 @@ def test_coordinator_split_server_and_three_agents_three_rounds_held_out_loss_fa
     blob = msgpack.unpackb((tmp_path / "split-server" / "split-server.msgpack").read_bytes(), raw=False)
     assert blob["server_step"] == 72
     assert {n.split(".layers.")[1].split(".")[0] for n in blob["adapter"]} == {"1", "2"}
-    b = [v for n, v in blob["adapter"].items() if ".lora_B." in n][0]
+    b = next(v for n, v in blob["adapter"].items() if ".lora_B." in n)
     assert np.abs(np.frombuffer(b[1], dtype=np.float32)).max() > 0  # trained (lora_B starts at zero)
