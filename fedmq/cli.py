@@ -112,16 +112,21 @@ def cmd_split_server(args: argparse.Namespace) -> int:
     from split_server.config import SplitServerConfig
 
     cfg = load_config(args.config, SplitServerConfig)
-    from fedmq.sdnotify import Notifier
+    from fedmq.sdnotify import Notifier, Watchdog
     from split_server.server import SplitServer
 
     server = SplitServer(cfg)
     sd = Notifier()
     _on_sigterm(server.stop_event, sd)
-    server.load()
+    server.load()  # the model: before the watchdog starts (a first start may fetch and convert it)
     server.start()
+    dog = Watchdog(sd, lambda: server.alive_at, lambda: f"server step {server.server_step}")
     sd.ready(f"split server: connected to {cfg.broker.url}")
-    server.run()
+    dog.start()
+    try:
+        server.run()
+    finally:
+        dog.stop()
     return 0
 
 
@@ -222,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--agents", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
-    d.add_argument("--method", choices=["lora", "qlora", "zo"], default="qlora",
-                   help="LoRA, QLoRA (4-bit base) or zeroth-order FedKSeed (zo) (default qlora)")
+    d.add_argument("--method", choices=["lora", "qlora", "zo", "split"], default="qlora",
+                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo) or split learning with a "
+                   "split server (split) (default qlora)")
     d.add_argument("--summary", help="write per-round figures as JSON here")
     d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
     d.add_argument("--local-steps", type=int, default=8)

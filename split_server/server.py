@@ -120,6 +120,7 @@ class SplitServer:
         self.transport = transport
         self._loaded = False
         self._started = False
+        self.alive_at = time.monotonic()  # refreshed by the work loop (the systemd watchdog reads it)
 
     # -- the model --------------------------------------------------------------------------
     def load(self) -> None:
@@ -253,6 +254,7 @@ class SplitServer:
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                self.alive_at = time.monotonic()
                 try:
                     kind, topic, payload = self._events.get(timeout=0.2)
                 except queue.Empty:

@@ -223,3 +223,34 @@ def test_restart_mid_round_resumes_and_a_link_redoes_a_lost_forward(mqtt_broker,
         link.close()
     finally:
         hx.close()
+
+
+def test_example_configs_of_a_split_federation_validate():
+    from broker_coordinator.config import CoordinatorConfig
+    from edge_agent.config import AgentConfig
+    from fedmq.configfile import ConfigError, load_config
+    from tests.federation import REPO
+
+    server = load_config(REPO / "configs/split-server.yaml", SplitServerConfig)
+    coord = load_config(REPO / "configs/coordinator-split.yaml", CoordinatorConfig)
+    assert coord.mode == "split" and (coord.split.l_head, coord.split.l_tail) == (server.split.l_head,
+                                                                                   server.split.l_tail)
+    assert coord.adapter == server.adapter
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs/agent-split.yaml").read_text())
+    raw["data"] = {"train": str(REPO / "configs/agent-split.yaml")}  # any existing file
+    assert AgentConfig.model_validate(raw).mode == "split"
+    bad = REPO / "configs/split-server.yaml"
+    with pytest.raises(ConfigError, match="split.l_head"):
+        load_config(bad, SplitServerConfig, {"split": {"l_head": 0}})
+
+
+def test_service_install_writes_a_split_server_unit(tmp_path):
+    from fedmq.service import install
+
+    cfg = tmp_path / "split-server.yaml"
+    cfg.write_text("model: smollm2-135m\nsplit: {l_head: 2, l_tail: 2}\n")
+    res = install("split-server", cfg, root=tmp_path / "root", exec_start="/usr/local/bin/fedmq")
+    assert "ExecStart=/usr/local/bin/fedmq split-server --config /etc/fedmq/split-server.yaml" in res.unit
+    assert "CacheDirectory=fedmq" in res.unit and res.config["state_dir"] == "/var/lib/fedmq-split-server"
