@@ -242,7 +242,7 @@ def test_example_configs_of_a_split_federation_validate():
     raw["data"] = {"train": str(REPO / "configs/agent-split.yaml")}  # any existing file
     assert AgentConfig.model_validate(raw).mode == "split"
     bad = REPO / "configs/split-server.yaml"
-    with pytest.raises(ConfigError, match="split.l_head"):
+    with pytest.raises(ConfigError, match=r"split\.l_head"):
         load_config(bad, SplitServerConfig, {"split": {"l_head": 0}})
 
 
