@@ -55,18 +55,21 @@ class LinkStats:
     bytes_down: int = 0
     exchange_s: float = 0.0
     server_s: float = 0.0
+    queued_s: float = 0.0
     retries: int = 0
     ignored: int = 0  # answers to no open request (late, duplicated)
 
     @property
     def transfer_s(self) -> float:
-        """Time of the exchanges not spent computing on the server: encoding, the broker, decoding."""
-        return max(0.0, self.exchange_s - self.server_s)
+        """Time of the exchanges not spent at the server (computing, or queued behind other devices'
+        steps): encoding, the broker, decoding."""
+        return max(0.0, self.exchange_s - self.server_s - self.queued_s)
 
     def metrics(self, prefix: str = "split_") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in
                 {"requests": self.requests, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                 "exchange_s": self.exchange_s, "server_s": self.server_s, "transfer_s": self.transfer_s,
+                 "exchange_s": self.exchange_s, "server_s": self.server_s, "queued_s": self.queued_s,
+                 "transfer_s": self.transfer_s,
                  "retries": self.retries}.items()}
 
 
@@ -177,6 +180,7 @@ class SplitLink:
                 assert waiter.response is not None
                 self.stats.exchange_s += time.perf_counter() - t0
                 self.stats.server_s += waiter.response.server_s
+                self.stats.queued_s += waiter.response.queued_s
                 self.stats.bytes_down += waiter.nbytes
                 return waiter.response, waiter.nbytes
             self.stats.retries += 1

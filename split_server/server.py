@@ -11,14 +11,14 @@ at the server; their device-side work still overlaps.
 Requests (``fedmq_protocol.modes.split``) arrive on ``split/+/request``; answers go to the
 requesting device's ``split/{device}/response``. Per step:
 
-- ``forward``: the blocks run without keeping a graph; the input (hidden state, mask) is kept as
-  the step's pending forward state (expires after ``pending_ttl_s``; a new forward of the same
-  device replaces it).
-- ``backward``: the forward is recomputed with gradients from the pending input, the gradient
-  back-propagated, the adapter clipped (the task's ``max_grad_norm``) and stepped (AdamW), the
-  state persisted (``atomic_write``) and the gradient at the head cut answered. Recomputing
-  instead of keeping graphs means no graph outlives a step, so a step of another device never
-  finds saved tensors modified under it, and a vanished device leaves only an input that expires.
+- ``forward``: the blocks run with gradients; the graph (its input, hidden state and mask) is the
+  step's pending forward state (expires after ``pending_ttl_s``; a new forward of the same device
+  replaces it). The graph saves copies of the adapter weights it uses, so steps of other devices
+  applied before its backward leave it intact: its gradients are those of the weights its forward
+  saw (SplitFed's staleness), and a vanished device leaves only a graph that expires.
+- ``backward``: the gradient is back-propagated through the kept graph, the adapter clipped (the
+  task's ``max_grad_norm``) and stepped (AdamW), the state persisted (``atomic_write``) and the
+  gradient at the head cut answered.
 - ``evaluate``: a forward that keeps nothing.
 
 Every answer is cached per device and phase with its step key: a repeated request (QoS-1
@@ -94,8 +94,9 @@ class OpenTask:
 @dataclass
 class Pending:
     key: tuple[str, int, str]
-    hidden: Any  # torch tensor [B, T, H]
+    hidden: Any  # torch tensor [B, T, H]: the input, a leaf requiring grad
     mask: Any  # torch tensor [B, T]
+    out: Any  # the blocks' output, with its graph back to ``hidden``
     expires_at: float
 
 
@@ -106,7 +107,7 @@ class SplitServer:
         self.base = self.topics.base
         self.state_path = Path(config.state_dir) / STATE_FILE
         self.stop_event = threading.Event()
-        self._events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._events: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()  # (kind, topic, payload, arrival)
         self._lock = threading.Lock()  # the adapter and its optimizer: one step at a time
         self.tasks: dict[str, OpenTask] = {}
         self.pending: OrderedDict[str, Pending] = OrderedDict()  # device -> its step's forward state
@@ -120,6 +121,7 @@ class SplitServer:
         self.transport = transport
         self._loaded = False
         self._started = False
+        self._queued = 0.0  # how long the request being answered waited in the queue
         self.alive_at = time.monotonic()  # refreshed by the work loop (the systemd watchdog reads it)
 
     # -- the model --------------------------------------------------------------------------
@@ -228,10 +230,11 @@ class SplitServer:
             self.transport = MqttTransport(self.cfg.broker, f"fedmq-split-server-{self.cfg.federation}", will=will,
                                            clean_start=True)
         t = self.transport
-        t.subscribe(f"{self.base}/devices/+/task", lambda tp, pl: self._events.put(("task", tp, pl)),
-                    qos=1, framed=True)
-        t.subscribe(requests_filter(self.base), lambda tp, pl: self._events.put(("request", tp, pl)),
-                    qos=QOS_SPLIT, framed=True)
+        t.subscribe(f"{self.base}/devices/+/task",
+                    lambda tp, pl: self._events.put(("task", tp, pl, time.perf_counter())), qos=1, framed=True)
+        t.subscribe(requests_filter(self.base),
+                    lambda tp, pl: self._events.put(("request", tp, pl, time.perf_counter())), qos=QOS_SPLIT,
+                    framed=True)
         t.connect(self.cfg.broker.connect_timeout_s)
         self.publish_status()
 
@@ -256,13 +259,13 @@ class SplitServer:
             while not self.stop_event.is_set():
                 self.alive_at = time.monotonic()
                 try:
-                    kind, topic, payload = self._events.get(timeout=0.2)
+                    kind, topic, payload, arrived = self._events.get(timeout=0.2)
                 except queue.Empty:
                     kind = ""
                 if kind == "task":
                     self.on_task(topic, payload)
                 elif kind == "request":
-                    self.on_request(topic, payload)
+                    self.on_request(topic, payload, arrived)
                 if time.monotonic() - last_status > self.cfg.status_interval_s:
                     self.publish_status()
                     last_status = time.monotonic()
@@ -298,9 +301,11 @@ class SplitServer:
         self.refused[kind] = self.refused.get(kind, 0) + 1
         log.warning("split request refused (%s): %s", kind, reason[:500])
 
-    def on_request(self, topic: str, payload: bytes) -> bytes | None:
-        """Answer one request (published to the device's response topic); returns the answer."""
+    def on_request(self, topic: str, payload: bytes, arrived: float | None = None) -> bytes | None:
+        """Answer one request (published to the device's response topic); returns the answer.
+        ``arrived``: when it reached the server (``time.perf_counter``), for ``queued_s``."""
         self.counters["requests"] += 1
+        self._queued = 0.0 if arrived is None else max(0.0, time.perf_counter() - arrived)
         try:
             device = device_of_request_topic(self.base, topic)
             req = SplitRequest.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
@@ -346,7 +351,8 @@ class SplitServer:
                 redo_forward: bool = False, tensors: Any = None, server_s: float = 0.0) -> bytes:
         return SplitResponse(device_id=device, task_id=req.task_id, step=req.step, phase=req.phase,
                              correlation=req.correlation, tensors=tensors, ok=ok, reason=reason,
-                             redo_forward=redo_forward, server_s=server_s, server_step=self.server_step).to_msgpack()
+                             redo_forward=redo_forward, server_s=server_s, queued_s=self._queued,
+                             server_step=self.server_step).to_msgpack()
 
     def _open_task(self, device: str, req: SplitRequest) -> OpenTask:
         task = self.tasks.get(device)
@@ -362,6 +368,19 @@ class SplitServer:
             raise Refused("cut_mismatch", f"task {task.task_id} cuts at l_head={s.l_head} l_tail={s.l_tail}; "
                                           f"this server holds l_head={self.cut.l_head} l_tail={self.cut.l_tail}")
         return task
+
+    def _graph_keeps_own_weights(self) -> Any:
+        """While building a step's graph: the adapter weights it saves for backward are copies, so
+        the steps of other devices applied before its backward (in place) leave it intact; its
+        gradients are those of the weights its forward used (SplitFed's staleness), exactly."""
+        import torch
+
+        ptrs = {p.untyped_storage().data_ptr() for p in self.params.values()}
+
+        def pack(t: Any) -> Any:
+            return t.detach().clone() if t.untyped_storage().data_ptr() in ptrs else t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -394,14 +413,17 @@ class SplitServer:
             if req.phase == "forward" and applied is not None and applied[0] == req.task_id and req.step <= applied[1]:
                 raise Refused("late_step", f"{what}: step {applied[1]} of this task is already applied")
             hidden, mask = self._input(req, what)
-            with self._lock, torch.no_grad():
+            train = req.phase == "forward"
+            if train:
+                hidden.requires_grad_(True)
+            with self._lock, torch.set_grad_enabled(train), self._graph_keeps_own_weights():
                 out = self.part.forward(hidden, mask)
-            if req.phase == "forward":
-                self.pending[device] = Pending(req.key, hidden, mask, time.monotonic() + self.cfg.pending_ttl_s)
+            if train:
+                self.pending[device] = Pending(req.key, hidden, mask, out, time.monotonic() + self.cfg.pending_ttl_s)
                 self.pending.move_to_end(device)
                 while len(self.pending) > self.cfg.max_pending:
                     self.pending.popitem(last=False)
-            tensors = encode_hidden(out.float().cpu().numpy(), codec)
+            tensors = encode_hidden(out.detach().float().cpu().numpy(), codec)
             answer = self._answer(device, req, ok=True, tensors=tensors, server_s=time.perf_counter() - t0)
             self.answers.setdefault(device, {})[req.phase] = (req.key, answer)
             return answer
@@ -416,8 +438,7 @@ class SplitServer:
                              where=what)
         params = [p for p in self.params.values() if p.requires_grad]
         with self._lock:
-            x = pend.hidden.detach().clone().requires_grad_(True)
-            out = self.part.forward(x, pend.mask)
+            x, out = pend.hidden, pend.out
             out.backward(torch.from_numpy(grad).to(out.device, out.dtype))
             torch.nn.utils.clip_grad_norm_(params, task.max_grad_norm)
             for group in self.opt.param_groups:

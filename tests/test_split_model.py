@@ -70,12 +70,14 @@ def test_split_forward_backward_equals_the_unsplit_model(deep_llama):
     up = h_head.detach().requires_grad_(True)
     h_mid = srv.forward(up, mask)
     down = h_mid.detach().requires_grad_(True)
-    loss = response_loss(dev.tail(down, mask), labels)
+    loss = dev.tail_loss(down, mask, labels)  # the LM head only where a label is predicted
     loss.backward()
     h_mid.backward(down.grad)
     h_head.backward(up.grad)
 
     assert torch.allclose(loss, ref, atol=1e-6, rtol=1e-5), (float(loss), float(ref))
+    with torch.no_grad():  # the full logits' loss is the same
+        assert torch.allclose(response_loss(dev.tail(down, mask), labels), ref, atol=1e-6, rtol=1e-5)
     for n, p in {**dparams, **sparams}.items():
         want = full._params[n].grad
         assert p.grad is not None and want is not None, n

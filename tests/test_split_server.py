@@ -254,3 +254,52 @@ def test_service_install_writes_a_split_server_unit(tmp_path):
     res = install("split-server", cfg, root=tmp_path / "root", exec_start="/usr/local/bin/fedmq")
     assert "ExecStart=/usr/local/bin/fedmq split-server --config /etc/fedmq/split-server.yaml" in res.unit
     assert "CacheDirectory=fedmq" in res.unit and res.config["state_dir"] == "/var/lib/fedmq-split-server"
+
+
+def test_interleaved_steps_of_two_devices_get_the_gradients_of_the_weights_their_forward_saw(deep_llama, tmp_path):
+    """A forward, B forward, A backward (the shared adapter steps), B backward: B's head-cut
+    gradient is exactly the one of the adapter B's forward ran on (no recompute, no error from
+    the in-place step), and B's step is applied on top of A's."""
+    import copy
+
+    import torch
+
+    cfg = SplitServerConfig(federation="test", model=deep_llama, adapter={"r": 4, "alpha": 8}, split=CUT,
+                            state_dir=tmp_path / "s")
+    server = SplitServer(cfg)  # no broker: requests handed in directly, answers returned
+    server.load()
+    with torch.no_grad():  # lora_B off zero, so the adapter shapes the gradients
+        for n, p in server.params.items():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    reference = copy.deepcopy(server.part)  # the adapter both forwards see
+    for dev in ("dev-a", "dev-b"):
+        t = m.Task(kind="fit", task_id=f"t-{dev}", round=1, device_id=dev, global_version=0, deadline_s=300,
+                   adapter=m.AdapterSpec(r=4, alpha=8), fit=m.FitConfig(lr=1e-2), payload=SplitTask(**CUT))
+        server.on_task(TOPICS.device_task(dev), t.to_msgpack())
+    rng = np.random.default_rng(3)
+    h = {d: rng.standard_normal((2, 5, H)).astype(np.float32) for d in ("dev-a", "dev-b")}
+    g = {d: rng.standard_normal((2, 5, H)).astype(np.float32) for d in ("dev-a", "dev-b")}
+    mask = np.ones((2, 5), dtype=np.int64)
+
+    def ask(dev, phase, arr):
+        fields = {}
+        if phase == "forward":
+            shape, bits = pack_mask(mask)
+            fields = {"mask_shape": shape, "mask": bits}
+        req = SplitRequest(device_id=dev, task_id=f"t-{dev}", step=0, phase=phase, correlation=b"x",
+                           tensors=encode_hidden(arr, CodecSpec(auto_sparse=False)),
+                           response_topic=response_topic(TOPICS.base, dev), **fields)
+        resp = SplitResponse.from_msgpack(server.on_request(request_topic(TOPICS.base, dev), req.to_msgpack()))
+        assert resp.ok, resp.reason
+        return resp.tensors.decode_dense(max_elements=1 << 20)["h"]
+
+    ask("dev-a", "forward", h["dev-a"])
+    ask("dev-b", "forward", h["dev-b"])
+    ask("dev-a", "backward", g["dev-a"])
+    assert server.server_step == 1
+    got = ask("dev-b", "backward", g["dev-b"])
+    x = torch.from_numpy(h["dev-b"]).requires_grad_(True)
+    reference.forward(x, torch.from_numpy(mask)).backward(torch.from_numpy(g["dev-b"]))
+    np.testing.assert_allclose(got, x.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert server.server_step == 2 and server.counters["applied"] == 2

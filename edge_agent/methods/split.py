@@ -27,7 +27,7 @@ import torch
 from edge_agent.data import Example
 from edge_agent.methods.base import NO_PLAN, FitMemory, FitResult, ProgressFn, Row, StopFn, release_memory
 from edge_agent.methods.causal_lm import CausalLmMethod
-from edge_agent.methods.split_model import Cut, DeviceParts, attach_lora, check_splittable, keep_blocks, response_loss
+from edge_agent.methods.split_model import Cut, DeviceParts, attach_lora, check_splittable, keep_blocks
 from edge_agent.split_link import SplitStepFailed
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 
@@ -90,7 +90,7 @@ class SplitMethod(CausalLmMethod):
             h_tail = link.forward(i, up, mask_np)
             t1 = time.perf_counter()
             down = torch.from_numpy(h_tail).to(h_head.device, h_head.dtype).requires_grad_(True)
-            loss = response_loss(self.parts.tail(down, mask), labels)
+            loss = self.parts.tail_loss(down, mask, labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {i + 1}")
             loss.backward()
@@ -154,8 +154,8 @@ class SplitMethod(CausalLmMethod):
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             h = self.parts.head(ids, mask)
             back = link.forward(b, h.to("cpu", torch.float32).numpy(), mask.to("cpu").numpy(), phase="evaluate")
-            logits = self.parts.tail(torch.from_numpy(back).to(h.device, h.dtype), mask)
-            total += float(response_loss(logits, labels, reduction="sum"))
+            down = torch.from_numpy(back).to(h.device, h.dtype)
+            total += float(self.parts.tail_loss(down, mask, labels, reduction="sum"))
             count += int((labels[:, 1:] != -100).sum())
         self.last_stats = link.stats.metrics("eval_split_")
         return (total / count if count else float("nan")), n

@@ -181,6 +181,17 @@ class DeviceParts:
         hidden = run_blocks(self.decoder, self.tail_blocks, hidden, attention_mask)
         return self.lm_head(self.decoder.norm(hidden))  # type: ignore[no-any-return]
 
+    def tail_loss(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+        """``response_loss(self.tail(hidden, mask), labels)``, with the LM head applied only at the
+        positions that predict a label (the response tokens): the same loss and gradients without
+        the ``[B, T, vocab]`` logits of prompt and padding positions."""
+        hidden = self.decoder.norm(run_blocks(self.decoder, self.tail_blocks, hidden, attention_mask))
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self.lm_head(hidden[:, :-1][keep]).float()
+        return torch.nn.functional.cross_entropy(logits, target[keep], reduction=reduction)
+
 
 class ServerPart:
     """The server's share: the middle blocks (``model`` holds only those, with LoRA)."""

@@ -154,6 +154,7 @@ class SplitResponse(_SplitMessage):
     reason: str | None = Field(None, max_length=1000)
     redo_forward: bool = False
     server_s: float = Field(0.0, ge=0)  # the server's compute time for this answer
+    queued_s: float = Field(0.0, ge=0)  # how long the request waited at the server (other devices' steps)
     server_step: int = Field(0, ge=0)  # server adapter steps applied so far (all devices)
 
 
