@@ -303,3 +303,25 @@ def test_interleaved_steps_of_two_devices_get_the_gradients_of_the_weights_their
     reference.forward(x, torch.from_numpy(mask)).backward(torch.from_numpy(g["dev-b"]))
     np.testing.assert_allclose(got, x.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert server.server_step == 2 and server.counters["applied"] == 2
+
+
+def test_demo_with_method_split_configures_a_split_server_the_coordinator_and_agents_agree_with(tmp_path):
+    from broker_coordinator.config import CoordinatorConfig
+    from edge_agent.config import AgentConfig
+    from fedmq.configfile import load_config
+    from fedmq.demo import DemoOptions, write_configs, write_split_server_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("device_0.jsonl", "device_1.jsonl", "eval.jsonl"):
+        (data / name).write_text('{"prompt": "a", "response": "b"}\n')
+    opts = DemoOptions(method="split", agents=2, workdir=tmp_path / "demo", broker="mqtt://127.0.0.1:1883")
+    (tmp_path / "demo").mkdir()
+    coord_path, agent_paths = write_configs(opts, "mqtt://127.0.0.1:1883", "/models/smollm2", data)
+    server = load_config(write_split_server_config(opts, "mqtt://127.0.0.1:1883", "/models/smollm2"),
+                         SplitServerConfig)
+    coord = load_config(coord_path, CoordinatorConfig)
+    agents = [load_config(p, AgentConfig) for p in agent_paths]
+    assert coord.mode == "split" and coord.split == server.split and coord.adapter == server.adapter
+    assert server.federation == coord.federation == agents[0].federation
+    assert all(a.mode == "split" and a.method == "split" for a in agents)
