@@ -4,9 +4,10 @@
 thread is inside the trainer's ``fit`` while steps are exchanged, so the runtime's event queue is
 not read then. A request goes to ``split/{device}/request`` (framed: chunked when large), its
 answer comes on ``split/{device}/response`` and is matched by its step key (task id, step, phase)
-and correlation bytes; answers to other steps (late, duplicated) are dropped and counted. No answer
-within ``step_timeout_s``: the same request again (``attempt`` + 1), at most ``step_retries``
-times, then ``SplitStepFailed``.
+and correlation bytes (also sent as the MQTT 5 Response Topic and Correlation Data properties when
+the broker speaks 5; the payload's fields are what is read); answers to other steps (late,
+duplicated) are dropped and counted. No answer within ``step_timeout_s``: the same request again
+(``attempt`` + 1), at most ``step_retries`` times, then ``SplitStepFailed``.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ class SplitLink:
                 self._waiting = waiter
             try:
                 sent = self._transport.publish(topic, req.to_msgpack(), qos=QOS_SPLIT, framed=True,
-                                               timeout=self.spec.step_timeout_s).bytes
+                                               timeout=self.spec.step_timeout_s,
+                                               properties={"ResponseTopic": req.response_topic,
+                                                           "CorrelationData": corr}).bytes
             except Exception as exc:  # noqa: BLE001 - a lost connection: try again like a time-out
                 log.warning("split %s of step %d not sent: %s", phase, step, exc)
                 sent = 0

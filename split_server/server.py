@@ -321,7 +321,7 @@ class SplitServer:
             cached = self.answers.get(device, {}).get(req.phase)
             if cached is not None and cached[0] == req.key:
                 self.counters["duplicates"] += 1
-                self._send(device, cached[1])
+                self._send(device, cached[1], req.correlation)
                 return cached[1]
             answer = self._handle(device, req)
         except Refused as exc:
@@ -335,14 +335,15 @@ class SplitServer:
             log.exception("split request of %s failed", device)
             self._refuse("internal", f"{type(exc).__name__}: {exc}")
             answer = self._answer(device, req, ok=False, reason=f"server error: {type(exc).__name__}")
-        self._send(device, answer)
+        self._send(device, answer, req.correlation)
         return answer
 
-    def _send(self, device: str, answer: bytes) -> None:
+    def _send(self, device: str, answer: bytes, correlation: bytes) -> None:
         if self.transport is None:
             return
-        try:
-            self.transport.publish(response_topic(self.base, device), answer, qos=QOS_SPLIT, framed=True)
+        try:  # the correlation also as the MQTT 5 property (MQTT 3.1.1: the payload's field only)
+            self.transport.publish(response_topic(self.base, device), answer, qos=QOS_SPLIT, framed=True,
+                                   properties={"CorrelationData": correlation})
             self.counters["answered"] += 1
         except Exception as exc:  # noqa: BLE001 - the device asks again after its time-out
             log.warning("answer to %s not sent: %s", device, exc)

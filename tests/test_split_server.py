@@ -325,3 +325,42 @@ def test_demo_with_method_split_configures_a_split_server_the_coordinator_and_ag
     assert coord.mode == "split" and coord.split == server.split and coord.adapter == server.adapter
     assert server.federation == coord.federation == agents[0].federation
     assert all(a.mode == "split" and a.method == "split" for a in agents)
+
+
+def test_on_mqtt5_requests_and_answers_carry_response_topic_and_correlation_properties(mqtt_broker, deep_llama,
+                                                                                         tmp_path):
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.config import AgentConfig
+    from edge_agent.split_link import correlation_of
+
+    seen: list[tuple[str, object, object]] = []
+    sniffer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sniffer", protocol=mqtt.MQTTv5)
+    sniffer.on_message = lambda c, u, msg: seen.append(
+        (msg.topic, getattr(msg.properties, "ResponseTopic", None), getattr(msg.properties, "CorrelationData", None)))
+    sniffer.connect(mqtt_broker.host, mqtt_broker.port)
+    sniffer.subscribe(f"{TOPICS.base}/split/#", qos=1)
+    sniffer.loop_start()
+    hx = Harness(mqtt_broker.url, deep_llama, tmp_path / "server")
+    try:
+        hx.start_server()
+        hx.task("dev-0", "r1-fit")
+        hx.wait_task("dev-0")
+        (tmp_path / "none.jsonl").write_text("")
+        cfg = AgentConfig(device_id="dev-0", federation="test", broker={"url": mqtt_broker.url}, model="tiny-llama",
+                          method="split", data={"train": str(tmp_path / "none.jsonl")}, state_dir=str(tmp_path / "a"))
+        link = SplitLink(cfg, TOPICS)
+        link.begin("r1-fit", SplitTask(**CUT))
+        h, mask = _batch(np.random.default_rng(2))
+        assert link.forward(0, h, mask).shape == h.shape
+        link.close()
+        time.sleep(0.3)
+    finally:
+        hx.close()
+        sniffer.loop_stop()
+        sniffer.disconnect()
+    corr = correlation_of("dev-0", ("r1-fit", 0, "forward"))
+    req = [s for s in seen if s[0] == request_topic(TOPICS.base, "dev-0")]
+    ans = [s for s in seen if s[0] == response_topic(TOPICS.base, "dev-0")]
+    assert req and all(r[1] == response_topic(TOPICS.base, "dev-0") and r[2] == corr for r in req)
+    assert ans and all(a[2] == corr for a in ans)

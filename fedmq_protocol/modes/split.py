@@ -14,8 +14,8 @@ Evaluation sends ``evaluate`` requests (a forward that keeps nothing). Every req
 step: ``(task_id, step, phase)``; the server answers a repeated request (a QoS-1 duplicate, a
 retry) with the bytes of its first answer and never applies a backward twice. The
 ``correlation`` bytes of a request come back in its response, and ``response_topic`` names where
-(the MQTT 5 fields of the same name carry the same values when the broker speaks 5; the payload
-is what the receiver reads, so MQTT 3.1.1 works the same).
+(the MQTT 5 Response Topic and Correlation Data properties carry the same values when the broker
+speaks 5; the payload is what the receiver reads, so MQTT 3.1.1 works the same).
 
 Torch-free: tensors go through the codec (``fedmq_protocol.codec``), the mask as a bitmap.
 """

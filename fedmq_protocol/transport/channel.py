@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,8 +233,11 @@ class MqttTransport:
         retain: bool = False,
         framed: bool = False,
         timeout: float | None = None,
+        properties: Mapping[str, Any] | None = None,
     ) -> Published:
         """Publish; returns what went on the wire (payloads incl. chunk maps, no MQTT headers).
+        ``properties``: MQTT 5 PUBLISH properties by paho name (e.g. ``ResponseTopic``,
+        ``CorrelationData``) on every message sent; dropped on MQTT 3.1.1.
 
         Waits until every QoS >= 1 message is acknowledged (QoS 0: written), at most
         ``max_inflight`` outstanding at a time; raises ``TransportError`` on timeout or when the
@@ -264,7 +267,7 @@ class MqttTransport:
             with self._lock:
                 retained_before = self._retained_chunks.get(topic, 0)
             messages += [(chunk_topic(topic, i), b"") for i in range(n_chunks, retained_before)]
-        self.client.publish_many(messages, qos=qos, retain=retain, timeout=timeout)
+        self.client.publish_many(messages, qos=qos, retain=retain, timeout=timeout, properties=properties)
         if retain:
             with self._lock:
                 if n_chunks:
