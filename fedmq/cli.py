@@ -107,6 +107,29 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split_server(args: argparse.Namespace) -> int:
+    from fedmq.configfile import load_config
+    from split_server.config import SplitServerConfig
+
+    cfg = load_config(args.config, SplitServerConfig)
+    from fedmq.sdnotify import Notifier, Watchdog
+    from split_server.server import SplitServer
+
+    server = SplitServer(cfg)
+    sd = Notifier()
+    _on_sigterm(server.stop_event, sd)
+    server.load()  # the model: before the watchdog starts (a first start may fetch and convert it)
+    server.start()
+    dog = Watchdog(sd, lambda: server.alive_at, lambda: f"server step {server.server_step}")
+    sd.ready(f"split server: connected to {cfg.broker.url}")
+    dog.start()
+    try:
+        server.run()
+    finally:
+        dog.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmq.demo import DemoError, DemoOptions, run_demo
 
@@ -195,14 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=int, help="override the number of rounds")
     c.set_defaults(func=cmd_coordinator)
 
+    ss = sub.add_parser("split-server", help="run the split server (the middle blocks of a split federation)")
+    ss.add_argument("--config", required=True, help="split server YAML (see configs/split-server.yaml)")
+    ss.set_defaults(func=cmd_split_server)
+
     d = sub.add_parser("demo", help="broker + coordinator + agents on one machine")
     d.add_argument("--broker", help="mqtt://HOST:PORT of an existing broker (default: embedded amqtt)")
     d.add_argument("--agents", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
-    d.add_argument("--method", choices=["lora", "qlora", "zo", "kd"], default="qlora",
-                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo) or distillation over logits "
-                   "between models of two sizes (kd) (default qlora)")
+    d.add_argument("--method", choices=["lora", "qlora", "zo", "kd", "split"], default="qlora",
+                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo), distillation over logits "
+                   "between models of two sizes (kd) or split learning with a split server (split) "
+                   "(default qlora)")
     d.add_argument("--summary", help="write per-round figures as JSON here")
     d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
     d.add_argument("--local-steps", type=int, default=8)

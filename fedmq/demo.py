@@ -7,6 +7,7 @@ written to the work directory, exactly as a device would be.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from rich.console import Console
@@ -26,9 +28,14 @@ from rich.table import Table
 from fedmq_protocol import messages as m
 from fedmq_protocol.topics import Topics
 
+if TYPE_CHECKING:
+    from fedmq_protocol.transport.config import BrokerConfig
+
 # zeroth-order (FedKSeed) on the full model: MeZO's scale of perturbation and learning rate
 ZO_DEMO = {"seed": 0, "num_seeds": 1024, "eps": 1e-3, "direction": "gaussian", "target": "full"}
 ZO_DEMO_LR = 1e-5
+# split learning: the device runs the embedding, 2 blocks at each end and the head; int8 activations
+SPLIT_DEMO = {"l_head": 2, "l_tail": 2, "activations": "int8", "gradients": "bfloat16", "zstd": True}
 LORA_DEMO_LR = 2e-3
 # knowledge distillation: FedMKT-style best-per-probe teacher, top-16 log-probs per answer token
 KD_DEMO = {"top_k": 16, "weighting": "best", "lambda": 1.0, "temperature": 1.0, "max_response_tokens": 16}
@@ -100,6 +107,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
         coord.pop("eval_max_devices")  # every device evaluates its own model
         if opts.agents > 1:  # the last device runs the first third of the model's blocks
             models[-1] = f"{model_path}:blocks={max(1, num_blocks(model_path) // 3)}"
+    if opts.method == "split":
+        coord["split"] = SPLIT_DEMO
     coord_path = wd / "coordinator.yaml"
     coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
     agent_paths = []
@@ -143,6 +152,51 @@ def write_probe_set(data_dir: Path, per_family: int = KD_PROBES_PER_FAMILY) -> P
             for ex in make_examples(fam, per_family, rng, avoid):
                 fh.write(json.dumps({"prompt": ex.prompt, "response": ex.response, "family": fam}) + "\n")
     return path
+
+
+def write_split_server_config(opts: DemoOptions, broker_url: str, model_path: str) -> Path:
+    """The split server's YAML (``--method split``): the middle blocks of the devices' model."""
+    wd = opts.workdir
+    mqtt_version = opts.mqtt_version or ("3.1.1" if opts.broker is None else "5")
+    cfg = {
+        "federation": opts.federation,
+        "broker": {"url": broker_url, "mqtt_version": mqtt_version},
+        "model": model_path,
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "split": SPLIT_DEMO,
+        "state_dir": str(wd / "state" / "split-server"),
+        "torch_threads": max(1, (os.cpu_count() or 2) // 2),
+    }
+    path = wd / "split-server.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _wait_for_split_server(broker: BrokerConfig, topics: Topics, proc: subprocess.Popen, log: Path,
+                           timeout: float = 600) -> None:
+    """Until the split server's retained status says online (it must see the round's tasks)."""
+    from fedmq_protocol.modes.split import server_status_topic
+    from fedmq_protocol.transport import MqttTransport
+
+    online = threading.Event()
+
+    def on_status(topic: str, payload: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            if payload and json.loads(payload).get("online"):
+                online.set()
+
+    t = MqttTransport(broker, f"fedmq-demo-split-{os.getpid()}", clean_start=True)
+    t.subscribe(server_status_topic(topics.base), on_status, qos=1)
+    t.connect(10)
+    try:
+        deadline = time.monotonic() + timeout
+        while not online.wait(0.5):
+            if proc.poll() is not None:
+                raise DemoError(exit_message("split server", proc.returncode, log))
+            if time.monotonic() > deadline:
+                raise DemoError(f"split server not online after {timeout:.0f}s; see {log}")
+    finally:
+        t.close()
 
 
 def summary_table(history: list[m.RoundSummary]) -> Table:
@@ -272,6 +326,25 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen] = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    servers: list[subprocess.Popen] = []  # the split server (--method split), stopped with the agents
+    if opts.method == "split":
+        from fedmq_protocol.transport.config import BrokerConfig
+
+        server_cfg = write_split_server_config(opts, broker_url, model_path)
+        with open(logs / "split-server.log", "w") as log_file:
+            servers.append(subprocess.Popen([sys.executable, "-m", "fedmq", "split-server", "--config",
+                                             str(server_cfg)], stdout=log_file, stderr=subprocess.STDOUT, env=env))
+        mqtt_version = opts.mqtt_version or ("3.1.1" if opts.broker is None else "5")
+        try:
+            _wait_for_split_server(BrokerConfig(url=broker_url, mqtt_version=mqtt_version),
+                                   Topics("fedmq", opts.federation), servers[0], logs / "split-server.log")
+        except BaseException:
+            servers[0].kill()
+            if embedded:
+                embedded.stop()
+            raise
+        console.print(f"[bold]split server[/] the middle blocks of {opts.model} (the devices keep "
+                      f"{SPLIT_DEMO['l_head']} + {SPLIT_DEMO['l_tail']}); log {logs / 'split-server.log'}")
     for i, p in enumerate(agent_paths):
         with open(logs / f"device-{i}.log", "w") as log_file:  # the child keeps its own copy of the descriptor
             procs.append(subprocess.Popen(
@@ -346,10 +419,10 @@ def run_demo(opts: DemoOptions) -> list[m.RoundSummary]:
             failed.set()
             coordinator.close("finished")
             watcher.close()
-            for proc in procs:
+            for proc in procs + servers:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            for proc in procs:
+            for proc in procs + servers:
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:

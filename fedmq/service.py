@@ -1,4 +1,4 @@
-"""systemd units for the agent and the coordinator, and ``fedmq service install``.
+"""systemd units for the agent, the coordinator and the split server, and ``fedmq service install``.
 
 The units are rendered here (``systemd/*.service`` in the repository are these renderings with the
 defaults, kept identical by a test). ``install`` validates the YAML, rewrites the paths a sandboxed
@@ -24,15 +24,17 @@ from fedmq.configfile import ConfigError, load_config
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-KINDS = ("agent", "coordinator")
+KINDS = ("agent", "coordinator", "split-server")
 DEFAULT_EXEC = "/usr/local/bin/fedmq"
 
 # Default memory caps when neither --memory-max nor the config's memory_budget says otherwise:
 # a share of physical RAM (systemd resolves the percentage on the device).
-DEFAULT_MEMORY_MAX = {"agent": "80%", "coordinator": "50%"}
+DEFAULT_MEMORY_MAX = {"agent": "80%", "coordinator": "50%", "split-server": "80%"}
 # The agent's watchdog must outlast one training step (progress is reported after each step);
-# a coordinator pumps its event queue at least every 0.5 s.
-DEFAULT_WATCHDOG_S = {"agent": 600, "coordinator": 120}
+# a coordinator pumps its event queue at least every 0.5 s; a split server between two requests
+# (one request: the middle blocks' forward or backward of one batch).
+DEFAULT_WATCHDOG_S = {"agent": 600, "coordinator": 120, "split-server": 300}
+WHAT = {"agent": "edge agent", "coordinator": "coordinator", "split-server": "split server"}
 
 
 def parse_memory(value: Any, *, what: str = "memory") -> str:
@@ -84,9 +86,10 @@ def render_unit(o: UnitOptions) -> str:
     if o.kind not in KINDS:
         raise ValueError(f"unknown service kind {o.kind!r}; expected one of {KINDS}")
     agent = o.kind == "agent"
+    model = o.kind in ("agent", "split-server")  # loads a model: its cache, the GPU, a long first start
     memory = o.memory_max or DEFAULT_MEMORY_MAX[o.kind]
     watchdog = o.watchdog_s or DEFAULT_WATCHDOG_S[o.kind]
-    what = "edge agent" if agent else "coordinator"
+    what = WHAT[o.kind]
     lines = [
         f"# fedmq {what}. Written by `fedmq service install {o.kind} --config FILE`;",
         f"# its configuration is {o.config}. Logs: journalctl -u fedmq-{o.kind}",
@@ -108,7 +111,7 @@ def render_unit(o: UnitOptions) -> str:
         "RestartSec=15s",
         f"WatchdogSec={watchdog}s",
         # first start of an agent may fetch and convert its model
-        f"TimeoutStartSec={'30min' if agent else '2min'}",
+        f"TimeoutStartSec={'30min' if model else '2min'}",
         # SIGTERM: the current step finishes or is abandoned, then the offline status is published
         f"TimeoutStopSec={'3min' if agent else '1min'}",
         "KillSignal=SIGTERM",
@@ -122,7 +125,7 @@ def render_unit(o: UnitOptions) -> str:
         "StateDirectoryMode=0700",
         "ConfigurationDirectory=fedmq",
     ]
-    if agent:
+    if model:
         lines += ["CacheDirectory=fedmq", "Environment=FEDMQ_HOME=/var/cache/fedmq"]
     lines += ["Environment=PYTHONUNBUFFERED=1"]
     for name, source in o.credentials:
@@ -136,7 +139,7 @@ def render_unit(o: UnitOptions) -> str:
         "ProtectHome=read-only",
         "PrivateTmp=yes",
         # the agent needs the GPU device nodes (/dev/nvidia*, Jetson /dev/nvhost-*)
-        f"PrivateDevices={'no' if agent else 'yes'}",
+        f"PrivateDevices={'no' if model else 'yes'}",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
         "ProtectKernelLogs=yes",
@@ -186,12 +189,16 @@ def install(
 ) -> InstallResult:
     """Validate ``config_file`` and write the unit and the (rewritten) config under ``root``."""
     if kind not in KINDS:
-        raise ConfigError(f"unknown service kind {kind!r}; expected agent or coordinator")
+        raise ConfigError(f"unknown service kind {kind!r}; expected one of {', '.join(KINDS)}")
     model: type[BaseModel]
     if kind == "agent":
         from edge_agent.config import AgentConfig
 
         model = AgentConfig
+    elif kind == "split-server":
+        from split_server.config import SplitServerConfig
+
+        model = SplitServerConfig
     else:
         from broker_coordinator.config import CoordinatorConfig
 
@@ -269,13 +276,15 @@ def cmd_service_install(args) -> int:
 def add_parser(sub) -> None:
     svc = sub.add_parser("service", help="systemd units")
     ssub = svc.add_subparsers(dest="service_command", required=True)
-    i = ssub.add_parser("install", help="write the systemd unit and config of an agent or the coordinator")
+    i = ssub.add_parser("install", help="write the systemd unit and config of an agent, the coordinator or "
+                        "the split server")
     i.add_argument("kind", choices=KINDS)
     i.add_argument("--config", required=True, help="the YAML to install (validated first)")
     i.add_argument("--root", default="/", help="install under this directory instead of / (tests, images)")
     i.add_argument("--memory-max", help="MemoryMax= of the unit, e.g. 6G or 80%% (default: the config's "
                    "memory_budget, else 80%% of RAM for the agent, 50%% for the coordinator)")
-    i.add_argument("--watchdog-sec", type=int, help="WatchdogSec= (default 600 agent, 120 coordinator): "
+    i.add_argument("--watchdog-sec", type=int, help="WatchdogSec= (default 600 agent, 120 coordinator, 300 "
+                   "split server): "
                    "longer than one training step")
     i.add_argument("--user", help="run as this existing system user instead of a DynamicUser")
     i.add_argument("--exec", dest="exec_start", help="the fedmq command in ExecStart (default: fedmq on PATH, "

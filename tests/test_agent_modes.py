@@ -31,13 +31,13 @@ def _cfg(tmp_path, **extra) -> AgentConfig:
 
 
 def test_every_registered_mode_has_an_agent_side():
-    from edge_agent.methods import is_method
+    from edge_agent.methods import get_method, is_method
 
     for name in MODES:
         cls = mode_class(name)
         assert issubclass(cls, AgentMode) and cls.name == name
         # in the registry, or registered by its file alone (edge_agent/methods/<name>.py)
-        assert cls.methods and all(is_method(meth) for meth in cls.methods)
+        assert cls.methods and all(is_method(meth) and get_method(meth).name == meth for meth in cls.methods)
     with pytest.raises(ValueError, match="valid: adapter, zo"):
         mode_class("fedkrso")
 

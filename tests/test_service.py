@@ -102,7 +102,7 @@ def test_installed_agent_config_still_validates_once_credentials_exist(tmp_path,
 
 
 def test_shipped_units_are_the_default_renderings():
-    for kind in ("agent", "coordinator"):
+    for kind in ("agent", "coordinator", "split-server"):
         assert (REPO / "systemd" / f"fedmq-{kind}.service").read_text() == render_unit(UnitOptions(kind))
 
 

@@ -25,6 +25,7 @@ MODES: dict[str, str] = {
     "adapter": "",
     "zo": "fedmq_protocol.modes.zo",
     "kd": "fedmq_protocol.modes.kd",
+    "split": "fedmq_protocol.modes.split",
 }
 
 DEFAULT_MODE = "adapter"

@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,8 +266,11 @@ class MqttTransport:
         retain: bool = False,
         framed: bool = False,
         timeout: float | None = None,
+        properties: Mapping[str, Any] | None = None,
     ) -> Published:
         """Publish; returns what went on the wire (payloads incl. chunk maps, no MQTT headers).
+        ``properties``: MQTT 5 PUBLISH properties by paho name (e.g. ``ResponseTopic``,
+        ``CorrelationData``) on every message sent; dropped on MQTT 3.1.1.
 
         Waits until every QoS >= 1 message is acknowledged (QoS 0: written), at most
         ``max_inflight`` outstanding at a time; raises ``TransportError`` on timeout or when the
@@ -302,7 +305,7 @@ class MqttTransport:
                 for wire_topic, frame in messages:
                     hist = self.retained_history.setdefault(wire_topic, collections.deque(maxlen=4))
                     hist.append((hashlib.sha256(frame).digest(), now))
-        self.client.publish_many(messages, qos=qos, retain=retain, timeout=timeout)
+        self.client.publish_many(messages, qos=qos, retain=retain, timeout=timeout, properties=properties)
         if retain:
             with self._lock:
                 if n_chunks:

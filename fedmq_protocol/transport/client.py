@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -368,7 +369,8 @@ class MqttClient:
             self._paho.unsubscribe(filters)
 
     # -- publish ----------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Future[ReasonCode]:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                properties: Mapping[str, Any] | None = None) -> Future[ReasonCode]:
         """Hand one message to paho, never waiting; ``TransportError`` if paho refuses it.
 
         The future's result is the broker's reason code (``is_failure``: rejected) once the message
@@ -377,8 +379,9 @@ class MqttClient:
         """
         if self._closed:
             raise TransportError(f"transport to {self.url} is closed")
+        props = self._publish_properties(properties)
         with self._handoff_lock:
-            info = self._paho.publish(topic, payload, qos, retain)
+            info = self._paho.publish(topic, payload, qos, retain, props)
             # Not connected: paho keeps a QoS >= 1 message and sends it after the reconnect.
             queued = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued:
@@ -387,9 +390,19 @@ class MqttClient:
         self.bytes_sent += len(payload)
         return done
 
+    def _publish_properties(self, properties: Mapping[str, Any] | None) -> Properties | None:
+        """MQTT 5 PUBLISH properties by paho name (``ResponseTopic``, ``CorrelationData``, ...);
+        none on MQTT 3.1.1, which has no properties."""
+        if not properties or not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        for name, value in properties.items():
+            setattr(props, name, value)
+        return props
+
     def publish_many(
         self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, properties: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish ``(topic, payload)`` messages in order and wait until every one is acknowledged
         (QoS 0: written), at most ``max_inflight`` outstanding at a time; raises ``TransportError``
@@ -397,7 +410,7 @@ class MqttClient:
         From paho's network thread the messages are only queued."""
         if self._on_network_thread():
             for topic, payload in messages:
-                self.publish(topic, payload, qos=qos, retain=retain)
+                self.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             return
         timeout = self.config.publish_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -407,7 +420,8 @@ class MqttClient:
                 for topic, payload in messages:
                     while len(window) >= self.config.max_inflight:
                         self._await_ack(*window.popleft(), deadline, timeout)
-                    window.append((topic, self.publish(topic, payload, qos=qos, retain=retain)))
+                    window.append((topic, self.publish(topic, payload, qos=qos, retain=retain,
+                                                       properties=properties)))
                 while window:
                     self._await_ack(*window.popleft(), deadline, timeout)
             except BaseException:
