@@ -36,7 +36,8 @@ class GlobalPublisher:
         """Publish ``message`` (default: the current global, a snapshot) and what it depends on.
         ``everything``: also the mode's retained messages published before (the broker lost
         them). Returns (bytes sent, seconds spent publishing the global)."""
-        extra = sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=True).bytes
+        # an empty payload clears its retained topic (and the chunks it was sent in)
+        extra = sum(self.transport.publish(topic, payload, qos=QOS_GLOBAL, retain=True, framed=bool(payload)).bytes
                     for topic, payload in self.mode.retained_messages(self.topics.base, everything))
         gm = message or self.state.global_model
         assert gm is not None

@@ -24,6 +24,7 @@ MessageKind = Literal["task", "update", "global"]
 MODES: dict[str, str] = {
     "adapter": "",
     "zo": "fedmq_protocol.modes.zo",
+    "krso": "fedmq_protocol.modes.krso",
 }
 
 DEFAULT_MODE = "adapter"
