@@ -29,6 +29,10 @@ from fedmq_protocol.topics import Topics
 # zeroth-order (FedKSeed) on the full model: MeZO's scale of perturbation and learning rate
 ZO_DEMO = {"seed": 0, "num_seeds": 1024, "eps": 1e-3, "direction": "gaussian", "target": "full"}
 ZO_DEMO_LR = 1e-5
+# FedKRSO: K = 4 subspaces of rank 8 per round, intervals of 4 steps, every linear of the blocks
+KRSO_DEMO = {"seed": 0, "num_seeds": 4, "rank": 8, "interval": 4, "target_modules": ["all-linear"],
+             "checkpoint_every": 5}
+KRSO_DEMO_LR = 3e-4
 LORA_DEMO_LR = 2e-3
 
 
@@ -46,7 +50,7 @@ class DemoOptions:
     summary: Path | None = None
     workdir: Path = Path("fedmq-demo")
     local_steps: int = 8
-    lr: float | None = None  # None: 2e-3 (LoRA, QLoRA), 1e-5 (zo)
+    lr: float | None = None  # None: 2e-3 (LoRA, QLoRA), 1e-5 (zo), 3e-4 (krso)
     batch_size: int = 4
     max_seq_len: int = 96
     samples_per_device: int = 120
@@ -60,7 +64,7 @@ class DemoOptions:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return ZO_DEMO_LR if self.method == "zo" else LORA_DEMO_LR
+        return {"zo": ZO_DEMO_LR, "krso": KRSO_DEMO_LR}.get(self.method, LORA_DEMO_LR)
 
 
 def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir: Path) -> tuple[Path, list[Path]]:
@@ -90,6 +94,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
     }
     if opts.method == "zo":
         coord["zo"] = {**ZO_DEMO, "lr": opts.learning_rate}
+    elif opts.method == "krso":
+        coord["krso"] = dict(KRSO_DEMO)  # Adam on B at fit.lr
     coord_path = wd / "coordinator.yaml"
     coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
     agent_paths = []

@@ -172,10 +172,11 @@ class KrsoMode(CoordinatorMode):
                 raise self._refuse("unknown_seed", f"seed {s} is not one of round {update.round}'s {len(seeds)} seeds")
         try:
             arrays = update.tensors.decode_dense(
-                max_elements=max(1, len(p.seeds)) * self.spec.rank * (sum(self.shapes.values()) or 1 << 28),
+                # twice what the federation's shapes allow: a wrong shape is refused as such below
+                max_elements=2 * max(1, len(p.seeds)) * self.spec.rank * (sum(self.shapes.values()) or 1 << 27),
                 where="krso accumulators")
-        except ProtocolError as exc:
-            raise self._refuse("tensors", str(exc)) from None
+        except ProtocolError as exc:  # the codec refuses NaN and infinity as it decodes
+            raise self._refuse("non_finite" if "non-finite" in str(exc) else "tensors", str(exc)) from None
         by_seed: dict[int, dict[str, tuple[int, ...]]] = {}
         for name, a in arrays.items():
             try:

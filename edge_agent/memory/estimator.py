@@ -166,8 +166,9 @@ class ModelShape:
             modules = lora_target_modules(self.model_type, _LINEARS)
         return self.num_layers * sum(r * sum(self.module_dims(t)) for t in modules)
 
-    def target_dims(self, target_modules: Iterable[str]) -> tuple[int, int, int]:
-        """(sum of d_in, sum of d_out, largest d_in x d_out) over the targeted decoder-layer linears."""
+    def target_dims(self, target_modules: Iterable[str]) -> tuple[int, int, int, int]:
+        """(sum of d_in, sum of d_out, largest d_in x d_out, sum of d_in x d_out) over the targeted
+        decoder-layer linears."""
         from edge_agent.models import ALL_LINEAR, lora_target_modules
 
         modules = lora_target_modules(self.model_type, tuple(target_modules))
@@ -175,7 +176,7 @@ class ModelShape:
             modules = lora_target_modules(self.model_type, _LINEARS)
         dims = [self.module_dims(t) for t in modules]
         return (self.num_layers * sum(d for d, _ in dims), self.num_layers * sum(o for _, o in dims),
-                max((d * o for d, o in dims), default=0))
+                max((d * o for d, o in dims), default=0), self.num_layers * sum(d * o for d, o in dims))
 
 
 def _nf4_bytes(numel: int) -> float:
@@ -234,12 +235,16 @@ def estimate(
     else:
         if method == "krso":
             # B (d_out x r): parameter, gradient, two Adam moments; P_s (r x d_in) per targeted
-            # linear; one accumulator per seed used; the merge's B P_s (the largest linear)
-            d_in, d_out, largest = shape.target_dims(target_modules)
+            # linear; one accumulator per seed used; a bfloat16 base merges through a float32 B P_s
+            d_in, d_out, largest, targeted = shape.target_dims(target_modules)
             b["trainable"] = lora_r * d_out * 16
             b["projections"] = lora_r * d_in * 4
             b["accumulators"] = krso_seeds * lora_r * d_out * 4
-            b["merge"] = largest * 4
+            b["merge"] = largest * 4 if base == "bfloat16" else 0.0  # float32 merges in place (addmm_)
+            from edge_agent.methods.zo_directions import backend_for
+
+            # rounds are applied by compiled kernels where the targeted weights are many (numba's runtime)
+            b["krso_kernels"] = ZO_KERNELS_MB * MB if backend_for(targeted) == "numba" else 0.0
         else:
             b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
         if gradient_checkpointing:
