@@ -33,7 +33,7 @@ from fedmq_protocol.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [Example(prompt=f"What is {i} plus {i}?", response=f"{2 * i}") for i in range(12)]
-FIT = m.FitConfig(local_steps=6, batch_size=3, max_seq_len=32, seed=5, lr=1e-2)
+FIT = m.FitConfig(local_steps=4, batch_size=3, max_seq_len=32, seed=5, lr=1e-2)
 SPEC = K.KrsoSpec(seed=3, num_seeds=4, rank=4, interval=2, checkpoint_every=2)
 TOPICS = Topics("fedmq", "test")
 
@@ -381,3 +381,17 @@ def test_memory_plans_for_krso_keep_a_full_precision_base_and_refuse_small_budge
     with pytest.raises(BudgetTooSmall, match="krso") as exc:
         choose_plan(shape, Budget(host_mb=300), method="krso", batch_size=4, seq_len=64)
     assert exc.value.min_host_mb is not None and exc.value.min_host_mb > 300
+
+
+def test_the_demo_runs_krso_with_a_krso_section_and_krso_agents(tmp_path, synth, tiny):
+    import yaml
+
+    from edge_agent.config import AgentConfig
+    from fedmq.demo import DemoOptions, write_configs
+
+    opts = DemoOptions(method="krso", agents=2, workdir=tmp_path)
+    coord_path, agent_paths = write_configs(opts, "mqtt://127.0.0.1:1883", tiny, synth)
+    coord = CoordinatorConfig(**yaml.safe_load(coord_path.read_text()))
+    assert coord.mode == "krso" and isinstance(coord.mode_options, K.KrsoSpec) and coord.fit.lr == 3e-4
+    agent = AgentConfig(**yaml.safe_load(agent_paths[0].read_text()))
+    assert agent.method == "krso" and agent.mode == "krso"
