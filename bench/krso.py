@@ -185,6 +185,30 @@ def run_lora(meth: Any, row: dict, lr: float, args: argparse.Namespace, train: l
         yield out
 
 
+def _why(args: argparse.Namespace, results: list[dict]) -> str:
+    """What explains the figures (computed from the run where it can be)."""
+    krso = [r for r in results if r["kind"] == "krso"]
+    used = sorted({n for r in krso for rnd in r["best"].get("seeds_used", []) for n in rnd})
+    intervals = -(-args.local_steps // args.interval)
+    edge = [r["name"] for r in results if r["best"]["lr"] in (r["lrs"][0], r["lrs"][-1])]
+    return (
+        f"Why: FedKRSO's uplink is (distinct seeds a client used) × r × Σ d_out values; here "
+        f"{intervals} intervals per round drew {'/'.join(map(str, used))} distinct seeds per client, against "
+        "LoRA-all-linear's r × (Σ d_in + Σ d_out) (on SmolLM2-135M Σ d_in ≈ Σ d_out, so one seed per round "
+        "is about half of dense LoRA and two seeds about equal: the uplink target holds for at most ~2 "
+        "seeds per round, e.g. J = local steps). Peak step memory: both hold the float32 base; FedKRSO "
+        "trains B (d_out × r) per linear against LoRA's A and B, keeps P_s (r × d_in) and one accumulator "
+        "per seed used, and its process has numba imported for applying rounds (the compiled kernel, "
+        "~86 MB more once a round has been applied, is not in this probe). Step time: a FedKRSO step is "
+        "LoRA's forward and backward plus, at each interval's end, W += B P_s for every linear; with "
+        "J = 1 that merge runs every step. Times on this shared machine vary by 2× between identical runs "
+        "(FedKRSO r=4 and r=8 do the same work but for r), so the step-time ratios are indicative only. "
+        + (f"Best learning rate at the edge of its sweep: {', '.join(edge)} (a wider sweep might do better). "
+           if edge else "")
+        + "FedKSeed moves little in so few steps (it needs thousands) and its largest lr overshoots by round 2."
+    )
+
+
 def _final(run: dict) -> float:
     x = run["eval_loss"][-1]
     return x if np.isfinite(x) else float("inf")
@@ -252,10 +276,19 @@ def main() -> int:
     ap.add_argument("--probe-steps", type=int, default=2)
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite the docs section from bench/results/krso.json (no training)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     if args.probe:
         print("PROBE " + json.dumps(probe(args.probe, args)), flush=True)
+        return 0
+    if args.render:
+        from bench.report import RESULTS
+
+        rec = json.loads((RESULTS / "krso.json").read_text())
+        report(argparse.Namespace(**{**rec["args"], "no_doc": False}), rec["baseline_eval_loss"], rec["results"],
+               rec["seconds"], recorded={"command": rec["command"], "machine": rec["machine"]})
         return 0
 
     t_start = time.perf_counter()
@@ -323,7 +356,10 @@ def main() -> int:
     return 0
 
 
-def report(args: argparse.Namespace, baseline: float | None, results: list[dict], seconds: float) -> None:
+def report(args: argparse.Namespace, baseline: float | None, results: list[dict], seconds: float,
+           recorded: dict | None = None) -> None:
+    """Write the JSON and the docs section (``recorded``: the command and machine of a run being
+    re-rendered from its JSON with ``--render``)."""
     by = {r["name"]: r for r in results}
     lora_all = by.get(LORA_ALL)
     rows = []
@@ -351,7 +387,8 @@ def report(args: argparse.Namespace, baseline: float | None, results: list[dict]
                                                      if same_r else None)}
             targets.append(t)
     out = {"benchmark": "krso", "command": command_line(), "machine": machine(), "args": vars(args),
-           "seconds": seconds, "baseline_eval_loss": baseline, "results": results, "targets": targets}
+           "seconds": seconds, "baseline_eval_loss": baseline, "results": results, "targets": targets,
+           **(recorded or {})}
     write_json("krso", out)
     if args.no_doc:
         return
@@ -369,7 +406,8 @@ def report(args: argparse.Namespace, baseline: float | None, results: list[dict]
     md = (
         "## FedKRSO vs FedAvg LoRA vs FedKSeed (`bench/krso.py`)\n\n"
         f"`{out['command']}` ({seconds / 60:.1f} min) — SmolLM2-135M-Instruct, float32 base, CPU, "
-        f"{args.threads} threads; {N_CLIENTS} clients with non-IID synthetic data ({args.samples} examples each), "
+        f"{args.threads} thread(s) per process; {N_CLIENTS} clients with non-IID synthetic data "
+        f"({args.samples} examples each), "
         f"{args.rounds} rounds × {args.local_steps} local steps (batch {args.batch_size}, ≤{args.max_seq_len} "
         f"tokens), the same seeds for every row; held-out loss on {args.eval_samples} examples. FedKRSO: K = "
         f"{args.num_seeds} seeds per round, J = {args.interval} steps per interval, every linear of the blocks; "
@@ -380,11 +418,12 @@ def report(args: argparse.Namespace, baseline: float | None, results: list[dict]
         "kernel's high-water mark of a separate process over "
         f"{args.probe_steps} local steps after a warm-up step (the model, optimizer and activations included); "
         f"time: the median of those steps. {out['machine']['cores']} cores shared with other jobs, "
-        f"{out['machine']['date']}, commit {out['machine']['commit']}. Sizes are small to fit ~12 minutes "
-        "on this machine: the losses compare methods at equal (short) budgets, not converged quality.\n\n"
+        f"{out['machine']['date']}, commit {out['machine']['commit']}. Sizes were chosen for ~12 minutes on "
+        "this machine (the wall time above includes other jobs' load): the losses compare methods at equal "
+        "(short) budgets, not converged quality.\n\n"
         + md_table(["row", "best lr", "eval loss, base → each round (best lr)", "round-1 loss per lr",
                     "uplink B/round/client", "downlink B/round/client", "peak step MiB", "s/step"], rows)
-        + "\n\nTargets (FedKRSO vs LoRA):\n" + "\n".join(lines) + "\n"
+        + "\n\nTargets (FedKRSO vs LoRA):\n" + "\n".join(lines) + "\n\n" + _why(args, results) + "\n"
     )
     update_doc_section("krso", md)
 
