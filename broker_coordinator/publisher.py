@@ -66,7 +66,11 @@ class GlobalPublisher:
         extra = 0
         for topic, body in self.mode.retained_messages(self.topics.base, everything):
             self.mode_filters.add(topic.rsplit("/", 1)[0] + "/#")
-            extra += self._publish_sealed(topic, body, gm)
+            if body:
+                extra += self._publish_sealed(topic, body, gm)
+            else:  # an empty body clears its retained topic (e.g. ledger rounds folded into a checkpoint)
+                self.retained[topic] = b""
+                extra += self.transport.publish(topic, b"", qos=QOS_GLOBAL, retain=True).bytes
         t0 = time.perf_counter()
         payload = gm.to_msgpack()
         if gm.is_snapshot:

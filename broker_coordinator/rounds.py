@@ -99,7 +99,7 @@ class RoundRunner:
             kind=c.kind, task_id=c.task_id, round=c.round_no, device_id=dev, global_version=c.base_version,
             deadline_s=c.deadline_s, adapter=self.cfg.adapter,
             fit=self.cfg.fit.model_copy(update={"seed": self.cfg.fit.seed + c.round_no * 7919 + c.attempt}),
-            model=self.cfg.model, payload=self.mode.task_payload(c.kind, c.round_no), nonce=c.nonce,
+            model=self.cfg.model, payload=self.mode.task_payload_for(c.kind, c.round_no, dev), nonce=c.nonce,
         )
         topic = self.topics.device_task(dev)
         sealed = self.sealer.seal(topic, task.to_msgpack(), round_no=c.round_no, version=c.base_version)

@@ -122,8 +122,8 @@ class AgentConfig(BaseModel):
     topic_root: str = "fedmq"
     broker: BrokerConfig = BrokerConfig()
     model: str = Field(description="model name (smollm2-135m, tiny-llama), HF directory, .gguf file or hub id")
-    method: str = Field("lora", description="training method (edge_agent.methods: lora, qlora, zo); "
-                        "zo: the coordinator's zo section picks the target")
+    method: str = Field("lora", description="training method (edge_agent.methods: lora, qlora, zo, krso); "
+                        "zo: the coordinator's zo section picks the target; krso: FedKRSO")
     mode: str = Field("adapter", description="federation mode (fedmq_protocol.modes); by default the mode "
                       "named like the method (method zo: mode zo), else adapter")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"

@@ -81,6 +81,9 @@ class UplinkEncoder:
         r = self.residual
         if r is not None and set(r) == set(x) and all(r[k].shape == x[k].shape for k in x):
             x = {k: x[k] + r[k] for k in x}
+        elif r is not None and set(r).isdisjoint(x):
+            # other tensors altogether (krso: each round's subspaces are new): nothing to carry over
+            log.info("error-feedback residual is for other tensors; dropped")
         elif r is not None:
             log.warning("error-feedback residual does not match the adapter; dropped")
         if self.budget is not None:

@@ -227,14 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--agents", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--model", default="smollm2-135m", help="model name, HF directory, .gguf or hub id")
-    d.add_argument("--method", choices=["lora", "qlora", "zo", "kd", "split"], default="qlora",
-                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo), distillation over logits "
-                   "between models of two sizes (kd) or split learning with a split server (split) "
+    d.add_argument("--method", choices=["lora", "qlora", "zo", "krso", "kd", "split"], default="qlora",
+                   help="LoRA, QLoRA (4-bit base), zeroth-order FedKSeed (zo), FedKRSO (krso), distillation "
+                   "over logits between models of two sizes (kd) or split learning with a split server (split) "
                    "(default qlora)")
     d.add_argument("--summary", help="write per-round figures as JSON here")
     d.add_argument("--workdir", default="fedmq-demo", help="data, configs, logs and state (default ./fedmq-demo)")
     d.add_argument("--local-steps", type=int, default=8)
-    d.add_argument("--lr", type=float, help="learning rate (default 2e-3; 1e-5 for zo)")
+    d.add_argument("--lr", type=float, help="learning rate (default 2e-3; 1e-5 for zo, 3e-4 for krso)")
     d.add_argument("--batch-size", type=int, default=4)
     d.add_argument("--mqtt-version", choices=["5", "3.1.1"],
                    help="MQTT protocol (default 3.1.1 on the embedded broker, 5 with --broker)")

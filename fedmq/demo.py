@@ -36,6 +36,10 @@ ZO_DEMO = {"seed": 0, "num_seeds": 1024, "eps": 1e-3, "direction": "gaussian", "
 ZO_DEMO_LR = 1e-5
 # split learning: the device runs the embedding, 2 blocks at each end and the head; int8 activations
 SPLIT_DEMO = {"l_head": 2, "l_tail": 2, "activations": "int8", "gradients": "bfloat16", "zstd": True}
+# FedKRSO: K = 4 subspaces of rank 8 per round, intervals of 4 steps, every linear of the blocks
+KRSO_DEMO = {"seed": 0, "num_seeds": 4, "rank": 8, "interval": 4, "target_modules": ["all-linear"],
+             "checkpoint_every": 5}
+KRSO_DEMO_LR = 3e-4
 LORA_DEMO_LR = 2e-3
 # knowledge distillation: FedMKT-style best-per-probe teacher, top-16 log-probs per answer token
 KD_DEMO = {"top_k": 16, "weighting": "best", "lambda": 1.0, "temperature": 1.0, "max_response_tokens": 16}
@@ -56,7 +60,7 @@ class DemoOptions:
     summary: Path | None = None
     workdir: Path = Path("fedmq-demo")
     local_steps: int = 8
-    lr: float | None = None  # None: 2e-3 (LoRA, QLoRA), 1e-5 (zo)
+    lr: float | None = None  # None: 2e-3 (LoRA, QLoRA), 1e-5 (zo), 3e-4 (krso)
     batch_size: int = 4
     max_seq_len: int = 96
     samples_per_device: int = 120
@@ -70,7 +74,7 @@ class DemoOptions:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return ZO_DEMO_LR if self.method == "zo" else LORA_DEMO_LR
+        return {"zo": ZO_DEMO_LR, "krso": KRSO_DEMO_LR}.get(self.method, LORA_DEMO_LR)
 
 
 def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir: Path) -> tuple[Path, list[Path]]:
@@ -100,6 +104,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
     }
     if opts.method == "zo":
         coord["zo"] = {**ZO_DEMO, "lr": opts.learning_rate}
+    if opts.method == "krso":
+        coord["krso"] = dict(KRSO_DEMO)  # Adam on B at fit.lr
     models = [model_path] * opts.agents
     if opts.method == "kd":
         coord["kd"] = {**KD_DEMO, "probe_path": str(write_probe_set(data_dir))}

@@ -37,6 +37,21 @@ class SplitServerConfig(BaseModel):
     status_interval_s: float = Field(5.0, gt=0, description="how often counters go to the retained status topic")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     log_level: str = Field("INFO", description="logging level")
+    coordinator_public_key: str | None = Field(
+        None, description="the coordinator's Ed25519 public key (a file, PEM or base64 of the raw 32 bytes, "
+        "or the base64 itself): the tasks that name who is in a round must carry its signature")
+
+    @field_validator("coordinator_public_key")
+    @classmethod
+    def _public_key_loads(cls, v: str | None) -> str | None:
+        if v is not None:
+            from fedmq_protocol.signing import SigningKeyError, load_public_key
+
+            try:
+                load_public_key(v)
+            except SigningKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("federation", "topic_root")
     @classmethod

@@ -59,6 +59,7 @@ from fedmq_protocol.modes.split import (
     response_topic,
     server_status_topic,
 )
+from fedmq_protocol.seal import SealOpener
 from fedmq_protocol.storage import atomic_write
 from fedmq_protocol.topics import Topics
 
@@ -103,6 +104,15 @@ class Pending:
 class SplitServer:
     def __init__(self, config: SplitServerConfig, *, transport: MqttTransport | None = None) -> None:
         self.cfg = config
+        # Tasks say who is in a round: they are opened like an agent opens them (seal, signature,
+        # counter per topic), so a forged or replayed task cannot open a step for anyone.
+        key = None
+        if config.coordinator_public_key is not None:
+            from fedmq_protocol.signing import load_public_key
+
+            key = load_public_key(config.coordinator_public_key)
+        self.seals = SealOpener(config.federation, key, require_signatures=key is not None,
+                                max_bytes=config.broker.max_message_bytes)
         self.topics = Topics(config.topic_root, config.federation)
         self.base = self.topics.base
         self.state_path = Path(config.state_dir) / STATE_FILE
@@ -283,7 +293,10 @@ class SplitServer:
     # -- tasks: who is in the round ---------------------------------------------------------
     def on_task(self, topic: str, payload: bytes) -> None:
         try:
-            task = m.Task.from_msgpack(payload, max_bytes=self.cfg.broker.max_message_bytes)
+            opened = self.seals.open(topic, payload, kind="task")
+            if opened is None:  # an unchanged replay of a task already taken
+                return
+            task = m.Task.from_msgpack(opened.body, max_bytes=self.cfg.broker.max_message_bytes)
         except ProtocolError as exc:
             log.debug("task on %s not read: %s", topic, exc)
             return

@@ -65,6 +65,10 @@ class CoordinatorMode(ABC):
         """The mode's part of the tasks sent for ``kind`` in ``round_no``."""
         return None
 
+    def task_payload_for(self, kind: TaskKind, round_no: int, device_id: str) -> ModePayload | None:
+        """The mode's part of the task sent to ``device_id`` (default: the round's ``task_payload``)."""
+        return self.task_payload(kind, round_no)
+
     # -- updates ----------------------------------------------------------------------------
     @abstractmethod
     def validate_update(self, update: Update) -> Any:
@@ -78,7 +82,8 @@ class CoordinatorMode(ABC):
 
     def retained_messages(self, base_topic: str, everything: bool = False) -> list[tuple[str, bytes]]:
         """(topic, payload) the mode keeps retained on the broker that were not published yet
-        (``everything``: all of them, after the broker lost its retained messages)."""
+        (``everything``: all of them, after the broker lost its retained messages); an empty
+        payload clears its topic."""
         return []
 
 

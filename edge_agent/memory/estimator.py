@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from edge_agent.memory.budget import MB
 
-Method = Literal["lora", "qlora", "zo"]
+Method = Literal["lora", "qlora", "zo", "krso"]
 Base = Literal["float32", "bfloat16", "nf4"]  # how the base weights are held
 ZoTarget = Literal["full", "lora"]  # what zeroth-order training perturbs
 DeviceKind = Literal["cpu", "cuda"]
@@ -53,10 +53,11 @@ CUDA_CONTEXT_MB = 500.0  # CUDA context and cuBLAS workspaces on the GPU (not ca
 ZO_CHUNK_BYTES = 4 * (1 << 20)  # a float32 staging buffer of directions (edge_agent.methods.zo.STAGING_ELEMENTS)
 ZO_KERNELS_MB = 141.0    # numba/LLVM and the compiled direction kernels (import 55 MB + compile 86 MB, measured)
 NF4_BLOCK = 64           # bitsandbytes NF4 block size (one absmax per block)
+KRSO_SEEDS = 4           # accumulators a krso plan budgets for (FedKRSO's default K)
 
-METHODS: tuple[Method, ...] = ("lora", "qlora", "zo")
+METHODS: tuple[Method, ...] = ("lora", "qlora", "zo", "krso")
 # what a gradient-trained adapter federation accepts: every plan that trains the same LoRA adapter
-ADAPTER_METHODS: tuple[Method, ...] = ("lora", "qlora", "zo")
+ADAPTER_METHODS: tuple[Method, ...] = ("lora", "qlora", "zo", "krso")
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -165,6 +166,18 @@ class ModelShape:
             modules = lora_target_modules(self.model_type, _LINEARS)
         return self.num_layers * sum(r * sum(self.module_dims(t)) for t in modules)
 
+    def target_dims(self, target_modules: Iterable[str]) -> tuple[int, int, int, int]:
+        """(sum of d_in, sum of d_out, largest d_in x d_out, sum of d_in x d_out) over the targeted
+        decoder-layer linears."""
+        from edge_agent.models import ALL_LINEAR, lora_target_modules
+
+        modules = lora_target_modules(self.model_type, tuple(target_modules))
+        if modules == ALL_LINEAR:
+            modules = lora_target_modules(self.model_type, _LINEARS)
+        dims = [self.module_dims(t) for t in modules]
+        return (self.num_layers * sum(d for d, _ in dims), self.num_layers * sum(o for _, o in dims),
+                max((d * o for d, o in dims), default=0), self.num_layers * sum(d * o for d, o in dims))
+
 
 def _nf4_bytes(numel: int) -> float:
     # 4-bit codes + one uint8 absmax per block + (double quantization) one fp32 per 256 absmax
@@ -183,10 +196,14 @@ def estimate(
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
     device: str = "cpu",
     zo_target: str | None = None,
+    krso_seeds: int = KRSO_SEEDS,
 ) -> tuple[float, float | None, dict[str, float]]:
-    """(host MiB, GPU MiB or None on CPU, breakdown in MiB) of one plan's peak."""
+    """(host MiB, GPU MiB or None on CPU, breakdown in MiB) of one plan's peak. ``krso_seeds``:
+    the accumulators a krso fit holds (one per seed used: at most K and the round's intervals)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
+    if method == "krso" and base == "nf4":
+        raise ValueError("krso updates the base weights in place: its base is float32 or bfloat16, never nf4")
     compute_bytes = 2 if base == "bfloat16" or (device == "cuda" and base == "nf4") else 4
     full_bytes = {"float32": 4, "bfloat16": 2}.get(base, 4)
     weights: float
@@ -216,7 +233,20 @@ def estimate(
         trainable_elements = lora if zo_target == "lora" else shape.num_params
         b["zo_kernels"] = ZO_KERNELS_MB * MB if backend_for(trainable_elements) == "numba" else 0.0
     else:
-        b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
+        if method == "krso":
+            # B (d_out x r): parameter, gradient, two Adam moments; P_s (r x d_in) per targeted
+            # linear; one accumulator per seed used; a bfloat16 base merges through a float32 B P_s
+            d_in, d_out, largest, targeted = shape.target_dims(target_modules)
+            b["trainable"] = lora_r * d_out * 16
+            b["projections"] = lora_r * d_in * 4
+            b["accumulators"] = krso_seeds * lora_r * d_out * 4
+            b["merge"] = largest * 4 if base == "bfloat16" else 0.0  # float32 merges in place (addmm_)
+            from edge_agent.methods.zo_directions import backend_for
+
+            # rounds are applied by compiled kernels where the targeted weights are many (numba's runtime)
+            b["krso_kernels"] = ZO_KERNELS_MB * MB if backend_for(targeted) == "numba" else 0.0
+        else:
+            b["trainable"] = lora * 16  # parameter, gradient, two AdamW moments (float32)
         if gradient_checkpointing:
             b["activations"] = (tokens * shape.num_layers * shape.hidden_size * compute_bytes
                                 + tokens * layer_elems * act_scale)

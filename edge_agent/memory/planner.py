@@ -159,6 +159,13 @@ def candidate_plans(
         plans.append(Plan(m, base, mb, math.ceil(batch_size / mb), ckpt, batch_size, seq_len, device, zt,
                           host, gpu, b))
 
+    if method == "krso":
+        # W is updated in place: a full-precision base only (no 4-bit fallback, no zo fallback)
+        krso_base: Base = "bfloat16" if dtype == "bfloat16" else "float32"
+        for ckpt in ((True,) if force_checkpointing else (False, True)):
+            for mb in _micro_batches(batch_size):
+                add("krso", krso_base, mb, ckpt)
+        return plans
     if method == "zo":
         target: ZoTarget = zo_target or "full"
         zo_base: Base = "nf4" if target == "lora" else ("bfloat16" if dtype == "bfloat16" else "float32")

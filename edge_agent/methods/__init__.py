@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "qlora": "edge_agent.methods.qlora:QLoraMethod",
     "zo": "edge_agent.methods.zo:ZoMethod",
     "zo-adapter": "edge_agent.methods.zo_adapter:ZoAdapterMethod",
+    "krso": "edge_agent.methods.krso:KrsoMethod",
 }
 # chosen by a memory plan (edge_agent.memory.planner), never named in a config
 PLAN_ONLY = frozenset({"zo-adapter"})

@@ -120,7 +120,7 @@ class AgentMode(ABC):
 
     def planned_as(self, method: str) -> str:
         """The training method whose memory estimate bounds ``method`` for the memory planner
-        (edge_agent.memory.estimator knows lora, qlora and zo); a new trainer names the closest."""
+        (edge_agent.memory.estimator knows lora, qlora, zo and krso); a new trainer names the closest."""
         return method
 
     def trainer_loaded(self, trainer: TrainingMethod) -> None:  # noqa: B027 - optional hook, a no-op by default

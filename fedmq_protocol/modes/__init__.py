@@ -26,6 +26,7 @@ MODES: dict[str, str] = {
     "zo": "fedmq_protocol.modes.zo",
     "kd": "fedmq_protocol.modes.kd",
     "split": "fedmq_protocol.modes.split",
+    "krso": "fedmq_protocol.modes.krso",
 }
 
 DEFAULT_MODE = "adapter"
