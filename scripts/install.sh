@@ -20,10 +20,19 @@ if [ "${1:-}" = "--broker" ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; 
   # the RabbitMQ MQTT-plugin test starts its own node (loopback ports, its own data directory)
   echo "==> installing rabbitmq-server (apt-get)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  # the package's own service must not start (it would listen on every interface): deny service
+  # starts for the duration of the install, as Debian's policy-rc.d allows
+  POLICY=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    POLICY=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null && $SUDO chmod +x "$POLICY"
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rabbitmq-server >/dev/null \
     || echo "    rabbitmq-server not installed: its test is skipped"
+  [ -n "$POLICY" ] && $SUDO rm -f "$POLICY"
   $SUDO systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
+  $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
 fi
 
 if [ "${1:-}" = "--broker" ] && ! command -v systemd-analyze >/dev/null 2>&1; then
