@@ -45,12 +45,9 @@ class SplitServerConfig(BaseModel):
     @classmethod
     def _public_key_loads(cls, v: str | None) -> str | None:
         if v is not None:
-            from fedmq_protocol.signing import SigningKeyError, load_public_key
+            from fedmq_protocol.signing import load_public_key
 
-            try:
-                load_public_key(v)
-            except SigningKeyError as exc:
-                raise ValueError(str(exc)) from None
+            load_public_key(v)  # its SigningKeyError is a ValueError: reported as this field's error
         return v
 
     @field_validator("federation", "topic_root")
