@@ -364,3 +364,46 @@ def test_on_mqtt5_requests_and_answers_carry_response_topic_and_correlation_prop
     ans = [s for s in seen if s[0] == response_topic(TOPICS.base, "dev-0")]
     assert req and all(r[1] == response_topic(TOPICS.base, "dev-0") and r[2] == corr for r in req)
     assert ans and all(a[2] == corr for a in ans)
+
+
+def test_with_the_coordinator_key_only_tasks_it_signed_open_steps(mqtt_broker, deep_llama, tmp_path):
+    """Tasks name who is in a round; with ``coordinator_public_key`` set, an unsealed task, one
+    signed with another key and a replay of a signed one open no step."""
+    from fedmq_protocol.seal import Sealer
+    from fedmq_protocol.signing import Signer, generate_keypair
+
+    pem, pub = generate_keypair()
+    (tmp_path / "coordinator.pem").write_bytes(pem)
+    other_pem, _ = generate_keypair()
+    (tmp_path / "other.pem").write_bytes(other_pem)
+    coordinator = Sealer("test", Signer.from_file(tmp_path / "coordinator.pem"))
+    forger = Sealer("test", Signer.from_file(tmp_path / "other.pem"))
+
+    def task_bytes(device: str, task_id: str) -> bytes:
+        return m.Task(kind="fit", task_id=task_id, round=1, device_id=device, global_version=0, deadline_s=300,
+                      adapter=m.AdapterSpec(r=4, alpha=8), fit=m.FitConfig(lr=1e-2),
+                      payload=SplitTask(**CUT)).to_msgpack()
+
+    hx = Harness(mqtt_broker.url, deep_llama, tmp_path / "server")
+    rng = np.random.default_rng(2)
+    try:
+        server = hx.start_server(coordinator_public_key=pub)
+        publish = hx.client.publish
+        publish(TOPICS.device_task("dev-1"), task_bytes("dev-1", "r1-forged"), qos=1, framed=True)
+        topic2 = TOPICS.device_task("dev-2")
+        publish(topic2, forger.seal(topic2, task_bytes("dev-2", "r1-other-key"), round_no=1, version=0),
+                qos=1, framed=True)
+        topic0 = TOPICS.device_task("dev-0")
+        real = coordinator.seal(topic0, task_bytes("dev-0", "r1-fit"), round_no=1, version=0)
+        publish(topic0, real, qos=1, framed=True)
+        hx.wait_task("dev-0")
+        # an unchanged replay of the signed task, and a later signed one: only the later is taken
+        publish(topic0, real, qos=1, framed=True)
+        h, mask = _batch(rng)
+        assert hx.request("dev-0", "r1-fit", 0, "forward", h, mask).ok
+        assert set(server.tasks) == {"dev-0"}
+        for device, task_id in (("dev-1", "r1-forged"), ("dev-2", "r1-other-key")):
+            assert "no open task" in hx.request(device, task_id, 0, "forward", h, mask).reason
+        assert server.seals.replays == 1
+    finally:
+        hx.close()
