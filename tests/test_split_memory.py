@@ -4,6 +4,7 @@ within a budget, and the refusal of a task whose cut the budget cannot hold."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -120,3 +121,24 @@ def test_a_split_agent_declines_a_task_whose_cut_exceeds_its_budget(tmp_path, sy
         assert plan is not None and plan.cut == (2, 1) and plan.estimate_host_mb == pytest.approx(need(2, 1), rel=1e-3)
     finally:
         agent.close()
+
+
+def test_split_plan_command_prints_the_largest_cut_for_a_budget(tmp_path, capsys):
+    from fedmq.cli import main
+
+    model = build_deep_tiny_llama(tmp_path / "model", layers=6)
+    shape = ModelShape.from_path(model)
+
+    def need(h: int, t: int) -> float:
+        return estimate_split(shape, l_head=h, l_tail=t, micro_batch=8, seq_len=64)[0]
+
+    args = ["split-plan", "--model", model, "--l-head", "2", "--l-tail", "2", "--batch-size", "8", "--seq-len", "64"]
+    budget = (need(2, 1) + need(2, 2)) / 2 / 0.95  # the default safety margin of memory_budget
+    assert main([*args, "--memory-budget", f"{budget:.1f}M"]) == 0
+    out = capsys.readouterr().out
+    assert "split:\n  l_head: 2\n  l_tail: 1\n" in out and "the split server runs 3 of 6 blocks" in out
+    assert main([*args, "--memory-budget", "64M"]) == 1
+    err = capsys.readouterr().err
+    assert "no cut of at most l_head=2 l_tail=2 fits memory budget 64 MiB" in err
+    assert "smallest is split l_head=1 l_tail=1" in err
+    assert f"host_mb: {math.ceil(math.ceil(need(1, 1)) / 0.95)}" in err
