@@ -134,6 +134,7 @@ def cmd_split_plan(args: argparse.Namespace) -> int:
     """The largest split cut a device with ``--memory-budget`` holds (no torch: estimates only)."""
     from edge_agent.config import MemoryBudgetConfig
     from edge_agent.memory import BudgetTooSmall, ModelShape
+    from edge_agent.memory.estimator import DeviceKind
     from edge_agent.memory.planner import choose_cut
     from edge_agent.models import resolve_model
     from fedmq.configfile import ConfigError
@@ -158,7 +159,7 @@ def cmd_split_plan(args: argparse.Namespace) -> int:
         shape = ModelShape.from_path(resolve_model(args.model, log=lambda *a: None))
     except ValueError as exc:
         raise ConfigError(f"--model {args.model!r}: {exc}") from None
-    device = "cuda" if args.device == "cuda" else "cpu"
+    device: DeviceKind = "cuda" if args.device == "cuda" else "cpu"
     try:
         plan = choose_cut(shape, budget_cfg.budget(device), l_head=l_head, l_tail=l_tail, batch_size=batch,
                           seq_len=seq, lora_r=adapter.r, target_modules=tuple(adapter.target_modules),
