@@ -130,6 +130,58 @@ def cmd_split_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split_plan(args: argparse.Namespace) -> int:
+    """The largest split cut a device with ``--memory-budget`` holds (no torch: estimates only)."""
+    from edge_agent.config import MemoryBudgetConfig
+    from edge_agent.memory import BudgetTooSmall, ModelShape
+    from edge_agent.memory.estimator import DeviceKind
+    from edge_agent.memory.planner import choose_cut
+    from edge_agent.models import resolve_model
+    from fedmq.configfile import ConfigError
+    from fedmq_protocol.messages import AdapterSpec, FitConfig
+    from fedmq_protocol.modes.split import SplitSpec
+
+    spec, adapter, fit = SplitSpec(), AdapterSpec(), FitConfig()
+    if args.config:
+        from broker_coordinator.config import CoordinatorConfig
+        from fedmq.configfile import load_config
+
+        coord = load_config(args.config, CoordinatorConfig)
+        spec = getattr(coord, "split", None) or spec
+        adapter, fit = coord.adapter, coord.fit
+    l_head, l_tail = args.l_head or spec.l_head, args.l_tail or spec.l_tail
+    batch, seq = args.batch_size or fit.batch_size, args.seq_len or fit.max_seq_len
+    try:
+        budget_cfg = MemoryBudgetConfig.model_validate(args.memory_budget)
+    except ValueError as exc:
+        raise ConfigError(f"--memory-budget {args.memory_budget!r}: {exc}") from None
+    try:
+        shape = ModelShape.from_path(resolve_model(args.model, log=lambda *a: None))
+    except ValueError as exc:
+        raise ConfigError(f"--model {args.model!r}: {exc}") from None
+    device: DeviceKind = "cuda" if args.device == "cuda" else "cpu"
+    try:
+        plan = choose_cut(shape, budget_cfg.budget(device), l_head=l_head, l_tail=l_tail, batch_size=batch,
+                          seq_len=seq, lora_r=adapter.r, target_modules=tuple(adapter.target_modules),
+                          device=device)
+    except BudgetTooSmall as exc:
+        import math
+
+        keep = 1.0 - budget_cfg.safety_margin
+        need = "" if exc.min_host_mb is None else f"host_mb: {math.ceil(exc.min_host_mb / keep)}"
+        if exc.min_gpu_mb is not None:
+            need += f", gpu_mb: {math.ceil(exc.min_gpu_mb / keep)}"
+        smallest = exc.smallest.label() if exc.smallest is not None else "none"
+        print(f"no cut of at most l_head={l_head} l_tail={l_tail} fits memory budget "
+              f"{budget_cfg.limit(device).describe()}: the smallest is {smallest}; set memory_budget to at least "
+              f"{need} ({100 * budget_cfg.safety_margin:.0f} % safety margin)", file=sys.stderr)
+        return 1
+    assert plan.cut is not None
+    print(f"split:\n  l_head: {plan.cut[0]}\n  l_tail: {plan.cut[1]}\n"
+          f"# {plan.label()}; the split server runs {shape.num_layers - sum(plan.cut)} of {shape.num_layers} blocks")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmq.demo import DemoError, DemoOptions, run_demo
 
@@ -221,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("split-server", help="run the split server (the middle blocks of a split federation)")
     ss.add_argument("--config", required=True, help="split server YAML (see configs/split-server.yaml)")
     ss.set_defaults(func=cmd_split_server)
+
+    sp = sub.add_parser("split-plan", help="the largest split cut (l_head, l_tail) a device's memory budget holds")
+    sp.add_argument("--model", required=True, help="model name, HF directory or hub id (its config.json is read)")
+    sp.add_argument("--memory-budget", required=True, help="the device's memory_budget: 1G, 800M or host_mb figure")
+    sp.add_argument("--config", help="coordinator YAML: its split:, adapter: and fit: sections bound the cut")
+    sp.add_argument("--l-head", type=int, help="largest l_head to consider (default: the split: section's, 2)")
+    sp.add_argument("--l-tail", type=int, help="largest l_tail to consider (default: the split: section's, 2)")
+    sp.add_argument("--batch-size", type=int, help="the round's batch size (default: the fit: section's)")
+    sp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the fit: section's max_seq_len)")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sp.set_defaults(func=cmd_split_plan)
 
     d = sub.add_parser("demo", help="broker + coordinator + agents on one machine")
     d.add_argument("--broker", help="mqtt://HOST:PORT of an existing broker (default: embedded amqtt)")

@@ -105,7 +105,7 @@ class MemoryPlan(BaseModel):
     """The training plan a device chose for its memory budget (edge_agent.memory_plan.Plan)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    method: str  # lora | qlora | zo
+    method: str  # lora | qlora | zo | krso | split
     base: str  # float32 | bfloat16 | nf4
     zo_target: str | None = None  # zo: full | lora
     micro_batch: int = Field(ge=1)

@@ -3,8 +3,9 @@
 * ``budget``: sizes as written in a config (``parse_size_mb``; ``fedmq.service`` renders the same
   parse as systemd's ``MemoryMax=``), ``Budget``, ``BudgetTooSmall``;
 * ``estimator``: ``ModelShape`` (from a model's config), the calibration constants, ``estimate``
-  (the peak memory of a plan);
-* ``planner``: ``Plan``, ``candidate_plans`` (best first), ``choose_plan``, ``lower_plan``;
+  (the peak memory of a plan), ``estimate_split`` (a split device's part of a cut);
+* ``planner``: ``Plan``, ``candidate_plans`` (best first), ``choose_plan``, ``lower_plan``,
+  ``choose_cut`` (the largest split cut within a budget);
 * ``guard``: the allocator setup, ``PeakMeter`` / ``meter``, ``MemoryGuard``, ``OverBudget``;
 * ``manager``: ``MemoryManager`` (what the agent asks: a plan, its installation, the status),
   ``PlanRefused``.
@@ -21,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_agent.memory.budget import MB, Budget, BudgetTooSmall, parse_size_mb
-    from edge_agent.memory.estimator import RUNTIME_MB, ModelShape, estimate
+    from edge_agent.memory.estimator import RUNTIME_MB, ModelShape, estimate, estimate_split
     from edge_agent.memory.guard import MemoryGuard, OverBudget, PeakMeter, configure_allocator, meter
     from edge_agent.memory.manager import MemoryManager, PlanRefused
-    from edge_agent.memory.planner import Plan, candidate_plans, choose_plan, lower_plan
+    from edge_agent.memory.planner import Plan, candidate_plans, choose_cut, choose_plan, lower_plan
 
 _EXPORTS = {
     "budget": ("MB", "Budget", "BudgetTooSmall", "parse_size_mb"),
-    "estimator": ("RUNTIME_MB", "ModelShape", "estimate"),
-    "planner": ("Plan", "candidate_plans", "choose_plan", "lower_plan"),
+    "estimator": ("RUNTIME_MB", "ModelShape", "estimate", "estimate_split"),
+    "planner": ("Plan", "candidate_plans", "choose_cut", "choose_plan", "lower_plan"),
     "guard": ("MemoryGuard", "OverBudget", "PeakMeter", "configure_allocator", "meter"),
     "manager": ("MemoryManager", "PlanRefused"),
 }
@@ -37,8 +38,8 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [  # the names above, spelled out for tools that read __all__ statically
     "MB", "RUNTIME_MB", "Budget", "BudgetTooSmall", "MemoryGuard", "MemoryManager", "ModelShape", "OverBudget",
-    "PeakMeter", "Plan", "PlanRefused", "candidate_plans", "choose_plan", "configure_allocator", "estimate",
-    "lower_plan", "meter", "parse_size_mb",
+    "PeakMeter", "Plan", "PlanRefused", "candidate_plans", "choose_cut", "choose_plan", "configure_allocator",
+    "estimate", "estimate_split", "lower_plan", "meter", "parse_size_mb",
 ]
 assert sorted(__all__) == sorted(_MODULE_OF)
 

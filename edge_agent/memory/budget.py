@@ -110,8 +110,9 @@ class BudgetTooSmall(ValueError):
     the cheapest plan (what the operator must configure at least)."""
 
     def __init__(self, message: str, *, min_host_mb: float | None, min_gpu_mb: float | None = None,
-                 smallest: Plan | None = None) -> None:
+                 smallest: Plan | None = None, hint: str | None = None) -> None:
         super().__init__(message)
         self.min_host_mb = min_host_mb
         self.min_gpu_mb = min_gpu_mb
         self.smallest = smallest
+        self.hint = hint  # what else would fit (a split plan: the largest cut within the budget)

@@ -18,6 +18,11 @@
 * slack: allocator fragmentation growing with the step's transient (``SLACK_FRACTION``) plus
   a constant (``SLACK_MB``).
 
+``estimate_split``: the device's part of a split plan (U-shape, ``edge_agent.methods.split``): the
+same arithmetic over the embedding, the ``l_head + l_tail`` blocks it holds, the final norm and
+the LM head (LoRA on those blocks), one whole batch per step, plus ``CUT_BUFFERS`` float32 hidden
+states ``[B, T, H]`` alive at the cuts (sent, received, their gradients and the codec's copies).
+
 The constants were calibrated against peaks measured on SmolLM2-135M-Instruct (CPU, torch 2.13,
 glibc with a fixed mmap threshold, see ``edge_agent.memory.guard.configure_allocator``); the
 figures are in docs/benchmarks.md (``bench/memory.py``). GPU estimates use the same arithmetic
@@ -36,7 +41,7 @@ from typing import Any, Literal
 
 from edge_agent.memory.budget import MB
 
-Method = Literal["lora", "qlora", "zo", "krso"]
+Method = Literal["lora", "qlora", "zo", "krso", "split"]
 Base = Literal["float32", "bfloat16", "nf4"]  # how the base weights are held
 ZoTarget = Literal["full", "lora"]  # what zeroth-order training perturbs
 DeviceKind = Literal["cpu", "cuda"]
@@ -54,6 +59,7 @@ ZO_CHUNK_BYTES = 4 * (1 << 20)  # a float32 staging buffer of directions (edge_a
 ZO_KERNELS_MB = 141.0    # numba/LLVM and the compiled direction kernels (import 55 MB + compile 86 MB, measured)
 NF4_BLOCK = 64           # bitsandbytes NF4 block size (one absmax per block)
 KRSO_SEEDS = 4           # accumulators a krso plan budgets for (FedKRSO's default K)
+CUT_BUFFERS = 6          # split: float32 [B, T, H] buffers at the cuts (up, down, their gradients, codec copies)
 
 METHODS: tuple[Method, ...] = ("lora", "qlora", "zo", "krso")
 # what a gradient-trained adapter federation accepts: every plan that trains the same LoRA adapter
@@ -263,5 +269,51 @@ def estimate(
         gpu = weights / MB + sum(b.values()) + CUDA_CONTEXT_MB
         b = {"runtime": host, "weights": weights / MB, **b}
         return host, gpu, b
+    b = {"runtime": RUNTIME_MB["cpu"], "weights": weights / MB, **b}
+    return sum(b.values()), None, b
+
+
+def estimate_split(
+    shape: ModelShape,
+    *,
+    l_head: int,
+    l_tail: int,
+    micro_batch: int,
+    seq_len: int,
+    base: str = "float32",
+    lora_r: int = 8,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    device: str = "cpu",
+) -> tuple[float, float | None, dict[str, float]]:
+    """(host MiB, GPU MiB or None on CPU, breakdown in MiB) of the device's peak in a split plan:
+    the embedding, blocks ``0..l_head-1`` and ``n-l_tail..n-1`` with LoRA, the final norm and the
+    LM head; the activations and attention of those blocks for ``micro_batch`` sequences of
+    ``seq_len`` tokens, the logits, and the hidden states crossing the cuts."""
+    n = shape.num_layers
+    if l_head < 1 or l_tail < 0 or l_head + l_tail >= n:
+        raise ValueError(f"split cut l_head={l_head} l_tail={l_tail} is not a cut of {shape.name}'s {n} blocks "
+                         "(l_head >= 1, l_tail >= 0, at least one block left for the split server)")
+    if base not in ("float32", "bfloat16"):
+        raise ValueError(f"a split device holds a float32 or bfloat16 base, not {base!r}")
+    k = l_head + l_tail
+    compute_bytes = 2 if base == "bfloat16" else 4
+    per_block = shape.linear_params // n + shape.bias_params // n + 2 * shape.hidden_size
+    weights = (shape.embed_params + k * per_block + shape.hidden_size) * compute_bytes
+    tokens = micro_batch * seq_len
+    layer_elems = 9 * shape.hidden_size + 3 * shape.intermediate_size
+    attn = micro_batch * shape.num_heads * seq_len * seq_len * compute_bytes * ATTN_COPIES
+    b: dict[str, float] = {
+        "trainable": shape.lora_params(lora_r, target_modules) * k // n * 16,
+        "activations": tokens * layer_elems * ACT_BYTES * compute_bytes / 4 * k,
+        "attention": attn * k,
+        "logits": tokens * shape.vocab_size * 4 * LOGIT_COPIES,
+        "cut_buffers": tokens * shape.hidden_size * 4 * CUT_BUFFERS,
+    }
+    b["slack"] = sum(b.values()) * SLACK_FRACTION + SLACK_MB * MB
+    b = {key: v / MB for key, v in b.items()}
+    if device == "cuda":
+        host = RUNTIME_MB["cuda"]
+        gpu = weights / MB + sum(b.values()) + CUDA_CONTEXT_MB
+        return host, gpu, {"runtime": host, "weights": weights / MB, **b}
     b = {"runtime": RUNTIME_MB["cpu"], "weights": weights / MB, **b}
     return sum(b.values()), None, b

@@ -115,7 +115,9 @@ class MemoryManager:
         inputs = data.get("memory_inputs") or {}
         adapter = m.AdapterSpec.model_validate(inputs["adapter"]) if inputs.get("adapter") else m.AdapterSpec()
         with contextlib.suppress(PlanRefused):  # a refusal is recorded and announced by plan_for
-            self.plan_for(adapter, self.last_fit(), zo_target=inputs.get("zo_target"))
+            cut = inputs.get("cut")
+            self.plan_for(adapter, self.last_fit(), zo_target=inputs.get("zo_target"),
+                          cut=(int(cut[0]), int(cut[1])) if cut else None)
 
     def last_fit(self) -> m.FitConfig:
         """Fit settings of the last task planned for (persisted), else the protocol defaults."""
@@ -125,7 +127,8 @@ class MemoryManager:
                            max_seq_len=inputs.get("seq_len", d.max_seq_len))
 
     # ------------------------------------------------------------------ planning
-    def _kwargs(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None) -> dict[str, Any]:
+    def _kwargs(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None,
+                cut: tuple[int, int] | None = None) -> dict[str, Any]:
         o = self.cfg.training
         mb = self.mb_cfg
         bf16 = self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device == "cuda")
@@ -133,22 +136,27 @@ class MemoryManager:
                 "lora_r": adapter.r, "target_modules": tuple(adapter.target_modules), "device": self.device,
                 "dtype": "bfloat16" if bf16 else "float32",
                 "allow_4bit": mb.allow_4bit if mb else False, "allow_zo": mb.allow_zo if mb else False,
-                "force_checkpointing": o.gradient_checkpointing, "zo_target": zo_target}
+                "force_checkpointing": o.gradient_checkpointing, "zo_target": zo_target,
+                **({"cut": cut} if cut is not None else {})}
 
     def _scaled_budget(self) -> Budget:
         return self.budget().scaled_down(self.scale)
 
-    def plan_for(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None = None) -> Plan | None:
-        """The plan for these inputs (PlanRefused when nothing fits). None without a model shape."""
-        if self.shape is None:
+    def plan_for(self, adapter: m.AdapterSpec, fit: m.FitConfig, zo_target: str | None = None,
+                 cut: tuple[int, int] | None = None) -> Plan | None:
+        """The plan for these inputs (PlanRefused when nothing fits). None without a model shape,
+        or for a split device before a task has named its cut (``cut``: (l_head, l_tail))."""
+        if self.shape is None or (self.method == "split" and cut is None):
             return None
-        inputs = {"adapter": adapter.model_dump(mode="json"), "batch_size": fit.batch_size,
-                  "seq_len": fit.max_seq_len, "zo_target": zo_target}
+        inputs: dict[str, Any] = {"adapter": adapter.model_dump(mode="json"), "batch_size": fit.batch_size,
+                                  "seq_len": fit.max_seq_len, "zo_target": zo_target}
+        if cut is not None:
+            inputs["cut"] = [int(cut[0]), int(cut[1])]
         if inputs == self._inputs and (self.plan is not None or self.refused):
             if self.refused:
                 raise PlanRefused(self.refused)
             return self.plan
-        kwargs = self._kwargs(adapter, fit, zo_target)
+        kwargs = self._kwargs(adapter, fit, zo_target, cut)
         budget = self._scaled_budget()
         try:
             plan = choose_plan(self.shape, budget, **kwargs)
@@ -191,7 +199,7 @@ class MemoryManager:
                 extra.insert(0, f"estimates raised {self.scale:.2f}x by earlier measurements")
             self.refused = (f"memory budget {self.limit().describe()} is too small to train {name}: the smallest "
                             f"plan is {exc.smallest.label()}; set memory_budget to at least {need}"
-                            + (f" ({', '.join(extra)})" if extra else ""))
+                            + (f" ({', '.join(extra)})" if extra else "") + (f"; {exc.hint}" if exc.hint else ""))
         log.error("refusing to train: %s", self.refused)
 
     def _keep(self) -> float:
@@ -243,7 +251,7 @@ class MemoryManager:
         try:
             kwargs = self._kwargs(m.AdapterSpec.model_validate(data["memory_inputs"]["adapter"]),
                                   m.FitConfig(batch_size=current.batch_size, max_seq_len=current.seq_len),
-                                  current.zo_target)
+                                  current.zo_target, current.cut)
             self.plan = lower_plan(current, self.shape, self._scaled_budget(), **kwargs)
             log.warning("next rounds: %s", self.plan.label())
         except BudgetTooSmall as exc2:

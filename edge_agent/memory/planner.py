@@ -7,6 +7,11 @@ accumulation up to the round's batch size, and gradient checkpointing, with its 
 training, least recompute) to cheapest and returns the first whose estimate fits the budget;
 when none fits it raises ``BudgetTooSmall`` naming the smallest budget that would work.
 ``lower_plan`` picks the next cheaper plan after a round went over budget.
+
+A split device (``method="split"``) has one plan per cut: the whole batch per step (the split
+server sees one exchange per step), its estimate from ``estimate_split``. The task names the cut;
+``split_cuts`` lists the cuts no larger than it (U-shape: at least one block at each end) and
+``choose_cut`` returns the largest that fits a budget (what a refusal of the task's cut names).
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, NoReturn
 
 from edge_agent.memory.budget import Budget, BudgetTooSmall
-from edge_agent.memory.estimator import METHODS, Base, DeviceKind, Method, ModelShape, ZoTarget, estimate
+from edge_agent.memory.estimator import (
+    METHODS,
+    Base,
+    DeviceKind,
+    Method,
+    ModelShape,
+    ZoTarget,
+    estimate,
+    estimate_split,
+)
 
 
 class PlanKey(NamedTuple):
@@ -47,6 +61,7 @@ class Plan:
     estimate_host_mb: float = 0.0
     estimate_gpu_mb: float | None = None
     breakdown: Mapping[str, float] = field(default_factory=dict, compare=False)
+    cut: tuple[int, int] | None = None  # split only: (l_head, l_tail) the device runs
 
     @property
     def is_zo(self) -> bool:
@@ -75,6 +90,8 @@ class Plan:
         if self.is_zo:
             what = "zo on all parameters" if self.zo_target == "full" else "zo on the LoRA adapter"
             head = f"{what} ({base} base)"
+        elif self.cut is not None:
+            head = f"split l_head={self.cut[0]} l_tail={self.cut[1]} ({base} base)"
         else:
             head = f"{self.method} ({base} base)"
         mb = f"micro-batch {self.micro_batch}" + (f" × {self.grad_accum}" if self.grad_accum > 1 else "")
@@ -140,6 +157,7 @@ def candidate_plans(
     allow_zo: bool = True,
     force_checkpointing: bool = False,
     zo_target: ZoTarget | None = None,
+    cut: tuple[int, int] | None = None,
 ) -> list[Plan]:
     """Every plan a device configured for ``method`` may run, best first.
 
@@ -147,7 +165,13 @@ def candidate_plans(
     (``allow_4bit``); ``qlora``: the 4-bit base. For each base: micro-batches from the whole batch
     down to 1 without, then with, gradient checkpointing. Then (``allow_zo``) zeroth-order on the
     same LoRA adapter over a 4-bit base: compatible with the other devices of the federation.
-    ``zo`` (a zeroth-order federation): its ``zo_target`` only, at decreasing forward chunks."""
+    ``zo`` (a zeroth-order federation): its ``zo_target`` only, at decreasing forward chunks.
+    ``split``: the one plan of ``cut`` (l_head, l_tail), the whole batch per step."""
+    if method == "split":
+        if cut is None:
+            raise ValueError("a split plan needs the cut (l_head, l_tail)")
+        return [_split_plan(shape, cut, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
+                            target_modules=target_modules, device=device, dtype=dtype)]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     plans: list[Plan] = []
@@ -206,7 +230,58 @@ def choose_plan(shape: ModelShape, budget: Budget, **kwargs: Any) -> Plan:
     for p in plans:
         if p.fits(budget):
             return p
+    _refuse(shape, budget, plans, hint=_cut_hint(shape, budget, plans, kwargs))
+
+
+def _split_plan(shape: ModelShape, cut: tuple[int, int], *, batch_size: int, seq_len: int, lora_r: int,
+                target_modules: Sequence[str], device: DeviceKind, dtype: str) -> Plan:
+    base: Base = "bfloat16" if dtype == "bfloat16" else "float32"
+    host, gpu, b = estimate_split(shape, l_head=cut[0], l_tail=cut[1], micro_batch=batch_size, seq_len=seq_len,
+                                  base=base, lora_r=lora_r, target_modules=target_modules, device=device)
+    return Plan("split", base, batch_size, 1, False, batch_size, seq_len, device, None, host, gpu, b,
+                cut=(int(cut[0]), int(cut[1])))
+
+
+def split_cuts(shape: ModelShape, l_head: int, l_tail: int) -> list[tuple[int, int]]:
+    """The cuts ``(h, t)`` with ``1 <= h <= l_head`` and ``1 <= t <= l_tail`` (U-shape kept) that
+    leave the split server at least one block, largest first: most device blocks, then the most
+    even, then more at the head."""
+    n = shape.num_layers
+    cuts = [(h, t) for h in range(1, l_head + 1) for t in range(1, l_tail + 1) if h + t < n]
+    return sorted(cuts, key=lambda c: (-(c[0] + c[1]), abs(c[0] - c[1]), -c[0]))
+
+
+def choose_cut(shape: ModelShape, budget: Budget, *, l_head: int, l_tail: int, batch_size: int, seq_len: int,
+               lora_r: int = 8, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+               device: DeviceKind = "cpu", dtype: str = "float32") -> Plan:
+    """The split plan of the largest cut no larger than ``(l_head, l_tail)`` that fits ``budget``
+    (fewer blocks on the device: the split server runs more). BudgetTooSmall when even
+    ``l_head = l_tail = 1`` does not fit, naming the budget that cut needs."""
+    plans = [_split_plan(shape, c, batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
+                         target_modules=target_modules, device=device, dtype=dtype)
+             for c in split_cuts(shape, l_head, l_tail)]
+    for p in plans:
+        if p.fits(budget):
+            return p
     _refuse(shape, budget, plans)
+
+
+def _cut_hint(shape: ModelShape, budget: Budget, plans: Sequence[Plan], kwargs: Mapping[str, Any]) -> str | None:
+    """For a split plan that does not fit: the largest smaller cut that would, or that none does."""
+    if len(plans) != 1 or plans[0].cut is None:
+        return None
+    p = plans[0]
+    assert p.cut is not None
+    try:
+        fit = choose_cut(shape, budget, l_head=p.cut[0], l_tail=p.cut[1], batch_size=p.batch_size,
+                         seq_len=p.seq_len, device=p.device, dtype=p.base,
+                         lora_r=kwargs.get("lora_r", 8),
+                         target_modules=kwargs.get("target_modules", ("q_proj", "v_proj")))
+    except BudgetTooSmall:
+        return "no smaller cut fits either (l_head = l_tail = 1 is the smallest)"
+    assert fit.cut is not None
+    return (f"the largest cut that fits is l_head={fit.cut[0]} l_tail={fit.cut[1]} (~{fit.estimate_host_mb:.0f} MiB; "
+            "set the coordinator's split: section to it)")
 
 
 def lower_plan(current: Plan, shape: ModelShape, budget: Budget, *, measured_host_mb: float | None = None,
@@ -228,7 +303,7 @@ def lower_plan(current: Plan, shape: ModelShape, budget: Budget, *, measured_hos
     _refuse(shape, budget, scaled[start:] or scaled)
 
 
-def _refuse(shape: ModelShape, budget: Budget, plans: Sequence[Plan]) -> NoReturn:
+def _refuse(shape: ModelShape, budget: Budget, plans: Sequence[Plan], hint: str | None = None) -> NoReturn:
     """Raise BudgetTooSmall for ``plans`` (none of which fits ``budget``), naming the cheapest
     plan and the budget it needs."""
     if not plans:
@@ -239,5 +314,6 @@ def _refuse(shape: ModelShape, budget: Budget, plans: Sequence[Plan]) -> NoRetur
     need = f"{need_host} MiB host" + (f" and {need_gpu} MiB GPU" if need_gpu is not None else "")
     msg = (f"memory budget {budget.describe()} is too small to train {shape.name}: the smallest plan "
            f"({cheapest.label()}) needs {need}; set memory_budget to at least "
-           f"host_mb: {need_host}" + (f", gpu_mb: {need_gpu}" if need_gpu is not None else ""))
-    raise BudgetTooSmall(msg, min_host_mb=need_host, min_gpu_mb=need_gpu, smallest=cheapest)
+           f"host_mb: {need_host}" + (f", gpu_mb: {need_gpu}" if need_gpu is not None else "")
+           + (f"; {hint}" if hint else ""))
+    raise BudgetTooSmall(msg, min_host_mb=need_host, min_gpu_mb=need_gpu, smallest=cheapest, hint=hint)

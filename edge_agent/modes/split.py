@@ -7,6 +7,13 @@ device-side adapter) and its compression are the adapter mode's. The cut comes w
 (``SplitTask``); it is kept in ``split-cut.json`` in the state dir, so a restarted device builds
 the same trainer before its next task. Until a device has seen a cut it builds no trainer (a
 retained global waits for the first task).
+
+With a ``memory_budget`` the device's memory plan checks the task's cut against it
+(``edge_agent.memory.estimator.estimate_split``): a cut whose estimate exceeds the budget is
+refused (state ``refused``, announced) with a message naming the budget, the MiB the cut needs
+and the largest smaller cut that fits (``edge_agent.memory.planner.choose_cut``). Every device of
+a federation trains the task's cut (their device-side adapters average block by block), so the
+cut is chosen for the smallest device by the operator (``fedmq split-plan``), not per device.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ class SplitMode(AdapterMode):
         return self._link
 
     def planned_as(self, method: str) -> str:
-        return "lora"  # an upper bound: the device holds a part of the LoRA trainer's model
+        return "split"  # the estimator's split plan: the device's blocks of the task's cut
 
     def accept_task(self, task: Task) -> None:
         if task.kind == "init" and task.payload is None:
@@ -78,6 +85,7 @@ class SplitMode(AdapterMode):
         if self.spec is None:
             raise CutUnknown("split: no task has named the cut yet")
         s = self.spec
+        self.ctx.memory_plan(adapter, cut=(s.l_head, s.l_tail))  # PlanRefused when the cut exceeds the budget
         return TrainerChoice("split", {"l_head": s.l_head, "l_tail": s.l_tail}, (adapter, s.l_head, s.l_tail),
                              f"split l_head={s.l_head} l_tail={s.l_tail} adapter r={adapter.r}")
 
