@@ -235,3 +235,10 @@ def test_light_modules_do_not_import_the_ml_stack_or_the_coordinator():
             "bad = [x for x in ('torch', 'transformers', 'bitsandbytes', 'peft', 'numba', 'broker_coordinator') "
             "if x in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_helper_module_of_the_methods_package_is_not_a_method():
+    from edge_agent.methods import is_method
+
+    assert is_method("split") and is_method("kd")  # registered by their files (they define METHOD)
+    assert not is_method("split_model") and not is_method("base") and not is_method("causal_lm")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,7 +32,16 @@ PLAN_ONLY = frozenset({"zo-adapter"})
 def _by_file(name: str) -> str | None:
     """``module:METHOD`` of a method registered by its file alone (found without importing it)."""
     module = f"{__name__}.{name.replace('-', '_')}"
-    if not name.replace("-", "_").isidentifier() or importlib.util.find_spec(module) is None:
+    if not name.replace("-", "_").isidentifier():
+        return None
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    try:  # a helper module of the package (e.g. split_model) defines no METHOD: not a method
+        source = Path(spec.origin).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if not re.search(r"^METHOD\s*[:=]", source, re.MULTILINE):
         return None
     return f"{module}:METHOD"
 
