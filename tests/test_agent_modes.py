@@ -76,20 +76,23 @@ def test_method_registry_holds_the_memory_plans_fallback():
     assert cls.name == "zo-adapter" and issubclass(cls, get_method("zo"))
 
 
-def test_a_method_is_registered_by_its_file_alone(monkeypatch):
+def test_a_method_is_registered_by_its_file_alone(monkeypatch, tmp_path):
     """A new trainer needs no registry edit: edge_agent/methods/<name>.py defining METHOD is found."""
-    import types
+    import importlib
 
     from edge_agent import methods
     from edge_agent.methods.lora import LoraMethod
 
     assert methods.is_method("lora") and not methods.is_method("zo-adapter") and not methods.is_method("nope")
-    module = types.ModuleType("edge_agent.methods.subspace_test")
-    module.METHOD = LoraMethod  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.methods.subspace_test", module)
-    monkeypatch.setattr(methods.importlib.util, "find_spec",
-                        lambda name: object() if name == "edge_agent.methods.subspace_test" else None)
-    assert methods.is_method("subspace-test") and methods.get_method("subspace-test") is LoraMethod
+    (tmp_path / "subspace_test.py").write_text("from edge_agent.methods.lora import LoraMethod as METHOD\n")
+    (tmp_path / "subspace_helper.py").write_text("HELPER = 1\n")
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    importlib.invalidate_caches()
+    try:
+        assert methods.is_method("subspace-test") and methods.get_method("subspace-test") is LoraMethod
+        assert not methods.is_method("subspace-helper")  # a module of the package without METHOD
+    finally:
+        sys.modules.pop("edge_agent.methods.subspace_test", None)
     with pytest.raises(ValueError, match="unknown training method 'nope'"):
         methods.get_method("nope")
 

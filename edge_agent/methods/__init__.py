@@ -41,7 +41,7 @@ def _by_file(name: str) -> str | None:
         source = Path(spec.origin).read_text(encoding="utf-8")
     except OSError:
         return None
-    if not re.search(r"^METHOD\s*[:=]", source, re.MULTILINE):
+    if not re.search(r"^METHOD\s*[:=]|^class METHOD\b|\bas METHOD\b", source, re.MULTILINE):
         return None
     return f"{module}:METHOD"
 
