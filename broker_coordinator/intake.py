@@ -5,7 +5,9 @@ Checks, in order: the payload decodes within the size limit; the device named in
 whose topic it came on; a fan-out with that task id is open and selected this device; metrics are
 finite and bounded; the signature (when keys are configured) covers this fan-out's nonce; a
 second copy is a duplicate; kind, round and base version match the task; the content is what the
-kind needs (fit: the mode validates it against the global).
+kind needs (fit: the mode validates it against the global). An accepted fit update is then folded
+by the mode (``CoordinatorMode.fold``): a linear rule adds it into the round's running sum and the
+round keeps neither its tensors nor their decoded values.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Collection:
     nonce: bytes | None = None  # Task.nonce of this fan-out; signed updates must echo it
     accepted: dict[str, m.Update] = field(default_factory=dict)
     received_at: dict[str, float] = field(default_factory=dict)
-    contributions: dict[str, Any] = field(default_factory=dict)  # what the mode validated (fit, init)
+    contributions: dict[str, Any] = field(default_factory=dict)  # what the mode kept of it (fit, init)
+    running: Any = None  # the mode's running aggregate of the accepted fit updates (CoordinatorMode.fold)
     bytes_in: int = 0
     decode_s: float = 0.0
     attempt: int = 0
@@ -51,6 +54,10 @@ class Collection:
         accepted is dropped, and those devices are not asked to train again."""
         if not old.accepted:
             return
+        if old.running is not self.running:
+            if self.running is not None:
+                raise RuntimeError(f"task {self.task_id} already folds updates; cannot carry {old.task_id} over")
+            self.running = old.running  # the same round: its running aggregate goes on
         already = {d for e in old.earlier for d in e.devices}
         newly = tuple(sorted(set(old.accepted) - already))
         self.earlier = [*old.earlier, EarlierAttempt(old.task_id, old.nonce, newly)]
@@ -128,6 +135,8 @@ class UpdateIntake:
             contribution = upd.tensors.decode(max_elements=self.max_message_bytes, where="init tensors")
             if not contribution:
                 raise ProtocolError("init result carries no tensors")
+        if upd.kind == "fit":
+            c.running, upd, contribution = self.mode.fold(c.running, upd, contribution)
         if contribution is not None:
             c.contributions[device_id] = contribution
         c.accepted[device_id] = upd

@@ -3,7 +3,9 @@ retry, aggregate through the mode, persist, publish, evaluate.
 
 Every accepted fit update is journalled (``broker_coordinator.journal``) before anything else
 happens, so a coordinator that dies mid-round resumes the same round with what it had accepted;
-an attempt that misses its quorum carries its accepted updates into the next attempt.
+an attempt that misses its quorum carries its accepted updates into the next attempt. Updates are
+folded into the mode's running aggregate as they are accepted (``CoordinatorMode.fold``); a resumed
+round refolds the journalled payloads, so it aggregates exactly what it had accepted.
 """
 
 from __future__ import annotations
@@ -277,8 +279,8 @@ class RoundRunner:
         devices = sorted(c.accepted)
         updates = [c.accepted[d] for d in devices]
         t0 = time.perf_counter()
-        outcome = self.mode.aggregate(round_no, self.state.global_version + 1, updates,
-                                      [c.contributions[d] for d in devices])
+        outcome = self.mode.aggregate_folded(round_no, self.state.global_version + 1, updates,
+                                             [c.contributions.get(d) for d in devices], c.running)
         aggregate_s = time.perf_counter() - t0
         self.state.global_model = outcome.snapshot
         self.state.mode_state = self.mode.state_blob()
@@ -344,7 +346,7 @@ class RoundRunner:
         self._restoring = True
         try:
             for e in rec.earlier:  # updates carried over from earlier attempts
-                old = Collection("fit", e.task_id, round_no, gv, set(e.devices), nonce=e.nonce)
+                old = Collection("fit", e.task_id, round_no, gv, set(e.devices), nonce=e.nonce, running=c.running)
                 self.open = old
                 for device_id in e.devices:
                     if device_id in payloads:

@@ -3,7 +3,8 @@
 ``select_devices`` is the selection every mode uses (seeded per round, so a restarted coordinator
 selects the same devices). ``mean_delta`` is the sample-weighted mean of adapter differences and
 ``FedAvg`` the adapter mode's aggregation rule (plain mean, or the robust rules of
-``broker_coordinator.robust``); none of them keeps state between calls.
+``broker_coordinator.robust``); none of them keeps state between calls. ``RunningMean`` is the same
+mean folded one update at a time (streaming aggregation of a round).
 """
 
 from __future__ import annotations
@@ -86,6 +87,35 @@ def mean_delta(
     return out
 
 
+class RunningMean:
+    """Sample-weighted running sum of adapter differences: one dense float64 accumulator per tensor
+    and the total weight, updated as each update is accepted (sparse updates are added at their
+    indices). float64, as ``mean_delta`` accumulates: the streamed mean equals the batch one within
+    float rounding whatever the arrival order, and thousands of additions lose no precision."""
+
+    def __init__(self, global_tensors: Mapping[str, np.ndarray]) -> None:
+        self.shapes = {name: tuple(base.shape) for name, base in global_tensors.items()}
+        self.sums = {name: np.zeros(base.size, dtype=np.float64) for name, base in global_tensors.items()}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, num_samples: int, decoded: Decoded, scale: float = 1.0) -> None:
+        """sum += scale * num_samples * delta; total += num_samples."""
+        weight = float(num_samples)
+        for name, acc in self.sums.items():
+            decoded[name].add_into(acc, scale * weight)
+        self.total += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """sum / total, float64, in the global's shapes."""
+        if self.count == 0:
+            raise ValueError("aggregation needs at least one update")
+        if self.total <= 0:
+            raise ValueError("updates report zero samples in total")
+        return {name: (acc / self.total).reshape(self.shapes[name]) for name, acc in self.sums.items()}
+
+
 def mean_eval_loss(results: Sequence[Update]) -> float | None:
     """Sample-weighted mean of the results' finite ``eval_loss`` (None: no result has one)."""
     pairs = [
@@ -119,6 +149,24 @@ class FedAvg:
         """Device ids to train in ``round_no`` (empty: not enough devices)."""
         return select_devices(round_no, available, min_clients=self.min_clients, fraction=self.fraction,
                               max_clients=self.max_clients, seed=self.seed, accepts=accepts)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the rule is linear in the updates, so each can be folded into a running sum as it
+        is accepted: the sample-weighted mean, alone or with a fixed ``clip_norm`` (clipping is per
+        update). Trimmed mean, median and clipping to a multiple of the round's median norm need
+        all the round's updates at once."""
+        agg = self.aggregation
+        return agg is None or (agg.rule == "fedavg" and agg.clip_median_factor is None)
+
+    def fold_delta(self, running: RunningMean, update: Update, decoded: Decoded) -> None:
+        """Add one accepted update into ``running`` (only when ``streams``)."""
+        scale = 1.0
+        if self.aggregation is not None and self.aggregation.clip_norm is not None:
+            from broker_coordinator.robust import clip_scales, update_norm
+
+            scale = clip_scales([update_norm(decoded)], self.aggregation)[0]
+        running.add(update.num_samples, decoded, scale)
 
     def aggregate_deltas(
         self, global_tensors: Mapping[str, np.ndarray], updates: Sequence[Update],

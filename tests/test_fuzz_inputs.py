@@ -32,7 +32,7 @@ from broker_coordinator.coordinator import Coordinator
 from broker_coordinator.downlink import ServerModel
 from broker_coordinator.intake import Collection
 from broker_coordinator.state import FileStateStore
-from broker_coordinator.strategy import mean_delta
+from broker_coordinator.strategy import RunningMean, mean_delta
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from fedmq_protocol import messages as m
@@ -146,16 +146,23 @@ class Harness:
             raise RuntimeError(f"coordinator error: {coord.counters.last_rejection}")
         if not c.accepted:
             raise ProtocolError(coord.counters.last_rejection)
-        upd = c.accepted["dev-0"]
+        # the body as accepted (a fit update is folded into the round's running sum, which keeps
+        # none of its tensors: the same bytes decode to what the intake checked and folded)
+        upd = m.Update.from_msgpack(payload, max_bytes=MAX_BYTES)
+        assert upd.device_id == c.accepted["dev-0"].device_id and upd.kind == c.accepted["dev-0"].kind
         if invalid:
             self.accepted_invalid.append(f"{which}: an update invalid by construction was accepted ({fz.LAST_APPLIED})")
         if which == "signed" and body_digest(upd.to_obj()) not in self.valid_digests:
             self.accepted_invalid.append("signed: a signature was accepted on a modified body")
         if upd.kind == "fit":
-            dec = c.contributions["dev-0"]
+            dec = coord.mode.validate_update(upd)
             _check_decoded(dec, SHAPES)
             out = mean_delta(self.global_, [upd], [dec])
             assert all(np.all(np.isfinite(v)) for v in out.values())
+            assert isinstance(c.running, RunningMean) and c.running.count == 1
+            folded = c.running.mean()
+            for k, v in out.items():
+                np.testing.assert_allclose(folded[k], v, rtol=1e-6, atol=1e-7)
         return True
 
     def seeds(self) -> list[tuple[str, bytes, object, m.Task | None]]:

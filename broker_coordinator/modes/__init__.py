@@ -80,6 +80,20 @@ class CoordinatorMode(ABC):
                   contributions: Sequence[Any]) -> RoundOutcome:
         """Combine the round's accepted updates (sorted by device) into global ``version``."""
 
+    def fold(self, running: Any, update: Update, contribution: Any) -> tuple[Any, Update, Any]:
+        """Take an accepted fit update into the round as it arrives: returns the round's running
+        state (``running`` is None before the first update), the update as the round keeps it and
+        what it keeps of ``contribution``. A linear rule adds the update into a running sum here and
+        keeps neither its tensors nor its decoded contribution, so a round holds O(model) state,
+        not O(devices x model). The default keeps everything for ``aggregate``."""
+        return running, update, contribution
+
+    def aggregate_folded(self, round_no: int, version: int, updates: Sequence[Update],
+                         contributions: Sequence[Any], running: Any) -> RoundOutcome:
+        """Global ``version`` from the round's running state and what ``fold`` kept (sorted by
+        device). The default is ``aggregate`` over the kept updates and contributions."""
+        return self.aggregate(round_no, version, updates, contributions)
+
     def retained_messages(self, base_topic: str, everything: bool = False) -> list[tuple[str, bytes]]:
         """(topic, payload) the mode keeps retained on the broker that were not published yet
         (``everything``: all of them, after the broker lost its retained messages); an empty

@@ -4,6 +4,12 @@ The global is the adapter's tensors. Updates are validated against the copy devi
 (``ServerModel.published``), combined by FedAvg or a robust rule (clipping, trimmed mean, median),
 stepped by the server optimizer (FedAvg/FedAvgM/FedAdam) and published as a difference from the
 previous version, or as a snapshot every ``downlink.snapshot_every`` versions.
+
+Aggregation streams for the linear rules (FedAvg with or without a fixed ``clip_norm``, whatever
+the server optimizer): each accepted update is added into a float64 running sum and its decoded
+and encoded tensors are dropped, so a round holds O(model) + O(devices). Trimmed mean, median and
+``clip_median_factor`` are not linear: the round keeps every update's decoded tensors until it
+aggregates (O(devices x model)).
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ import numpy as np
 
 from broker_coordinator.downlink import ServerModel
 from broker_coordinator.modes import CoordinatorMode, RoundOutcome
-from broker_coordinator.strategy import FedAvg, adapter_plan_accepted, validate_update_tensors
+from broker_coordinator.strategy import FedAvg, RunningMean, adapter_plan_accepted, validate_update_tensors
+from fedmq_protocol.codec import EncodedTensors
 from fedmq_protocol.messages import GlobalModel, Update
 
 if TYPE_CHECKING:
     from broker_coordinator.config import CoordinatorConfig
     from broker_coordinator.state import CoordinatorState, DeviceRecord
+
+
+EMPTY_TENSORS = EncodedTensors({"codec": 1, "tensors": {}})
 
 
 class AdapterMode(CoordinatorMode):
@@ -64,11 +74,33 @@ class AdapterMode(CoordinatorMode):
     def validate_update(self, update: Update) -> Any:
         return validate_update_tensors(self.published, update)
 
+    def fold(self, running: Any, update: Update, contribution: Any) -> tuple[Any, Update, Any]:
+        if not self.rule.streams:
+            return running, update, contribution  # robust rules keep the round's decoded updates
+        if running is None:
+            running = RunningMean(self.published)
+        self.rule.fold_delta(running, update, contribution)
+        # the journal keeps the payload as received; the round keeps the update's metadata only
+        return running, update.model_copy(update={"tensors": EMPTY_TENSORS}), None
+
+    def aggregate_folded(self, round_no: int, version: int, updates: Sequence[Update],
+                         contributions: Sequence[Any], running: Any) -> RoundOutcome:
+        if not isinstance(running, RunningMean):
+            return self.aggregate(round_no, version, updates, contributions)
+        if running.count != len(updates):
+            raise RuntimeError(f"running sum holds {running.count} update(s), the round {len(updates)}")
+        return self._advance(round_no, version, running.mean())
+
     def aggregate(self, round_no: int, version: int, updates: Sequence[Update],
                   contributions: Sequence[Any]) -> RoundOutcome:
         server = self.server
         assert server is not None
-        server.step(self.rule.aggregate_deltas(server.published, updates, contributions))
+        return self._advance(round_no, version, self.rule.aggregate_deltas(server.published, updates, contributions))
+
+    def _advance(self, round_no: int, version: int, delta: dict[str, np.ndarray]) -> RoundOutcome:
+        server = self.server
+        assert server is not None
+        server.step(delta)
         message = server.advance(version, round_no, self.cfg.adapter, self.cfg.model)
         snapshot = server.snapshot(version, round_no, self.cfg.adapter, self.cfg.model)
         return RoundOutcome(message=message, snapshot=snapshot)
