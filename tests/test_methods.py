@@ -32,14 +32,15 @@ def _assert_same_rng(before):
 
 
 def test_registry():
-    assert method_names() == ["lora", "qlora", "zo"]
+    # the registry's methods and those registered by their file (kd, split)
+    assert method_names() == ["kd", "krso", "lora", "qlora", "split", "zo"]
     assert get_method("lora").name == "lora" and get_method("qlora").name == "qlora"
     assert issubclass(get_method("qlora"), get_method("lora"))
-    with pytest.raises(ValueError, match="valid: lora, qlora"):
+    with pytest.raises(ValueError, match="valid: kd, krso, lora, qlora, split, zo"):
         get_method("sgd")
     from edge_agent.methods import METHODS
 
-    assert {"lora": get_method("lora"), "qlora": get_method("qlora"), "zo": get_method("zo")} == METHODS
+    assert {n: get_method(n) for n in method_names()} == METHODS and METHODS["kd"].name == "kd"
 
 
 def test_adapter_names_and_params(lora):

@@ -47,9 +47,11 @@ def _by_file(name: str) -> str | None:
 
 
 def method_names() -> list[str]:
-    """The methods of the registry an agent config may name (``method:``); ``is_method`` also
-    knows those registered by their file."""
-    return sorted(n for n in REGISTRY if n not in PLAN_ONLY)
+    """The methods an agent config may name (``method:``): the registry's and those registered by
+    their file (found by reading the package's files, without importing them)."""
+    by_file = {f.stem.replace("_", "-") for f in Path(__file__).parent.glob("*.py")
+               if not f.stem.startswith("_") and _by_file(f.stem) is not None}
+    return sorted(n for n in {*REGISTRY, *by_file} if n not in PLAN_ONLY)
 
 
 def is_method(name: str) -> bool:
