@@ -73,8 +73,11 @@ class Observer:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Observer:
+        # a persistent session, like the coordinator's: across a broker restart (with persistence)
+        # the broker keeps the chunks published while the observer reconnects, so it sees every
+        # update the coordinator sees
         self.t = MqttTransport(BrokerConfig(url=self.url, chunk_size=CHUNKED["chunk_size"]),
-                               f"observer-{time.time_ns()}", clean_start=True)
+                               f"observer-{time.time_ns()}", clean_start=False)
 
         def on_update(topic: str, payload: bytes) -> None:
             with self.lock:

@@ -243,6 +243,9 @@ def test_duplicates_replays_and_lost_chunks_are_ignored_or_dropped(mosquitto, tm
         os.kill(fed.agents["dev-1"].pid, signal.SIGSTOP)
         wait_until(lambda: _open_round(fed).get("round") == 2 and _open_round(fed).get("accepted") == ["dev-0"],
                    120, "dev-0's round-2 update accepted", fed.procs())
+        # the coordinator may accept dev-0's update before the observer has reassembled its copy
+        wait_until(lambda: fed.observer.fits(2, "dev-0"), 30, "the observer's copy of dev-0's round-2 update",
+                   fed.procs())
         raw = {u.round: p for d, u, p in fed.observer.decoded() if d == "dev-0" and u.kind == "fit"}
         topic = TOPICS.device_update("dev-0")
         # 1. replay of an old update (round 1, closed)
