@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -183,6 +183,16 @@ def tensor_digest(arrays: Mapping[str, np.ndarray]) -> str:
         h.update(f"{name}:{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+_T = TypeVar("_T")
+
+
+def trainer_as(trainer: TrainingMethod, cls: type[_T], mode: str) -> _T:
+    """``trainer`` as the trainer class ``mode`` needs; TypeError naming both otherwise."""
+    if not isinstance(trainer, cls):
+        raise TypeError(f"the {mode} mode trains with {cls.__name__}, not {type(trainer).__name__}")
+    return trainer
 
 
 def mode_class(name: str) -> type[AgentMode]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent
+from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent, trainer_as
 from fedmq_protocol.modes.kd import (
     KdConsensus,
     KdProbeSet,
@@ -43,9 +43,7 @@ ADAPTER_FILE = "kd-adapter.npz"
 def _kd(trainer: TrainingMethod) -> KdMethod:
     from edge_agent.methods.kd import KdMethod
 
-    if not isinstance(trainer, KdMethod):
-        raise TypeError(f"the kd mode trains with KdMethod, not {type(trainer).__name__}")
-    return trainer
+    return trainer_as(trainer, KdMethod, "kd")
 
 
 class KdMode(AgentMode):

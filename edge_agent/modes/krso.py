@@ -20,7 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent
+from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent, trainer_as
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import AdapterSpec
 from fedmq_protocol.modes.krso import (
@@ -51,9 +51,7 @@ CHECKPOINT_FILE = "krso-checkpoint.msgpack"  # the newest retained checkpoint, k
 def _krso(trainer: TrainingMethod) -> KrsoMethod:
     from edge_agent.methods.krso import KrsoMethod
 
-    if not isinstance(trainer, KrsoMethod):
-        raise TypeError(f"the krso mode trains with KrsoMethod, not {type(trainer).__name__}")
-    return trainer
+    return trainer_as(trainer, KrsoMethod, "krso")
 
 
 def plan_adapter(spec: KrsoSpec) -> AdapterSpec:

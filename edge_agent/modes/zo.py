@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent
+from edge_agent.modes import AgentMode, GlobalRejected, Subscription, TrainerChoice, UpdateContent, trainer_as
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.modes.zo import ZoLedgerRound, ZoSpec, ZoTask, ZoUpdate, ledger_filter, ledger_topic, pack_pool
 
@@ -33,9 +33,7 @@ SNAPSHOT_FILE = "zo-pre-round.pt"
 def _zo(trainer: TrainingMethod) -> ZoMethod:
     from edge_agent.methods.zo import ZoMethod
 
-    if not isinstance(trainer, ZoMethod):
-        raise TypeError(f"the zo mode trains with ZoMethod, not {type(trainer).__name__}")
-    return trainer
+    return trainer_as(trainer, ZoMethod, "zo")
 
 
 class ZoMode(AgentMode):
