@@ -289,6 +289,22 @@ class EncodedTensors:
         return "tensors" in self.obj and not self.obj["tensors"]
 
     @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """As a message field: validated with :meth:`from_wire` (or encoded losslessly when code
+        builds the message from a plain name -> array map) and written back with :meth:`to_wire`."""
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            cls._from_field, serialization=core_schema.plain_serializer_function_ser_schema(cls.to_wire))
+
+    @classmethod
+    def _from_field(cls, v: Any) -> EncodedTensors:
+        if (isinstance(v, Mapping) and "codec" not in v
+                and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in v.values())):
+            return encode(v)  # built in code from arrays; a wire map always names its codec
+        return cls.from_wire(v)
+
+    @classmethod
     def from_wire(cls, obj: Any, where: str = "tensors") -> EncodedTensors:
         if isinstance(obj, EncodedTensors):
             return obj

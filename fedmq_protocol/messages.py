@@ -21,13 +21,12 @@ from pydantic import (
     Field,
     SerializeAsAny,
     SerializerFunctionWrapHandler,
-    field_serializer,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from fedmq_protocol.codec import EncodedTensors, encode
+from fedmq_protocol.codec import EncodedTensors
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.modes import MessageKind, ModePayload, payload_modes, payload_type
 from fedmq_protocol.wire import DEFAULT_MAX_MESSAGE_BYTES, Message, unpack_limited, validation_summary
@@ -66,17 +65,6 @@ class FitConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_batches: int = Field(0, ge=0, le=100000)  # 0: the whole eval set
-
-
-def _encoded_validator(v: Any) -> EncodedTensors:
-    """Wire maps are validated as codec structures; plain name -> array maps are encoded
-    losslessly (a convenience for code building messages)."""
-    if isinstance(v, EncodedTensors):
-        return v
-    if (isinstance(v, dict) and "codec" not in v
-            and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in v.values())):
-        return encode(v)  # built in code from arrays; a wire map always names its codec
-    return EncodedTensors.from_wire(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,8 +367,6 @@ class Update(_CarriesModePayload):
     nonce: bytes | None = Field(default=None, max_length=64)
     signature: bytes | None = Field(default=None, max_length=64)
 
-    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
-
     @model_validator(mode="before")
     @classmethod
     def _wire_types(cls, obj: Any) -> Any:
@@ -399,10 +385,6 @@ class Update(_CarriesModePayload):
                     isinstance(v, numbers.Real) and not isinstance(v, bool) for v in metrics.values()):
                 raise ValueError("metrics values must be numbers")
         return obj
-
-    @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
-        return v.to_wire()
 
 
 class GlobalModel(_CarriesModePayload):
@@ -425,12 +407,6 @@ class GlobalModel(_CarriesModePayload):
     tensors: EncodedTensors
     created_at: float = Field(default_factory=time.time)
     payload: SerializeAsAny[ModePayload] | None = None
-
-    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded_validator(v)))
-
-    @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
-        return v.to_wire()
 
     @model_validator(mode="after")
     def _base_before_version(self) -> GlobalModel:

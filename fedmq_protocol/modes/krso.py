@@ -23,10 +23,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
@@ -153,15 +153,6 @@ class KrsoLedgerRound(Message):
     num_samples: int = Field(0, ge=0)
     start_digest: str | None = Field(None, max_length=64, description="the digest the round's devices trained from")
 
-    @field_validator("tensors", mode="before")
-    @classmethod
-    def _tensors(cls, v: Any) -> EncodedTensors:
-        return v if isinstance(v, EncodedTensors) else EncodedTensors.from_wire(v, "ledger tensors")
-
-    @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
-        return v.to_wire()
-
     def entries(self, max_elements: int) -> dict[int, dict[str, np.ndarray]]:
         """seed -> weight name -> B̄ (float32, finite), seeds in the round's canonical order
         (ProtocolError for a seed that is not the round's or a non-finite value)."""
@@ -189,15 +180,6 @@ class KrsoCheckpoint(Message):
     spec: KrsoSpec
     digest: str = Field(max_length=64)
     tensors: EncodedTensors
-
-    @field_validator("tensors", mode="before")
-    @classmethod
-    def _tensors(cls, v: Any) -> EncodedTensors:
-        return v if isinstance(v, EncodedTensors) else EncodedTensors.from_wire(v, "checkpoint tensors")
-
-    @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors) -> dict[str, Any]:
-        return v.to_wire()
 
     def arrays(self, max_elements: int) -> dict[str, np.ndarray]:
         """The weights, checked against ``digest`` (ProtocolError when they differ)."""

@@ -22,10 +22,10 @@ Torch-free: tensors go through the codec (``fedmq_protocol.codec``), the mask as
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
@@ -69,10 +69,6 @@ class SplitTask(SplitSpec, ModePayload):
     mode: ClassVar[str] = "split"
 
 
-def _encoded(v: Any) -> EncodedTensors | None:
-    return None if v is None else EncodedTensors.from_wire(v)
-
-
 class _SplitMessage(Message):
     max_msgpack_bytes: ClassVar[int] = 1 << 30
 
@@ -82,12 +78,6 @@ class _SplitMessage(Message):
     phase: Phase
     correlation: bytes = Field(max_length=64)
     tensors: EncodedTensors | None = None
-
-    _v_tensors = field_validator("tensors", mode="before")(classmethod(lambda cls, v: _encoded(v)))
-
-    @field_serializer("tensors")
-    def _ser_tensors(self, v: EncodedTensors | None) -> dict[str, Any] | None:
-        return None if v is None else v.to_wire()
 
     @field_validator("device_id")
     @classmethod
