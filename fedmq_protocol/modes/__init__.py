@@ -39,7 +39,7 @@ def mode_names() -> list[str]:
 def check_mode(name: str, where: str = "mode") -> str:
     """``name`` if it is a registered mode; ValueError naming ``where`` and the valid names."""
     if name not in MODES:
-        raise ValueError(f"{where}: unknown federation mode {name!r}; valid: {', '.join(MODES)}")
+        raise ValueError(f"{where}: unknown federation mode {name!r}; valid: {', '.join(sorted(MODES))}")
     return name
 
 
