@@ -9,10 +9,11 @@ driven by ONE thread through paho's external-loop API (``socket()``, ``loop_read
 A device answers the coordinator's tasks with the messages an agent builds
 (``edge_agent.updates.UpdateBuilder``: packed once, timing metrics, Ed25519 signature over the
 fan-out's nonce): ``init`` with the adapter every device initialises (seeded, the same on all),
-``fit`` with its own difference, drawn from a per-device seed and encoded by the agent's uplink
-encoder (``edge_agent.uplink``; int2 by default) before the fleet connects, ``evaluate`` with a
-loss. What the coordinator decodes is therefore known: :meth:`SimulatedFleet.expected_global` is
-the sample-weighted FedAvg of the decoded differences (float64) added to the initial adapter.
+``fit`` with its difference, drawn from a seed and encoded by the agent's uplink encoder
+(``edge_agent.uplink``; int2 by default) before the fleet connects, ``evaluate`` with a loss.
+Statuses are refreshed every ``status_interval_s`` as an agent's are. What the coordinator
+decodes is therefore known: :meth:`SimulatedFleet.expected_global` is the sample-weighted FedAvg
+of the decoded differences (float64) added to the initial adapter.
 
 The adapter's tensor names and shapes come from the model's ``config.json`` (:func:`lora_shapes`,
 the names peft gives a LoRA on a Llama-family model), so no torch is needed here.
@@ -128,6 +129,7 @@ class SimDevice:
     client: Any = None
     counter: int = 0
     connected: bool = False
+    status_at: float = 0.0  # monotonic time of its last status
     tasks: list[str] = field(default_factory=list)  # task ids received, in order
     answered: set[str] = field(default_factory=set)
     task_at: float | None = None  # wall time the (last) fit task arrived
@@ -155,12 +157,16 @@ class SimulatedFleet:
     ``signed``: each device has an Ed25519 key (``public_keys()`` for the coordinator's
     ``device_keys``) and signs its statuses and updates. ``answer_delay``: seconds after a fit
     task arrives before device ``index`` answers (its training time; default: at once).
+    ``distinct_updates``: how many different differences are drawn (device ``i`` sends number
+    ``i % distinct_updates``; default one per device): large fleets are prepared faster, and
+    every update is still decoded, checked and folded on its own by the coordinator.
     """
 
     def __init__(self, urls: Sequence[str], n: int, *, federation: str, shapes: Shapes, seed: int = 0,
                  signed: bool = True, uplink: UplinkConfig | None = None, delta_scale: float = 1e-3,
                  answer_delay: Callable[[int], float] | None = None, chunk_size: int = 256 * 1024,
-                 id_prefix: str = "sim", connect_batch: int = 200, keepalive_s: int = 60) -> None:
+                 id_prefix: str = "sim", connect_batch: int = 200, keepalive_s: int = 60,
+                 distinct_updates: int | None = None, status_interval_s: float = 30.0) -> None:
         if n < 1 or not urls:
             raise ValueError("a fleet needs at least one device and one broker url")
         self.urls = list(urls)
@@ -175,13 +181,16 @@ class SimulatedFleet:
         self.chunk_size = chunk_size
         self.connect_batch = connect_batch
         self.keepalive_s = keepalive_s
+        self.status_interval_s = status_interval_s
+        self._refresh_next = 0  # the device whose status is refreshed next (in connect order)
         self.init = initial_adapter(shapes, seed)
         self._sum: dict[str, np.ndarray] = {k: np.zeros(int(np.prod(s)), np.float64) for k, s in shapes.items()}
         self._total = 0
         self.update_bytes: list[int] = []
         self.devices: list[SimDevice] = []
         self.errors: list[str] = []
-        self._prepare(n, id_prefix, signed)
+        self.distinct_updates = min(n, distinct_updates or n)
+        self._prepare(n, id_prefix, signed, self.distinct_updates)
         self._sel = selectors.DefaultSelector()
         self._reassembler = Reassembler(max_message_bytes=1 << 26, max_pending_bytes=1 << 28, timeout_s=120)
         self._due: list[tuple[float, int, int, m.Task]] = []  # (when, order, device index, task)
@@ -192,30 +201,34 @@ class SimulatedFleet:
         self.loop_cpu_s = 0.0
 
     # ------------------------------------------------------------------ preparation
-    def _prepare(self, n: int, prefix: str, signed: bool) -> None:
-        """Keys, sample counts and every device's encoded difference, and the expected sum."""
+    def _prepare(self, n: int, prefix: str, signed: bool, distinct: int) -> None:
+        """Keys, sample counts, the encoded differences (``distinct`` of them: device ``i`` sends
+        difference ``i % distinct``) and the expected sum."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         rng = np.random.default_rng([self.seed, 1 << 20])
         samples = rng.integers(8, 200, size=n)
+        weight = np.bincount(np.arange(n) % distinct, weights=samples.astype(np.float64), minlength=distinct)
         seq0 = int(time.time() * 1000)
         probe = {"train_loss": 0.0, **dict.fromkeys(METRIC_KEYS, 0.0), "encode_s": 0.0, "sent_at": 0.0}
+        uplinks: list[PreEncodedUplink] = []
+        for k in range(distinct):
+            delta = device_delta(self.shapes, self.seed, k, self.delta_scale)
+
+            def size_of(enc: EncodedTensors) -> int:  # the agent's measure: the Update carrying it
+                return len(m.Update(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id=f"{prefix}-00000",
+                                    base_version=0, num_samples=1, metrics=probe, tensors=enc).to_msgpack())
+
+            enc, metrics = UplinkEncoder(self.uplink_cfg, None, None).encode(delta, size_of)
+            decoded = enc.decode_dense(max_elements=1 << 26)
+            for name, acc in self._sum.items():
+                acc += float(weight[k]) * decoded[name].reshape(-1).astype(np.float64)
+            uplinks.append(PreEncodedUplink(enc, metrics))
+        self._total = int(samples.sum())
         for i in range(n):
             device_id = f"{prefix}-{i:05d}"
-            delta = device_delta(self.shapes, self.seed, i, self.delta_scale)
-            encoder = UplinkEncoder(self.uplink_cfg, None, None)
-
-            def size_of(enc: EncodedTensors, device_id: str = device_id) -> int:
-                return len(m.Update(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id=device_id, base_version=0,
-                                    num_samples=1, metrics=probe, tensors=enc).to_msgpack()) + 64 + 48
-
-            enc, metrics = encoder.encode(delta, size_of)
-            decoded = enc.decode_dense(max_elements=1 << 26)
-            for k, acc in self._sum.items():
-                acc += float(samples[i]) * decoded[k].reshape(-1).astype(np.float64)
-            self._total += int(samples[i])
             signer = Signer(Ed25519PrivateKey.generate()) if signed else None
-            builder = UpdateBuilder(device_id, self.federation, PreEncodedUplink(enc, metrics), signer)
+            builder = UpdateBuilder(device_id, self.federation, uplinks[i % distinct], signer)
             self.devices.append(SimDevice(i, device_id, self.urls[i % len(self.urls)], int(samples[i]), signer,
                                           builder, seq=seq0 + i))
 
@@ -276,6 +289,7 @@ class SimulatedFleet:
                     if mask & selectors.EVENT_WRITE:
                         client.loop_write()
                 self._answer_due()
+                self._refresh_statuses()
                 now = time.monotonic()
                 if now - last_misc >= 1.0:
                     last_misc = now
@@ -335,12 +349,26 @@ class SimulatedFleet:
             return
         task_topic = self.topics.device_task(dev.device_id)
         client.subscribe([(task_topic, QOS_TASK), (task_topic + "/c/+", QOS_TASK)])
+        self._publish_status(dev)
+        dev.connected = True
+
+    def _publish_status(self, dev: SimDevice) -> None:
+        """The retained birth, and its refresh every ``status_interval_s`` (as an agent's)."""
         dev.counter += 1
+        dev.status_at = time.monotonic()
         status = m.DeviceStatus(device_id=dev.device_id, online=True, seq=dev.seq, conn=1, counter=dev.counter,
                                 method="lora", num_samples=dev.num_samples, eval_samples=0, state="idle")
-        client.publish(self.topics.device_status(dev.device_id), self._signed(dev, status).to_json(),
-                       qos=QOS_STATUS, retain=True)
-        dev.connected = True
+        dev.client.publish(self.topics.device_status(dev.device_id), self._signed(dev, status).to_json(),
+                           qos=QOS_STATUS, retain=True)
+
+    def _refresh_statuses(self) -> None:
+        now = time.monotonic()
+        for _ in range(self.n):  # devices come due in the order they connected
+            dev = self.devices[self._refresh_next]
+            if not dev.connected or now - dev.status_at < self.status_interval_s:
+                return
+            self._publish_status(dev)
+            self._refresh_next = (self._refresh_next + 1) % self.n
 
     def _signed(self, dev: SimDevice, st: m.DeviceStatus) -> m.DeviceStatus:
         if dev.signer is None:
