@@ -325,6 +325,7 @@ class SimulatedFleet:
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
         dev.client = client
         client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=True)
 
@@ -369,6 +370,13 @@ class SimulatedFleet:
                 return
             self._publish_status(dev)
             self._refresh_next = (self._refresh_next + 1) % self.n
+
+    def _on_disconnect(self, client: mqtt.Client, dev: SimDevice, flags: Any, reason: Any, props: Any) -> None:
+        """A simulated device does not reconnect (the external loop has no automatic reconnect):
+        losing a connection before the fleet is closed fails the run."""
+        dev.connected = False
+        if not self._stop.is_set():
+            self.errors.append(f"{dev.device_id}: disconnected ({reason})")
 
     def _signed(self, dev: SimDevice, st: m.DeviceStatus) -> m.DeviceStatus:
         if dev.signer is None:
