@@ -75,6 +75,22 @@ def _unpack_codes(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
     return np.stack([(raw >> np.uint8(k * bits)) & mask for k in range(per)], axis=1).reshape(-1)[:n]
 
 
+def _level_table(fmt: str) -> np.ndarray:
+    """byte -> the ``8 // bits`` unscaled levels it packs (float32, first in the lowest bits)."""
+    bits = BITS_PER_VALUE[fmt]
+    codes = _unpack_codes(np.arange(256, dtype=np.uint8), bits, 256 * (8 // bits)).reshape(256, -1)
+    if fmt == "int8":
+        return codes.view(np.int8).astype(np.float32)
+    if fmt == "int4":
+        return np.where(codes >= 8, codes.astype(np.float32) - 16, codes.astype(np.float32))
+    if fmt == "int2":
+        return codes.astype(np.float32) - 1.5
+    return codes.astype(np.float32) * 2.0 - 1.0  # sign
+
+
+_LEVELS = {fmt: _level_table(fmt) for fmt in ("int8", "int4", "int2", "sign")}
+
+
 def value_bytes(fmt: str, n: int) -> int:
     """Bytes of ``n`` values in format ``fmt`` (packed formats round up to whole bytes)."""
     return (n * BITS_PER_VALUE[fmt] + 7) // 8
@@ -231,16 +247,13 @@ def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.nda
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise ProtocolError(f"{where}: {fmt} scales must be finite and >= 0")
-        codes = _unpack_codes(np.frombuffer(data, dtype=np.uint8), BITS_PER_VALUE[fmt], n)
-        if fmt == "int8":
-            q = codes.view(np.int8).astype(np.float32)
-        elif fmt == "int4":
-            q = np.where(codes >= 8, codes.astype(np.float32) - 16, codes.astype(np.float32))
-        elif fmt == "int2":
-            q = codes.astype(np.float32) - 1.5
-        else:
-            q = codes.astype(np.float32) * 2.0 - 1.0
-        out = q * np.repeat(s.astype(np.float32), block)[:n]
+        # one table lookup turns each byte into its levels, then each block is scaled in place
+        q = _LEVELS[fmt][np.frombuffer(data, dtype=np.uint8)].reshape(-1)[:n]
+        whole = (n // block) * block
+        q[:whole].reshape(-1, block).__imul__(s[: n // block, None])
+        if whole < n:
+            q[whole:] *= s[-1]
+        out = q
     if not np.all(np.isfinite(out)):
         raise ProtocolError(f"{where}: non-finite values")
     return out

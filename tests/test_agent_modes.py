@@ -38,7 +38,7 @@ def test_every_registered_mode_has_an_agent_side():
         assert issubclass(cls, AgentMode) and cls.name == name
         # in the registry, or registered by its file alone (edge_agent/methods/<name>.py)
         assert cls.methods and all(is_method(meth) and get_method(meth).name == meth for meth in cls.methods)
-    with pytest.raises(ValueError, match="valid: adapter, kd, krso, split, zo$"):
+    with pytest.raises(ValueError, match=r"valid: adapter, kd, krso, split, zo$"):
         mode_class("fedkrso")
 
 
