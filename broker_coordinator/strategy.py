@@ -107,6 +107,14 @@ class RunningMean:
         self.total += weight
         self.count += 1
 
+    def add_sums(self, sums: Mapping[str, np.ndarray], total: float, count: int) -> None:
+        """Add a partial sum of ``count`` updates (a site aggregator's float64 ``sums`` of
+        scale * num_samples * delta, and their ``total`` weight), as if each had been added here."""
+        for name, acc in self.sums.items():
+            acc += sums[name]
+        self.total += float(total)
+        self.count += count
+
     def mean(self) -> dict[str, np.ndarray]:
         """sum / total, float64, in the global's shapes."""
         if self.count == 0:
