@@ -42,12 +42,12 @@ from broker_coordinator.strategy import RunningMean
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.globals import GlobalSync
-from fedmq_protocol.partials import PartialAggregate, PartialMember, encode_sums, sign_partial
+from fedmq_protocol.partials import PartialAggregate, PartialMember, SiteStatus, encode_sums, sign_partial
 from fedmq_protocol.rejections import RejectionLog
 from fedmq_protocol.seal import SealOpener
 from fedmq_protocol.signing import Signer, Verifier
 from fedmq_protocol.topics import QOS_GLOBAL, QOS_STATUS, QOS_TASK, QOS_UPDATE, Topics, check_level
-from fedmq_protocol.transport import MqttTransport
+from fedmq_protocol.transport import MqttTransport, WillMessage
 from fedmq_protocol.transport.config import BrokerConfig
 
 log = logging.getLogger("fedmq.aggregator")
@@ -182,7 +182,9 @@ class SiteAggregator:
                                  max_bytes=config.broker.max_message_bytes)
         self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
         self.signer = Signer.from_file(config.signing_key)
-        self.transport = transport or MqttTransport(config.broker, config.client_id)
+        will = WillMessage(self.topics.site_status(config.site_id),
+                           SiteStatus(site_id=config.site_id, online=False).to_json(), QOS_STATUS, True)
+        self.transport = transport or MqttTransport(config.broker, config.client_id, will=will)
         self.rejections = RejectionLog(log, REJECTION_LOG_EVERY_S)
         self.fanouts: dict[str, SiteFanout] = {}
         self.site_devices: set[str] = set(config.devices or [])
@@ -219,14 +221,28 @@ class SiteAggregator:
         if self.cfg.devices is None:
             self.transport.subscribe(t.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
         self.transport.subscribe(t.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True)
+        self.transport.on_connect.append(lambda session_present: self.publish_status())
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         log.info("site %s: aggregating on %s", self.cfg.site_id, self.cfg.broker.url)
+
+    def publish_status(self, online: bool = True) -> None:
+        status = SiteStatus(site_id=self.cfg.site_id, online=online, global_version=self.sync.version,
+                            devices=len(self.site_devices), counters=self.counters.as_dict())
+        try:
+            self.transport.publish(self.topics.site_status(self.cfg.site_id), status.to_json(), qos=QOS_STATUS,
+                                   retain=True)
+        except Exception as exc:  # noqa: BLE001 - status is best effort
+            log.warning("could not publish the site status: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
-        self.transport.close()
+        try:
+            if self.transport.connected:
+                self.publish_status(online=False)
+        finally:
+            self.transport.close()
 
     def run(self) -> None:
         """Until ``stop``: handle events, publish partials when they are due."""
@@ -388,6 +404,7 @@ class SiteAggregator:
         fo.seq += 1
         fo.collection.running = None  # later updates go into the next partial
         self.counters.partials_sent += 1
+        self.publish_status()
         log.info("site %s: partial %d of %s published: %d device(s), %d samples, %d bytes", self.cfg.site_id,
                  partial.seq, partial.task_id, len(partial.members), int(partial.total_weight), len(payload))
         return partial

@@ -106,6 +106,18 @@ class PartialAggregate(Message):
         return out
 
 
+class SiteStatus(Message):
+    """Site aggregator -> all (JSON, retained on ``{root}/{fed}/sites/{site}/status``): birth, and as
+    Last Will ``online: false``; refreshed after every partial it publishes."""
+
+    site_id: str
+    online: bool
+    ts: float = Field(default_factory=time.time)
+    global_version: int | None = None  # the global the aggregator holds (its devices' base)
+    devices: int = 0  # site devices known (listed, or seen on the site broker)
+    counters: dict[str, int] = Field(default_factory=dict)
+
+
 def encode_sums(sums: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
     """The ``sums`` map of float64 accumulators in the global's shapes."""
     return {name: {"shape": list(shapes[name]), "f8": np.ascontiguousarray(acc, dtype="<f8").tobytes()}

@@ -112,6 +112,10 @@ class Topics:
         return (f"{self.base}/sites/{check_level(site_id, 'site id')}/relay/"
                 f"{check_level(device_id, 'device id')}")
 
+    def site_status(self, site_id: str) -> str:
+        """JSON, retained, QoS 1: a site aggregator's birth / Will and counters."""
+        return f"{self.base}/sites/{check_level(site_id, 'site id')}/status"
+
     @property
     def all_site_relays(self) -> str:
         return f"{self.base}/sites/+/relay/+/#"

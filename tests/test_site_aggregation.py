@@ -32,7 +32,7 @@ from fedmq.configfile import ConfigError, load_config
 from fedmq_protocol import messages as m
 from fedmq_protocol.codec import encode
 from fedmq_protocol.errors import ProtocolError
-from fedmq_protocol.partials import PartialAggregate, PartialMember, encode_sums, sign_partial
+from fedmq_protocol.partials import PartialAggregate, PartialMember, SiteStatus, encode_sums, sign_partial
 from fedmq_protocol.signing import Signer, generate_keypair, load_public_key, new_nonce
 from fedmq_protocol.topics import Topics
 from tests.fake_device import FakeDevice, read_retained_json, tiny_adapter, update_obj
@@ -136,6 +136,12 @@ def test_hierarchical_global_equals_flat_fedavg_on_bridged_mosquittos(mosquitto,
         for d in devices:
             d.close()
         capture.close()
+    # each aggregator's retained status crossed its bridge; its Will / last words say it is gone
+    site_status = {s: read_retained_json(central.url, TOPICS.site_status(s), SiteStatus) for s in sites}
+    for s, st in site_status.items():
+        assert st is not None and not st.online and st.global_version == 2 and st.devices == 2, (s, st)
+        assert st.counters["partials_sent"] == 2 and st.counters["fit_accepted"] == 4, (s, st.counters)
+        assert st.counters["updates_rejected"] == 0 and st.counters["relayed"] == (s == "site-a"), (s, st.counters)
     site_logs = {s: (tmp_path / f"{s}.log").read_text() for s in sites}
     for s, text in site_logs.items():
         assert "Traceback" not in text, text[-3000:]
