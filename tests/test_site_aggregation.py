@@ -294,9 +294,12 @@ def test_a_coordinator_restarted_after_accepting_a_partial_loses_nothing(mosquit
         wait_for(lambda: all(any(k.kind == "fit" for k in d.tasks) for d in devs), 30, "the fit tasks")
         task = next(k for k in devs[1].tasks if k.kind == "fit")
         c = Collection("fit", task.task_id, task.round, task.global_version, set(), nonce=task.nonce)
+        forged = _partial(c, "site-a", ["dev-1", "dev-2"], Signer.from_file(keypair(tmp_path, "mallory")[0]))
+        capture.transport.publish(TOPICS.site_partial("site-a"), forged, qos=1, framed=True)
         capture.transport.publish(TOPICS.site_partial("site-a"), _partial(c, "site-a", ["dev-1", "dev-2"], signer),
                                   qos=1, framed=True)
         wait_for(lambda: first.counters.partials_accepted == 1, 10, "the partial accepted")
+        assert first.counters.partials_rejected == 1 and first.counters.partial_signature_rejected == 1
         first.stop()
         t.join(10)
         first.close()
@@ -321,3 +324,91 @@ def test_a_coordinator_restarted_after_accepting_a_partial_loses_nothing(mosquit
 def _run_quietly(coord) -> None:
     with contextlib.suppress(Exception):  # the first coordinator is stopped mid-round on purpose
         coord.run()
+
+
+# ------------------------------------------------------------------ the aggregator's own checks and flushes
+
+
+class RecordingTransport:
+    """What a SiteAggregator publishes, recorded (its decisions are driven directly below)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.on_connect: list = []
+        self.connected = True
+
+    def publish(self, topic: str, payload: bytes, **kw) -> None:
+        self.published.append((topic, payload))
+
+    def close(self) -> None:
+        self.connected = False
+
+    def partials(self) -> list[PartialAggregate]:
+        return [PartialAggregate.from_msgpack(p) for t, p in self.published if t == TOPICS.site_partial("site-a")]
+
+
+def test_the_aggregator_checks_updates_and_sends_late_ones_in_a_second_partial(tmp_path):
+    from broker_coordinator.site import SiteAggregator
+    from fedmq_protocol.seal import Sealer
+
+    key, pub = keypair(tmp_path, "site-a")
+    k0, p0 = keypair(tmp_path, "dev-0")
+    dev0 = Signer.from_file(k0)
+    mallory = Signer.from_file(keypair(tmp_path, "mallory")[0])
+    cfg = load_config(site_yaml(tmp_path, "site-a", "mqtt://127.0.0.1:1", key, devices=["dev-0", "dev-1", "dev-2"],
+                                device_keys={"dev-0": p0}, require_signatures=False), SiteAggregatorConfig)
+    tr = RecordingTransport()
+    agg = SiteAggregator(cfg, transport=tr)
+    sealer = Sealer(FED)
+    g0 = m.GlobalModel(version=0, round=0, adapter=m.AdapterSpec(), tensors=tiny_adapter())
+    agg.on_global(TOPICS.global_model, sealer.seal(TOPICS.global_model, g0.to_msgpack(), round_no=0, version=0))
+    nonce = new_nonce()
+    tasks = {d: m.Task(kind="fit", task_id="r1-fit-v0-a0", round=1, device_id=d, global_version=0, deadline_s=30,
+                       adapter=m.AdapterSpec(), nonce=nonce) for d in ("dev-0", "dev-1", "dev-2", "dev-7")}
+    for d, task in tasks.items():  # dev-7 is behind another site: its task is ignored
+        topic = TOPICS.device_task(d)
+        agg.on_task(topic, sealer.seal(topic, task.to_msgpack(), round_no=1, version=0))
+    fo = agg.fanouts["r1-fit-v0-a0"]
+    assert fo.collection.expected == {"dev-0", "dev-1", "dev-2"} and agg.counters.tasks_seen == 3
+
+    def send(device_id: str, signer: Signer | None = None, **fields) -> None:
+        obj = update_obj(tasks[device_id], device_id, delta_of(device_id, 1), federation=FED, signer=signer,
+                         num_samples=samples_of(device_id), **fields)
+        agg._handle("update", TOPICS.device_update(device_id), msgpack.packb(obj, use_bin_type=True), time.time())
+
+    send("dev-0", mallory)  # another key than dev-0's
+    send("dev-0", dev0, round=2)  # signed, but does not match its task
+    send("dev-0", dev0, task_id="r1-fit-v0-a9")  # a task this site never saw
+    send("dev-7")  # not a device of this site
+    assert agg.counters.updates_rejected == 4 and agg.counters.signature_rejected == 1 and not fo.collection.accepted
+    send("dev-0", dev0)
+    send("dev-0", dev0)  # a second copy
+    send("dev-1")
+    assert sorted(fo.collection.accepted) == ["dev-0", "dev-1"] and agg.counters.duplicates == 1
+    now = time.monotonic()
+    agg.tick(now)
+    assert tr.partials() == []  # dev-2 has not answered and the flush time is not here
+    agg.tick(fo.flush_at)
+    first = tr.partials()
+    assert [p.device_ids for p in first] == [("dev-0", "dev-1")] and first[0].seq == 0
+    send("dev-2")  # after the flush: the next partial
+    agg.tick(fo.flush_at + 0.1)
+    partials = tr.partials()
+    assert [(p.seq, p.device_ids) for p in partials] == [(0, ("dev-0", "dev-1")), (1, ("dev-2",))]
+    eval_task = tasks["dev-1"].model_copy(update={"kind": "evaluate", "task_id": "r1-evaluate-v1-a0"})
+    obj = update_obj(eval_task, "dev-1", None, federation=FED, metrics={"eval_loss": 0.5})
+    agg._handle("update", TOPICS.device_update("dev-1"), msgpack.packb(obj, use_bin_type=True), time.time())
+    assert tr.published[-1][0] == TOPICS.site_relay("site-a", "dev-1") and agg.counters.relayed == 1
+
+    # the coordinator takes both partials; its mean is flat FedAvg of the three updates
+    c = Collection("fit", "r1-fit-v0-a0", 1, 0, {"dev-0", "dev-1", "dev-2"}, nonce=nonce)
+    intake = PartialIntake(TOPICS, _coordinator_mode(), CoordinatorCounters(), max_message_bytes=1 << 24,
+                           aggregator_keys={"site-a": load_public_key(pub)})
+    for topic, payload in tr.published:
+        if topic == TOPICS.site_partial("site-a"):
+            assert intake.receive(topic, payload, time.time(), c) is not None
+    ids = ["dev-0", "dev-1", "dev-2"]
+    total = sum(samples_of(d) for d in ids)
+    for k, v in c.running.mean().items():
+        ref = sum(samples_of(d) * delta_of(d, 1)[k].astype(np.float64) for d in ids) / total
+        assert np.max(np.abs(v - ref)) < 1e-12
