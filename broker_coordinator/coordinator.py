@@ -162,8 +162,10 @@ class Coordinator:
     def _enqueue(self, kind: str) -> Callable[[str, bytes], None]:
         def handler(topic: str, payload: bytes) -> None:
             cls = kind
-            if (kind == "update" and self._awaited(topic)) or kind == "partial":
+            if (kind == "update" and self._awaited(topic)) or (kind == "partial" and self._known_site(topic)):
                 cls = "awaited"  # a partial stands for many awaited updates: never dropped for room
+            elif kind == "partial":
+                cls = "update"  # from a site without a key: bounded, refused when handled
             if not self._events.put(cls, (kind, topic, payload, time.time())):
                 self.counters.dropped += 1
 
@@ -180,6 +182,12 @@ class Coordinator:
             self._events.put_event(("rejected", topic, str(exc).encode(), time.time()))
             return
         self._enqueue("update")(device_topic, payload)
+
+    def _known_site(self, topic: str) -> bool:
+        try:
+            return self.topics.site_from(topic) in self.cfg.aggregator_keys
+        except ProtocolError:
+            return False
 
     def _awaited(self, topic: str) -> bool:
         """(network thread) An update from a device the open fan-out (or the round to restore) awaits."""
