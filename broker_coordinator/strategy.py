@@ -164,8 +164,7 @@ class FedAvg:
         is accepted: the sample-weighted mean, alone or with a fixed ``clip_norm`` (clipping is per
         update). Trimmed mean, median and clipping to a multiple of the round's median norm need
         all the round's updates at once."""
-        agg = self.aggregation
-        return agg is None or (agg.rule == "fedavg" and agg.clip_median_factor is None)
+        return self.aggregation is None or self.aggregation.nonlinear_reason is None
 
     def fold_delta(self, running: RunningMean, update: Update, decoded: Decoded) -> None:
         """Add one accepted update into ``running`` (only when ``streams``)."""
