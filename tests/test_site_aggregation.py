@@ -90,7 +90,7 @@ def flat_fedavg(start: dict[str, np.ndarray], rounds: int, devices: list[str]) -
 
 def site_yaml(tmp: Path, site: str, url: str, key: Path, **extra) -> Path:
     return write_yaml(tmp / f"{site}.yaml", {"site_id": site, "federation": FED, "broker": {"url": url},
-                                            "signing_key": str(key), "flush_margin_s": 5.0, "settle_s": 0.5,
+                                            "signing_key": str(key), "flush_margin_s": 5.0, "settle_s": 2.0,
                                             **extra})
 
 
