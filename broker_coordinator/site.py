@@ -9,7 +9,7 @@ nonce, duplicates, task match, the mode's validation against the global the devi
 folds it into one float64 running sum (``RunningMean``, the coordinator's linear rule: FedAvg, with
 or without a fixed ``clip_norm``). It publishes that sum as a signed :class:`PartialAggregate` on
 ``{root}/{federation}/partials/{site_id}`` (bridged up) when every site device tasked has answered
-(and no new task came for ``settle_s``), or ``flush_margin_s`` before the fan-out's deadline at the
+or is offline (and no new task came for ``settle_s``), or ``flush_margin_s`` before the fan-out's deadline at the
 latest; updates that arrive after a flush go into the next partial (``seq`` 1, 2, ...). Evaluate and
 init results are not aggregated: they are relayed unchanged (still device-signed) on
 ``{root}/{federation}/sites/{site_id}/relay/{device_id}``.
@@ -152,9 +152,9 @@ class SiteFanout:
     def unsent(self) -> list[str]:
         return sorted(set(self.collection.accepted) - self.sent)
 
-    @property
-    def complete(self) -> bool:
-        return self.collection.expected <= set(self.collection.accepted)
+    def complete(self, offline: set[str]) -> bool:
+        """Every tasked site device answered, or is offline (its Will or last status says so)."""
+        return self.collection.expected - offline <= set(self.collection.accepted)
 
 
 class SiteAggregator:
@@ -188,6 +188,7 @@ class SiteAggregator:
         self.rejections = RejectionLog(log, REJECTION_LOG_EVERY_S)
         self.fanouts: dict[str, SiteFanout] = {}
         self.site_devices: set[str] = set(config.devices or [])
+        self.offline: set[str] = set()  # site devices whose latest status says offline
         self._relay_awaited: dict[str, float] = {}  # device -> until when its evaluate/init result is awaited
         self._events = Inbox()
         self._stop = threading.Event()
@@ -218,8 +219,7 @@ class SiteAggregator:
         self.transport.subscribe(f"{t.base}/devices/+/task", self._enqueue("task"), qos=QOS_TASK, framed=True)
         self.transport.subscribe(t.global_model, self._enqueue("global"), qos=QOS_GLOBAL, framed=True)
         self.transport.subscribe(t.all_global_diffs, self._enqueue("global"), qos=QOS_GLOBAL, framed=True)
-        if self.cfg.devices is None:
-            self.transport.subscribe(t.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
+        self.transport.subscribe(t.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
         self.transport.subscribe(t.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True)
         self.transport.on_connect.append(lambda session_present: self.publish_status())
         self.transport.connect(self.cfg.broker.connect_timeout_s)
@@ -275,7 +275,7 @@ class SiteAggregator:
             elif kind == "global":
                 self.on_global(topic, payload)
             elif kind == "status":
-                self.site_devices.add(self.topics.device_id_from(topic))
+                self.on_status(topic, payload)
             elif kind == "update":
                 self.on_update(topic, payload, arrived_at)
         except ProtocolError as exc:
@@ -292,6 +292,23 @@ class SiteAggregator:
             self.counters.tasks_refused += 1
         self.counters.last_rejection = f"{topic}: {reason}"[:1000]
         self.rejections.add(topic, reason, what=f"rejected {kind}")
+
+    def on_status(self, topic: str, payload: bytes) -> None:
+        """A device on the site broker: one of the site's (unless ``devices`` lists them); offline
+        ones are not waited for before a partial goes up (a forged offline status only makes the
+        partial go up early: what comes later goes in the next one)."""
+        device_id = self.topics.device_id_from(topic)
+        if self.cfg.devices is None:
+            self.site_devices.add(device_id)
+        if not payload:
+            return
+        status = m.DeviceStatus.from_json(payload)
+        if status.device_id != device_id:
+            raise ProtocolError(f"status names device {status.device_id!r} but was published on {topic!r}")
+        if status.online:
+            self.offline.discard(device_id)
+        else:
+            self.offline.add(device_id)
 
     def on_task(self, topic: str, payload: bytes) -> None:
         device_id = self.topics.device_id_from(topic)
@@ -373,7 +390,8 @@ class SiteAggregator:
     def tick(self, now: float) -> None:
         for task_id, fo in list(self.fanouts.items()):
             unsent = fo.unsent()
-            if unsent and (now >= fo.flush_at or (fo.complete and now - fo.last_task_at >= self.cfg.settle_s)):
+            due = now >= fo.flush_at or (fo.complete(self.offline) and now - fo.last_task_at >= self.cfg.settle_s)
+            if unsent and due:
                 try:
                     self.flush(fo)
                 except Exception as exc:  # noqa: BLE001 - disconnected: the next tick tries again

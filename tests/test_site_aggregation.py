@@ -395,6 +395,22 @@ def test_the_aggregator_checks_updates_and_sends_late_ones_in_a_second_partial(t
     agg.tick(fo.flush_at + 0.1)
     partials = tr.partials()
     assert [(p.seq, p.device_ids) for p in partials] == [(0, ("dev-0", "dev-1")), (1, ("dev-2",))]
+    # the next attempt: dev-2 went offline, so the partial goes up once dev-0 and dev-1 answered
+    for d in ("dev-0", "dev-1", "dev-2"):
+        tasks[d] = tasks[d].model_copy(update={"task_id": "r1-fit-v0-a1"})
+        agg.on_task(TOPICS.device_task(d), sealer.seal(TOPICS.device_task(d), tasks[d].to_msgpack(), round_no=1,
+                                                       version=0))
+    retry = agg.fanouts["r1-fit-v0-a1"]
+    offline = m.DeviceStatus(device_id="dev-2", online=False, seq=1, state="offline", will=True)
+    agg._handle("status", TOPICS.device_status("dev-2"), offline.to_json(), time.time())
+    send("dev-0", dev0)
+    send("dev-1")
+    agg.tick(retry.last_task_at + cfg.settle_s / 2)
+    assert len(tr.partials()) == 2  # the settle time has not passed
+    agg.tick(retry.last_task_at + cfg.settle_s)
+    assert tr.partials()[-1].task_id == "r1-fit-v0-a1" and tr.partials()[-1].device_ids == ("dev-0", "dev-1")
+    agg.tick(retry.last_task_at + cfg.settle_s + 1)
+    assert len(tr.partials()) == 3  # nothing new: no partial
     eval_task = tasks["dev-1"].model_copy(update={"kind": "evaluate", "task_id": "r1-evaluate-v1-a0"})
     obj = update_obj(eval_task, "dev-1", None, federation=FED, metrics={"eval_loss": 0.5})
     agg._handle("update", TOPICS.device_update("dev-1"), msgpack.packb(obj, use_bin_type=True), time.time())
@@ -405,7 +421,7 @@ def test_the_aggregator_checks_updates_and_sends_late_ones_in_a_second_partial(t
     intake = PartialIntake(TOPICS, _coordinator_mode(), CoordinatorCounters(), max_message_bytes=1 << 24,
                            aggregator_keys={"site-a": load_public_key(pub)})
     for topic, payload in tr.published:
-        if topic == TOPICS.site_partial("site-a"):
+        if topic == TOPICS.site_partial("site-a") and b"r1-fit-v0-a0" in payload:
             assert intake.receive(topic, payload, time.time(), c) is not None
     ids = ["dev-0", "dev-1", "dev-2"]
     total = sum(samples_of(d) for d in ids)
