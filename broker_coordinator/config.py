@@ -77,6 +77,10 @@ class CoordinatorConfigBase(BaseModel):
     require_signatures: bool | None = Field(
         None, description="refuse updates and statuses not signed by their device's key "
         "(default: on when device_keys is set)")
+    aggregator_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="site_id -> Ed25519 public key of that site's aggregator (`fedmq aggregator`): a file or the "
+        "base64 itself; partial aggregates are taken only from these sites, signed with these keys")
     coordinator_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, `fedmq keys generate`) signing every task, global, "
         "difference and retained mode message; agents check it with coordinator_public_key")
@@ -121,6 +125,19 @@ class CoordinatorConfigBase(BaseModel):
                 load_public_key(key)
             except SigningKeyError as exc:
                 raise ValueError(f"device_keys.{device_id}: {exc}") from None
+        for site_id, key in self.aggregator_keys.items():
+            check_level(site_id, f"aggregator_keys[{site_id!r}]")
+            from fedmq_protocol.signing import SigningKeyError, load_public_key
+
+            try:
+                load_public_key(key)
+            except SigningKeyError as exc:
+                raise ValueError(f"aggregator_keys.{site_id}: {exc}") from None
+        if self.aggregator_keys and self.mode != "adapter":
+            raise ValueError(f"aggregator_keys: site aggregators combine adapter updates, not {self.mode} ones")
+        if self.aggregator_keys and self.aggregation.nonlinear_reason:
+            raise ValueError(f"aggregator_keys: sites cannot pre-aggregate this aggregation "
+                             f"({self.aggregation.nonlinear_reason}); use fedavg, with or without a fixed clip_norm")
         if self.coordinator_key is not None:
             from fedmq_protocol.signing import Signer, SigningKeyError
 

@@ -144,22 +144,50 @@ class Coordinator:
         self.intake = UpdateIntake(self.topics, self.mode, self.counters,
                                    max_message_bytes=config.broker.max_message_bytes,
                                    verifier=verifier, signatures_required=config.signatures_required)
+        partials = None
+        if config.aggregator_keys:
+            from broker_coordinator.partials import PartialIntake
+            from fedmq_protocol.signing import load_public_key
+
+            partials = PartialIntake(self.topics, self.mode, self.counters,
+                                     max_message_bytes=config.broker.max_message_bytes,
+                                     aggregator_keys={s: load_public_key(k) for s, k in config.aggregator_keys.items()})
         self.publisher = GlobalPublisher(self.transport, self.topics, self.mode, self.state, self.sealer)
         self.rounds = RoundRunner(config, self.topics, self.transport, self.store, self.state, self.mode,
                                   self.registry, self.intake, self.publisher, self.counters,
                                   pump=self._pump, stopped=self._stop.is_set, set_status=self._publish_status,
-                                  handle=self._handle, sealer=self.sealer)
+                                  handle=self._handle, sealer=self.sealer, partials=partials)
 
     # ------------------------------------------------------------------ wiring
     def _enqueue(self, kind: str) -> Callable[[str, bytes], None]:
         def handler(topic: str, payload: bytes) -> None:
             cls = kind
-            if kind == "update" and self._awaited(topic):
-                cls = "awaited"
+            if (kind == "update" and self._awaited(topic)) or (kind == "partial" and self._known_site(topic)):
+                cls = "awaited"  # a partial stands for many awaited updates: never dropped for room
+            elif kind == "partial":
+                cls = "update"  # from a site without a key: bounded, refused when handled
             if not self._events.put(cls, (kind, topic, payload, time.time())):
                 self.counters.dropped += 1
 
         return handler
+
+    def _relayed(self, topic: str, payload: bytes) -> None:
+        """(network thread) A site device's result its aggregator relayed: handled as the device's
+        own update (its signature, when device keys are configured, still covers it)."""
+        try:
+            if self.topics.site_from(topic) not in self.cfg.aggregator_keys:
+                raise ProtocolError(f"relay from site {self.topics.site_from(topic)!r}, which has no aggregator key")
+            device_topic = self.topics.device_update(self.topics.relayed_device_from(topic))
+        except ProtocolError as exc:
+            self._events.put_event(("rejected", topic, str(exc).encode(), time.time()))
+            return
+        self._enqueue("update")(device_topic, payload)
+
+    def _known_site(self, topic: str) -> bool:
+        try:
+            return self.topics.site_from(topic) in self.cfg.aggregator_keys
+        except ProtocolError:
+            return False
 
     def _awaited(self, topic: str) -> bool:
         """(network thread) An update from a device the open fan-out (or the round to restore) awaits."""
@@ -171,6 +199,9 @@ class Coordinator:
     def start(self) -> None:
         self.transport.subscribe(self.topics.all_device_status, self._enqueue("status"), qos=QOS_STATUS)
         self.transport.subscribe(self.topics.all_device_updates, self._enqueue("update"), qos=QOS_UPDATE, framed=True)
+        if self.cfg.aggregator_keys:  # site aggregators: partial aggregates, and results they relay
+            self.transport.subscribe(self.topics.all_partials, self._enqueue("partial"), qos=QOS_UPDATE, framed=True)
+            self.transport.subscribe(self.topics.all_site_relays, self._relayed, qos=QOS_UPDATE, framed=True)
         # the coordinator's own retained topics: a copy it did not publish is a forgery, replaced
         self._guard(f"{self.topics.global_model}/#")
         self._guard(self.topics.global_model)
@@ -248,6 +279,10 @@ class Coordinator:
                     self.rounds.on_presence(presence)
             elif kind == "update":
                 self.rounds.on_update(topic, payload, arrived_at)
+            elif kind == "partial":
+                self.rounds.on_partial(topic, payload, arrived_at)
+            elif kind == "rejected":
+                raise ProtocolError(payload.decode(errors="replace"))
             elif kind == "retained":
                 self._on_retained_copy(topic, payload, arrived_at)
             elif kind == "connected":
@@ -260,8 +295,10 @@ class Coordinator:
             self._reject(kind, topic, f"{type(exc).__name__}: {exc}")
 
     def _reject(self, kind: str, topic: str, reason: str) -> None:
-        if kind == "update":
+        if kind in ("update", "rejected"):
             self.counters.updates_rejected += 1
+        elif kind == "partial":
+            self.counters.partials_rejected += 1
         elif kind == "status":
             self.counters.status_rejected += 1
         self.counters.last_rejection = f"{topic}: {reason}"[:1000]

@@ -24,6 +24,10 @@ class CoordinatorCounters:
     queued_after_restart: int = 0  # updates the broker held for a restarted coordinator, accepted
     retained_forged: int = 0  # copies on the coordinator's retained topics it did not publish
     retained_restored: int = 0  # of those, real ones published again
+    partials_accepted: int = 0  # site aggregators' partial aggregates taken into a round
+    partials_rejected: int = 0
+    partial_signature_rejected: int = 0  # also counted in partials_rejected
+    counted_twice: int = 0  # a device already counted (directly or in a partial) named again: refused
     last_rejection: str = ""
 
     def as_dict(self) -> dict[str, int]:

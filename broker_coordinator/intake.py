@@ -48,6 +48,7 @@ class Collection:
     attempt: int = 0
     deadline_s: float = 0.0
     earlier: list[EarlierAttempt] = field(default_factory=list)  # accepted under earlier attempts
+    via_partial: dict[str, str] = field(default_factory=dict)  # device -> key of the site partial counting it
 
     def carry_over(self, old: Collection) -> None:
         """Updates accepted under an earlier attempt of the round count in this one: nothing
@@ -66,13 +67,15 @@ class Collection:
             self.accepted[d], self.received_at[d] = u, old.received_at[d]
             if d in old.contributions:
                 self.contributions[d] = old.contributions[d]
+        self.via_partial.update(old.via_partial)
         self.bytes_in += old.bytes_in
         self.decode_s += old.decode_s
 
     def journal(self) -> OpenRound:
         return OpenRound(task_id=self.task_id, kind=self.kind, round=self.round_no, base_version=self.base_version,
                          attempt=self.attempt, selected=tuple(sorted(self.expected)),
-                         accepted=tuple(sorted(self.accepted)), nonce=self.nonce, earlier=tuple(self.earlier))
+                         accepted=tuple(sorted(self.accepted)), nonce=self.nonce, earlier=tuple(self.earlier),
+                         partials=tuple(sorted(set(self.via_partial.values()))))
 
 
 def check_update_fields(upd: m.Update) -> None:
@@ -113,6 +116,10 @@ class UpdateIntake:
             raise ProtocolError(f"device {device_id} was not selected for task {c.task_id}")
         check_update_fields(upd)
         self._check_signature(upd, c)
+        if device_id in c.via_partial:
+            self.counters.counted_twice += 1
+            raise ProtocolError(f"device {device_id} is already counted in {c.via_partial[device_id]}; "
+                                "its own update is refused")
         if device_id in c.accepted:
             self.counters.duplicates += 1
             return None

@@ -63,6 +63,7 @@ class OpenRound:
     nonce: bytes | None = None
     earlier: tuple[EarlierAttempt, ...] = field(default_factory=tuple)
     kind: str = "fit"
+    partials: tuple[str, ...] = ()  # journal keys of the accepted site partials (their payloads are kept)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -70,6 +71,8 @@ class OpenRound:
             "attempt": self.attempt, "selected": sorted(self.selected), "accepted": sorted(self.accepted),
             "earlier": [e.to_json() for e in self.earlier],
         }
+        if self.partials:
+            doc["partials"] = sorted(self.partials)
         if self.nonce is not None:
             doc["nonce"] = self.nonce.hex()
         return doc
@@ -91,4 +94,5 @@ class OpenRound:
             accepted=tuple(_str_list(obj.get("accepted", []), "open round accepted")),
             nonce=_nonce_bytes(obj.get("nonce"), "open round"),
             earlier=tuple(EarlierAttempt.from_json(e) for e in obj.get("earlier") or []),
+            partials=tuple(_str_list(obj.get("partials", []), "open round partials")),
         )

@@ -47,6 +47,16 @@ class AggregationConfig(BaseModel):
     def is_plain(self) -> bool:
         return self.rule == "fedavg" and self.clip_norm is None and self.clip_median_factor is None
 
+    @property
+    def nonlinear_reason(self) -> str | None:
+        """Why the rule is not a (clipped) sample-weighted sum of the updates, so cannot be folded
+        update by update or pre-aggregated by a site (None: it can)."""
+        if self.rule != "fedavg":
+            return f"rule {self.rule} needs every update of the round at once"
+        if self.clip_median_factor is not None:
+            return "clip_median_factor clips to the round's median norm, known only once every update is in"
+        return None
+
 
 def update_norm(decoded: Mapping[str, DecodedTensor]) -> float:
     return math.sqrt(sum(float(np.dot(t.values.astype(np.float64), t.values.astype(np.float64)))

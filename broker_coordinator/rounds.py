@@ -18,11 +18,14 @@ from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.counters import CoordinatorCounters
 from broker_coordinator.intake import Collection, UpdateIntake
 from broker_coordinator.modes import CoordinatorMode
+from broker_coordinator.partials import PartialIntake
 from broker_coordinator.publisher import GlobalPublisher
 from broker_coordinator.registry import DeviceRegistry, Presence
 from broker_coordinator.state import CoordinatorState, StateStore
 from broker_coordinator.strategy import mean_eval_loss, select_devices
 from fedmq_protocol import messages as m
+from fedmq_protocol.errors import ProtocolError
+from fedmq_protocol.partials import parse_partial_key
 from fedmq_protocol.seal import Sealer
 from fedmq_protocol.signing import new_nonce
 from fedmq_protocol.topics import QOS_TASK, Topics
@@ -58,10 +61,10 @@ class RoundRunner:
         state: CoordinatorState, mode: CoordinatorMode, registry: DeviceRegistry, intake: UpdateIntake,
         publisher: GlobalPublisher, counters: CoordinatorCounters, *,
         pump: Callable[[float], None], stopped: Callable[[], bool], set_status: Callable[[str], None],
-        handle: EventHandler, sealer: Sealer | None = None,
+        handle: EventHandler, sealer: Sealer | None = None, partials: PartialIntake | None = None,
     ) -> None:
         self.cfg, self.topics, self.transport, self.store, self.state = cfg, topics, transport, store, state
-        self.mode, self.registry, self.intake = mode, registry, intake
+        self.mode, self.registry, self.intake, self.partials = mode, registry, intake, partials
         self.publisher, self.counters = publisher, counters
         self._pump, self._stopped, self._set_status, self._handle = pump, stopped, set_status, handle
         self.open: Collection | None = None  # the fan-out whose results are being collected
@@ -71,7 +74,7 @@ class RoundRunner:
         # Until the open round recorded before a restart is restored, updates for it that the
         # broker kept for this coordinator (its session) wait here instead of being refused
         self._restore_selected: frozenset[str] = frozenset()
-        self._held: list[tuple[str, bytes, float]] = []
+        self._held: list[tuple[str, str, bytes, float]] = []  # (kind, topic, payload, arrival)
         try:
             found = store.load_open_round()
         except Exception:  # noqa: BLE001 - an unreadable record is reported when the round starts
@@ -131,7 +134,7 @@ class RoundRunner:
         c = self.open
         if (c is None and self._restore_selected and len(self._held) < 4 * len(self._restore_selected)
                 and self.topics.device_id_from(topic) in self._restore_selected):
-            self._held.append((topic, payload, arrived_at))  # fed to the round once it is restored
+            self._held.append(("update", topic, payload, arrived_at))  # fed to the round once it is restored
             return
         upd = self.intake.receive(topic, payload, arrived_at, c)
         if upd is None:
@@ -147,6 +150,30 @@ class RoundRunner:
         self.counters.fit_accepted += c.kind == "fit"
         if c.kind == "fit":  # on disk before anything else happens: survives a crash
             self.store.save_open_round(c.journal(), upd.device_id, payload)
+
+    def on_partial(self, topic: str, payload: bytes, arrived_at: float) -> None:
+        """A site aggregator's partial aggregate (broker_coordinator.partials): its devices count as
+        accepted fit updates of the open fan-out; journalled like a device's update."""
+        c = self.open
+        if c is None and self._restore_selected and len(self._held) < 4 * len(self._restore_selected):
+            self._held.append(("partial", topic, payload, arrived_at))
+            return
+        if self.partials is None:
+            raise ProtocolError("this coordinator takes no partial aggregates (no aggregator_keys configured)")
+        p = self.partials.receive(topic, payload, arrived_at, c)
+        if p is None:
+            log.info("duplicate partial from site %s ignored", self.topics.site_from(topic))
+            return
+        assert c is not None
+        self.traffic.add("up", f"site:{p.site_id}", len(payload))
+        if self._restoring:
+            self.counters.restored += len(p.members)
+            return
+        self.counters.partials_accepted += 1
+        self.counters.updates_accepted += len(p.members)
+        self.counters.fit_accepted += len(p.members)
+        log.info("partial %s: %d device(s) of site %s counted", p.key, len(p.members), p.site_id)
+        self.store.save_open_round(c.journal(), p.key, payload)  # on disk before anything else happens
 
     def on_session_lost(self) -> None:
         """The broker restarted without persistence: retained messages and queued tasks are gone.
@@ -348,14 +375,22 @@ class RoundRunner:
             for e in rec.earlier:  # updates carried over from earlier attempts
                 old = Collection("fit", e.task_id, round_no, gv, set(e.devices), nonce=e.nonce, running=c.running)
                 self.open = old
+                for key in sorted(payloads):
+                    parsed = parse_partial_key(key)
+                    if parsed is not None and parsed[0] == e.task_id:
+                        self._handle("partial", self.topics.site_partial(parsed[1]), payloads.pop(key), time.time())
                 for device_id in e.devices:
                     if device_id in payloads:
                         self._handle("update", self.topics.device_update(device_id), payloads.pop(device_id),
                                      time.time())
                 c.carry_over(old)
             self.open = c
-            for device_id, payload in sorted(payloads.items()):
-                self._handle("update", self.topics.device_update(device_id), payload, time.time())
+            for key, payload in sorted(payloads.items()):
+                parsed = parse_partial_key(key)
+                if parsed is not None:
+                    self._handle("partial", self.topics.site_partial(parsed[1]), payload, time.time())
+                else:
+                    self._handle("update", self.topics.device_update(key), payload, time.time())
         finally:
             self._restoring = False
         log.info("round %d: resuming task %s with %d accepted update(s) restored from disk (%s)",
@@ -371,8 +406,8 @@ class RoundRunner:
     def _release_held(self) -> None:
         """Feed the updates held until the restore (the open round is now restored, or gone)."""
         held, self._held, self._restore_selected = self._held, [], frozenset()
-        for topic, payload, arrived_at in held:
-            self._handle("update", topic, payload, arrived_at)
+        for kind, topic, payload, arrived_at in held:
+            self._handle(kind, topic, payload, arrived_at)
 
 
 def protocol_timings(updates: list[m.Update], c: Collection, aggregate_s: float, publish_s: float) -> dict[str, float]:

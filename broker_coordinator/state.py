@@ -241,7 +241,7 @@ class FileStateStore(StateStore):
             return None
         record = OpenRound.from_json(doc)
         payloads: dict[str, bytes] = {}
-        for device_id in record.accepted:
+        for device_id in (*record.accepted, *record.partials):  # devices' updates, site partials
             with contextlib.suppress(FileNotFoundError):
                 payloads[device_id] = (self.dir / f"open-{device_id}.msgpack").read_bytes()
         return record, payloads

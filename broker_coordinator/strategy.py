@@ -107,6 +107,14 @@ class RunningMean:
         self.total += weight
         self.count += 1
 
+    def add_sums(self, sums: Mapping[str, np.ndarray], total: float, count: int) -> None:
+        """Add a partial sum of ``count`` updates (a site aggregator's float64 ``sums`` of
+        scale * num_samples * delta, and their ``total`` weight), as if each had been added here."""
+        for name, acc in self.sums.items():
+            acc += sums[name]
+        self.total += float(total)
+        self.count += count
+
     def mean(self) -> dict[str, np.ndarray]:
         """sum / total, float64, in the global's shapes."""
         if self.count == 0:
@@ -156,8 +164,7 @@ class FedAvg:
         is accepted: the sample-weighted mean, alone or with a fixed ``clip_norm`` (clipping is per
         update). Trimmed mean, median and clipping to a multiple of the round's median norm need
         all the round's updates at once."""
-        agg = self.aggregation
-        return agg is None or (agg.rule == "fedavg" and agg.clip_median_factor is None)
+        return self.aggregation is None or self.aggregation.nonlinear_reason is None
 
     def fold_delta(self, running: RunningMean, update: Update, decoded: Decoded) -> None:
         """Add one accepted update into ``running`` (only when ``streams``)."""

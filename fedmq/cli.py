@@ -107,6 +107,39 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from broker_coordinator.site import SiteAggregatorConfig
+    from fedmq.configfile import load_config
+
+    cfg = load_config(args.config, SiteAggregatorConfig)
+    from broker_coordinator.site import SiteAggregator
+    from fedmq.sdnotify import Notifier, Watchdog
+
+    agg = SiteAggregator(cfg)
+    sd = Notifier()
+    stop = threading.Event()
+    _on_sigterm(stop, sd)
+    dog = Watchdog(sd, lambda: agg.alive_at,
+                   lambda: f"site {cfg.site_id}: {agg.counters.partials_sent} partial(s) sent")
+
+    def on_connect(session_present: bool) -> None:
+        sd.ready(f"site {cfg.site_id}: connected to {cfg.broker.url}")
+        dog.start()
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        agg.stop()
+
+    agg.transport.on_connect.append(on_connect)
+    threading.Thread(target=stop_on_signal, daemon=True).start()
+    try:
+        agg.run()
+    finally:
+        dog.stop()
+        agg.close()
+    return 0
+
+
 def cmd_split_server(args: argparse.Namespace) -> int:
     from fedmq.configfile import load_config
     from split_server.config import SplitServerConfig
@@ -269,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="coordinator YAML (see configs/coordinator.yaml)")
     c.add_argument("--rounds", type=int, help="override the number of rounds")
     c.set_defaults(func=cmd_coordinator)
+
+    ag = sub.add_parser("aggregator", help="run a site aggregator (partial aggregates of a site broker's devices)")
+    ag.add_argument("--config", required=True, help="aggregator YAML (see configs/site.yaml)")
+    ag.set_defaults(func=cmd_aggregator)
 
     ss = sub.add_parser("split-server", help="run the split server (the middle blocks of a split federation)")
     ss.add_argument("--config", required=True, help="split server YAML (see configs/split-server.yaml)")

@@ -90,6 +90,43 @@ class Topics:
         """JSON, retained (last round), QoS 1: per-round metrics."""
         return f"{self.base}/coordinator/rounds"
 
+    # -- site aggregators (written by ``fedmq aggregator`` on its site broker, bridged up) ----
+    def site_partial(self, site_id: str) -> str:
+        """msgpack (framed, chunked), not retained, QoS 1: a site's partial aggregate."""
+        return f"{self.base}/partials/{check_level(site_id, 'site id')}"
+
+    @property
+    def all_partials(self) -> str:
+        return f"{self.base}/partials/+/#"
+
+    def site_from(self, topic: str) -> str:
+        """The site id of a ``{base}/partials/{site}`` or ``{base}/sites/{site}/...`` topic."""
+        for prefix in (f"{self.base}/partials/", f"{self.base}/sites/"):
+            if topic.startswith(prefix):
+                return check_level(topic[len(prefix):].split("/", 1)[0], f"site id in topic {topic!r}")
+        raise ProtocolError(f"topic {topic!r} is not a site topic of {self.base!r}")
+
+    def site_relay(self, site_id: str, device_id: str) -> str:
+        """msgpack (framed), not retained, QoS 1: a site device's evaluate or init result, as the
+        device published it, forwarded by its site aggregator."""
+        return (f"{self.base}/sites/{check_level(site_id, 'site id')}/relay/"
+                f"{check_level(device_id, 'device id')}")
+
+    def site_status(self, site_id: str) -> str:
+        """JSON, retained, QoS 1: a site aggregator's birth / Will and counters."""
+        return f"{self.base}/sites/{check_level(site_id, 'site id')}/status"
+
+    @property
+    def all_site_relays(self) -> str:
+        return f"{self.base}/sites/+/relay/+/#"
+
+    def relayed_device_from(self, topic: str) -> str:
+        """The device id of a ``{base}/sites/{site}/relay/{device}[/...]`` topic."""
+        parts = topic[len(self.base) + 1:].split("/") if topic.startswith(self.base + "/") else []
+        if len(parts) < 4 or parts[0] != "sites" or parts[2] != "relay":
+            raise ProtocolError(f"topic {topic!r} is not a relay topic of {self.base!r}")
+        return check_level(parts[3], f"device id in topic {topic!r}")
+
     # -- subscription filters ---------------------------------------------------------------
     @property
     def all_device_status(self) -> str:

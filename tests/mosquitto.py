@@ -288,3 +288,28 @@ class MosquittoBroker:
 
     def __repr__(self) -> str:
         return f"MosquittoBroker({self.url}, running={self.running})"
+
+
+SITE_BRIDGE_CONF = Path(__file__).resolve().parents[1] / "configs" / "mosquitto" / "site-bridge.conf"
+
+
+def bridge_topic_lines(conf: Path = SITE_BRIDGE_CONF) -> list[str]:
+    """The ``topic`` lines of a shipped bridge config (what crosses the bridge, in which direction)."""
+    return [line.strip() for line in conf.read_text().splitlines() if line.strip().startswith("topic ")]
+
+
+def bridge_config(remote: MosquittoBroker, name: str, topic_lines: list[str] | None = None) -> str:
+    """``extra_config`` for a site broker bridged to ``remote`` (plain TCP on loopback, anonymous),
+    forwarding ``topic_lines`` (default: those of configs/mosquitto/site-bridge.conf)."""
+    lines = [
+        f"connection {name}",
+        f"address {remote.host}:{remote.port}",
+        f"remote_clientid {name}",
+        "bridge_protocol_version mqttv311",
+        "cleansession false",
+        "try_private true",
+        "restart_timeout 1 5",
+        "notifications false",
+        *(topic_lines if topic_lines is not None else bridge_topic_lines()),
+    ]
+    return "\n".join(lines)

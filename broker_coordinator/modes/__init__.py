@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import GlobalModel, TaskKind, Update
 from fedmq_protocol.modes import ModePayload, check_mode
 
 if TYPE_CHECKING:
     from broker_coordinator.config import CoordinatorConfig
     from broker_coordinator.state import CoordinatorState, DeviceRecord
+    from fedmq_protocol.partials import PartialAggregate
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,12 @@ class CoordinatorMode(ABC):
         keeps neither its tensors nor its decoded contribution, so a round holds O(model) state,
         not O(devices x model). The default keeps everything for ``aggregate``."""
         return running, update, contribution
+
+    def fold_partial(self, running: Any, partial: PartialAggregate) -> Any:
+        """Take a site aggregator's partial sum into the round's running state (returned);
+        ProtocolError when the mode cannot combine partials (the default)."""
+        raise ProtocolError(f"the {self.name} mode does not combine partial aggregates; "
+                            "run its devices on the coordinator's broker")
 
     def aggregate_folded(self, round_no: int, version: int, updates: Sequence[Update],
                          contributions: Sequence[Any], running: Any) -> RoundOutcome:

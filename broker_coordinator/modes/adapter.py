@@ -23,11 +23,13 @@ from broker_coordinator.downlink import ServerModel
 from broker_coordinator.modes import CoordinatorMode, RoundOutcome
 from broker_coordinator.strategy import FedAvg, RunningMean, adapter_plan_accepted, validate_update_tensors
 from fedmq_protocol.codec import EncodedTensors
+from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import GlobalModel, Update
 
 if TYPE_CHECKING:
     from broker_coordinator.config import CoordinatorConfig
     from broker_coordinator.state import CoordinatorState, DeviceRecord
+    from fedmq_protocol.partials import PartialAggregate
 
 
 EMPTY_TENSORS = EncodedTensors({"codec": 1, "tensors": {}})
@@ -82,6 +84,23 @@ class AdapterMode(CoordinatorMode):
         self.rule.fold_delta(running, update, contribution)
         # the journal keeps the payload as received; the round keeps the update's metadata only
         return running, update.model_copy(update={"tensors": EMPTY_TENSORS}), None
+
+    def fold_partial(self, running: Any, partial: PartialAggregate) -> Any:
+        """A site's float64 sum of its devices' (clipped) weighted differences, added as they are."""
+        if not self.rule.streams:
+            raise ProtocolError("partial aggregates need a linear rule (fedavg, with or without a fixed "
+                                "clip_norm); this coordinator aggregates with a robust rule")
+        agg = self.rule.aggregation
+        clip = agg.clip_norm if agg is not None else None
+        if partial.clip_norm != clip:
+            raise ProtocolError(f"partial from site {partial.site_id} was clipped with clip_norm {partial.clip_norm}, "
+                                f"this coordinator clips with {clip}")
+        published = self.published
+        sums = partial.decode_sums({k: tuple(v.shape) for k, v in published.items()})
+        if running is None:
+            running = RunningMean(published)
+        running.add_sums(sums, partial.total_weight, len(partial.members))
+        return running
 
     def aggregate_folded(self, round_no: int, version: int, updates: Sequence[Update],
                          contributions: Sequence[Any], running: Any) -> RoundOutcome:
