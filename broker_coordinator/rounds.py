@@ -149,7 +149,7 @@ class RoundRunner:
         self.counters.updates_accepted += 1
         self.counters.fit_accepted += c.kind == "fit"
         if c.kind == "fit":  # on disk before anything else happens: survives a crash
-            self.store.save_open_round(c.journal(), upd.device_id, payload)
+            self.store.save_accepted(upd.device_id, payload)
 
     def on_partial(self, topic: str, payload: bytes, arrived_at: float) -> None:
         """A site aggregator's partial aggregate (broker_coordinator.partials): its devices count as
@@ -173,7 +173,7 @@ class RoundRunner:
         self.counters.updates_accepted += len(p.members)
         self.counters.fit_accepted += len(p.members)
         log.info("partial %s: %d device(s) of site %s counted", p.key, len(p.members), p.site_id)
-        self.store.save_open_round(c.journal(), p.key, payload)  # on disk before anything else happens
+        self.store.save_accepted(p.key, payload)  # on disk before anything else happens
 
     def on_session_lost(self) -> None:
         """The broker restarted without persistence: retained messages and queued tasks are gone.

@@ -10,6 +10,7 @@ coordinator resumes that round without asking the devices again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import msgpack
 
 from broker_coordinator.journal import OpenRound
 from fedmq_protocol.messages import GlobalModel, RoundSummary
+from fedmq_protocol.partials import parse_partial_key
 from fedmq_protocol.storage import atomic_write
 from fedmq_protocol.wire import unpack_limited
 
@@ -105,16 +107,29 @@ class StateStore(ABC):
 
     # -- the open round: updates accepted before the round closed (survive a coordinator crash) --
     @abstractmethod
-    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
-        """Record the open round and, when given, the accepted update ``payload`` of ``device_id``."""
+    def save_open_round(self, record: OpenRound) -> None:
+        """Record the open fan-out (written when its tasks go out, not per update)."""
+
+    @abstractmethod
+    def save_accepted(self, key: str, payload: bytes) -> None:
+        """Journal one accepted update (``key``: its device id) or site partial (its partial key),
+        exactly as received: once this returns it survives a crash and counts on resume."""
 
     @abstractmethod
     def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
-        """The open round recorded before a crash and its accepted update payloads, or None."""
+        """The open round recorded before a crash and its accepted payloads (``accepted`` and
+        ``partials`` of the record are those journalled), or None."""
 
     @abstractmethod
     def clear_open_round(self) -> None:
         """Forget the open round (it was aggregated or abandoned)."""
+
+
+def _with_journalled(record: OpenRound, payloads: dict[str, bytes]) -> OpenRound:
+    """``record`` whose accepted devices and partials are those with a journalled payload."""
+    partials = {k for k in payloads if parse_partial_key(k) is not None}
+    return dataclasses.replace(record, accepted=tuple(sorted(set(payloads) - partials)),
+                               partials=tuple(sorted(partials)))
 
 
 def _copy(state: CoordinatorState) -> CoordinatorState:
@@ -141,14 +156,19 @@ class InMemoryStateStore(StateStore):
     def save(self, state: CoordinatorState) -> None:
         self._state = _copy(state)
 
-    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
-        payloads = dict(self._open[1]) if self._open and self._open[0].task_id == record.task_id else {}
-        if device_id is not None and payload is not None:
-            payloads[device_id] = bytes(payload)
+    def save_open_round(self, record: OpenRound) -> None:
+        payloads = self._open[1] if self._open else {}
         self._open = (OpenRound.from_json(record.to_json()), payloads)
 
+    def save_accepted(self, key: str, payload: bytes) -> None:
+        if self._open is None:
+            raise RuntimeError("an update was accepted with no open round recorded")
+        self._open[1][key] = bytes(payload)
+
     def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
-        return self._open
+        if self._open is None:
+            return None
+        return _with_journalled(self._open[0], self._open[1]), dict(self._open[1])
 
     def clear_open_round(self) -> None:
         self._open = None
@@ -219,18 +239,21 @@ class FileStateStore(StateStore):
         atomic_write(self.state_file, json.dumps(doc, indent=1).encode())
         self._prune(state.global_version)
 
-    # The open round: ``open-round.json`` names the task and the accepted devices; each accepted
-    # update's payload (exactly as received) is ``open-{device}.msgpack``, written before the
-    # json that lists it, so a crash leaves a list whose every file is complete.
+    # The open round: ``open-round.json`` names the fan-out (task, selected devices, earlier
+    # attempts), written when its tasks go out; each accepted update (or site partial) is its own
+    # file ``open-{key}.msgpack``, exactly as received. The files are the list of what was
+    # accepted: each appears complete or not at all (atomic rename), and the record is not
+    # rewritten per update, so journalling one costs the same at the 5,000th update as at the first.
     @property
     def open_round_file(self) -> Path:
         return self.dir / "open-round.json"
 
-    def save_open_round(self, record: OpenRound, device_id: str | None = None, payload: bytes | None = None) -> None:
+    def save_open_round(self, record: OpenRound) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if device_id is not None and payload is not None:
-            atomic_write(self.dir / f"open-{device_id}.msgpack", bytes(payload))
         atomic_write(self.open_round_file, json.dumps({"format": STATE_FORMAT, **record.to_json()}, indent=1).encode())
+
+    def save_accepted(self, key: str, payload: bytes) -> None:
+        atomic_write(self.dir / f"open-{key}.msgpack", bytes(payload))
 
     def load_open_round(self) -> tuple[OpenRound, dict[str, bytes]] | None:
         try:
@@ -241,15 +264,17 @@ class FileStateStore(StateStore):
             return None
         record = OpenRound.from_json(doc)
         payloads: dict[str, bytes] = {}
-        for device_id in (*record.accepted, *record.partials):  # devices' updates, site partials
+        for path in sorted(self.dir.glob("open-*.msgpack")):
             with contextlib.suppress(FileNotFoundError):
-                payloads[device_id] = (self.dir / f"open-{device_id}.msgpack").read_bytes()
-        return record, payloads
+                payloads[path.name[len("open-"):-len(".msgpack")]] = path.read_bytes()
+        return _with_journalled(record, payloads), payloads
 
     def clear_open_round(self) -> None:
-        self.open_round_file.unlink(missing_ok=True)
+        # payloads first: a crash in between leaves a record with fewer payloads (of a round whose
+        # global is saved already, so it is discarded), never payloads a later record would adopt
         for p in self.dir.glob("open-*.msgpack"):
             p.unlink(missing_ok=True)
+        self.open_round_file.unlink(missing_ok=True)
 
     def _prune(self, current: int) -> None:
         for pattern in ("global-v*.msgpack", "mode-v*.msgpack", "server-v*.msgpack"):

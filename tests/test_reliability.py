@@ -8,7 +8,6 @@ Figures go to $FEDMQ_RELIABILITY_OUT (JSON) when set; docs/reliability.md is ren
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -26,10 +25,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _open_round(fed: Federation) -> dict:
-    try:
-        return json.loads((fed.tmp / "coordinator" / "open-round.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
+    """The open round as a restarted coordinator would read it (the record and its journalled updates)."""
+    from broker_coordinator.state import FileStateStore
+
+    found = FileStateStore(fed.tmp / "coordinator").load_open_round()
+    return found[0].to_json() if found else {}
 
 
 def _count(text: str, needle: str) -> int:
@@ -47,7 +47,7 @@ def test_open_round_store_keeps_accepted_updates_until_cleared(tmp_path, kind):
     record = OpenRound(task_id="r1-fit-v0-a0", kind="fit", round=1, base_version=0, attempt=0,
                        selected=("dev-0", "dev-1"), accepted=())
     store.save_open_round(record)
-    store.save_open_round(dataclasses.replace(record, accepted=("dev-0",)), "dev-0", b"update-0")
+    store.save_accepted("dev-0", b"update-0")
     reread = FileStateStore(tmp_path) if kind == "file" else store  # as a restarted process sees it
     got, payloads = reread.load_open_round()
     assert got.task_id == "r1-fit-v0-a0" and got.accepted == ("dev-0",) and payloads == {"dev-0": b"update-0"}
