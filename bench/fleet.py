@@ -14,11 +14,14 @@ peak RSS (psutil, sampled every 50 ms); updates ingested per second; coordinator
 seconds (psutil); and the largest absolute difference between the published global and the
 fleet's expected FedAvg (float64 from the decoded updates, computed by the harness).
 
-A hierarchical row (devices on site brokers bridged to the central one, a site aggregator per
-site) fits :func:`run_row` through ``site_urls`` and ``aggregator``; it is not run here.
+A hierarchical row (``--sites K``): K site Mosquittos, each bridged to the central one with the
+shipped topic lines (configs/mosquitto/site-bridge.conf), a site aggregator process
+(``fedmq aggregator``) per site checking and summing its devices' updates into one signed partial,
+and the devices spread over the site brokers; the coordinator takes the partials. Its published
+global is compared with the expected FedAvg and with the flat row of the same fleet.
 
     OMP_NUM_THREADS=1 python bench/fleet.py                  # rows of 100, 1,000, 5,000 devices
-    OMP_NUM_THREADS=1 python bench/fleet.py --devices 100 1000
+    OMP_NUM_THREADS=1 python bench/fleet.py --devices 100 1000 --sites 4 --hierarchical 5000
 """
 
 from __future__ import annotations
@@ -53,8 +56,6 @@ SMOLLM2_135M = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_hea
                 "intermediate_size": 1536, "num_hidden_layers": 30}
 ADAPTER = m.AdapterSpec()  # the default adapter: r=8, alpha 16, q_proj and v_proj
 FEDERATION = "fleet"
-# A site aggregator launcher: (site broker url, central broker url, work dir) -> its process
-AggregatorLauncher = Callable[[str, str, Path], Any]
 
 
 def smollm2_shapes(adapter: m.AdapterSpec = ADAPTER) -> Shapes:
@@ -166,7 +167,8 @@ class Sampler:
         self._thread.join(timeout=5)
 
 
-def coordinator_yaml(path: Path, url: str, n: int, keys: dict[str, str], state_dir: Path) -> Path:
+def coordinator_yaml(path: Path, url: str, n: int, keys: dict[str, str], state_dir: Path,
+                     aggregator_keys: dict[str, str] | None = None) -> Path:
     import yaml
 
     cfg = {
@@ -178,6 +180,8 @@ def coordinator_yaml(path: Path, url: str, n: int, keys: dict[str, str], state_d
         "downlink": {"snapshot_every": 1},
         "device_keys": keys,
     }
+    if aggregator_keys:
+        cfg["aggregator_keys"] = aggregator_keys
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -191,42 +195,72 @@ def raise_fd_limit(need: int) -> int:
     return target
 
 
+def site_yaml(path: Path, site: str, url: str, key: Path, devices: Sequence[str], keys: dict[str, str]) -> Path:
+    import yaml
+
+    cfg = {"site_id": site, "federation": FEDERATION, "broker": {"url": url}, "signing_key": str(key),
+           "devices": list(devices), "device_keys": {d: keys[d] for d in devices if d in keys},
+           "flush_margin_s": 5.0, "settle_s": 1.0}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def run_row(n: int, work: Path, shapes: Shapes, *, seed: int = 0, signed: bool = True,
-            answer_spread_s: float = 0.0, distinct_updates: int | None = None, site_urls: Sequence[str] | None = None,
-            aggregator: AggregatorLauncher | None = None, timeout_s: float = 600.0,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One fit round of ``n`` simulated devices against the real coordinator; the row's figures.
+            answer_spread_s: float = 0.0, distinct_updates: int | None = None, sites: int = 0,
+            timeout_s: float = 600.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One fit round of ``n`` simulated devices against the real coordinator; the row's figures
+    (``published``: the new global's arrays, not written to JSON).
 
-    Flat: every device on the central broker. Hierarchical (``site_urls``, not run here): devices
-    spread over the site brokers, each with a site aggregator started by ``aggregator``."""
+    Flat (``sites`` 0): every device on the central broker. Hierarchical: ``sites`` site brokers
+    bridged to the central one, devices spread round-robin over them, one site aggregator each."""
+    from fedmq_protocol.signing import generate_keypair
     from tests.federation import spawn, stop_all
-    from tests.mosquitto import MosquittoBroker
+    from tests.mosquitto import MosquittoBroker, bridge_config
 
-    if site_urls and aggregator is None:
-        raise ValueError("site_urls need an aggregator launcher (one site aggregator per site broker)")
     raise_fd_limit(2 * n + 1024)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     spread = answer_spread_s
     fleet_urls: list[str] = []
     broker = MosquittoBroker(work / "broker", max_queued_messages=10000).start()
+    site_brokers: list[Any] = []
     procs: list[Any] = []
     sampler = Sampler().start()
     sampler.watch("broker", broker.proc.pid if broker.proc else 0)
     fleet: SimulatedFleet | None = None
     observer: Observer | None = None
     try:
-        fleet_urls = list(site_urls or [broker.url])
-        for url in site_urls or []:
-            procs.append(aggregator(url, broker.url, work) if aggregator else None)
+        for i in range(sites):
+            site_brokers.append(MosquittoBroker(work / f"site-{i}", max_queued_messages=10000,
+                                                extra_config=bridge_config(broker, f"bridge-site-{i}")).start())
+            sampler.watch(f"site-broker-{i}", site_brokers[-1].proc.pid if site_brokers[-1].proc else 0)
+        fleet_urls = [b.url for b in site_brokers] or [broker.url]
         fleet = SimulatedFleet(fleet_urls, n, federation=FEDERATION, shapes=shapes, seed=seed, signed=signed,
                                answer_delay=(lambda i: spread * ((i * 0.6180339887) % 1.0)) if spread else None,
                                distinct_updates=distinct_updates)
         prep_s = time.perf_counter() - t0
         log(f"  {n} devices prepared in {prep_s:.1f}s ({fleet.distinct_updates} distinct updates)")
         topics = Topics("fedmq", FEDERATION)
+        aggregator_keys: dict[str, str] = {}
+        for i, site in enumerate(site_brokers):
+            pem, pub = generate_keypair()
+            key = work / f"site-{i}.key"
+            key.write_bytes(pem)
+            aggregator_keys[f"site-{i}"] = pub
+            members = [d.device_id for d in fleet.devices if d.url == site.url]
+            cfg_path = site_yaml(work / f"site-{i}.yaml", f"site-{i}", site.url, key, members, fleet.public_keys())
+            agg = spawn(["aggregator", "--config", str(cfg_path)], work / f"site-{i}.log")
+            procs.append(agg)
+            sampler.watch(f"aggregator-{i}", agg.pid)
+        deadline = time.monotonic() + 60
+        for i in range(sites):
+            while "aggregating on" not in (work / f"site-{i}.log").read_text():
+                if time.monotonic() > deadline or procs[i].poll() is not None:
+                    raise RuntimeError(f"aggregator {i} did not start: {(work / f'site-{i}.log').read_text()[-2000:]}")
+                time.sleep(0.05)
         observer = Observer(broker.url, topics).start()
-        cfg = coordinator_yaml(work / "coordinator.yaml", broker.url, n, fleet.public_keys(), work / "state")
+        cfg = coordinator_yaml(work / "coordinator.yaml", broker.url, n, fleet.public_keys(), work / "state",
+                               aggregator_keys)
         coord = spawn(["coordinator", "--config", str(cfg)], work / "coordinator.log")
         procs.append(coord)
         sampler.watch("coordinator", coord.pid)
@@ -255,7 +289,7 @@ def run_row(n: int, work: Path, shapes: Shapes, *, seed: int = 0, signed: bool =
         summary = observer.rounds[-1] if observer.rounds else None
         counters = observer.statuses[-1][1] if observer.statuses else {}
         row = {
-            "devices": n, "layout": "hierarchical" if site_urls else "flat", "brokers": len(fleet_urls),
+            "devices": n, "layout": f"{sites} sites" if sites else "flat", "brokers": len(fleet_urls),
             "signed": signed, "answer_spread_s": spread, "distinct_updates": fleet.distinct_updates,
             "update_bytes_mean": sum(fleet.update_bytes) / max(1, len(fleet.update_bytes)),
             "updates_acked": times.answered,
@@ -278,8 +312,15 @@ def run_row(n: int, work: Path, shapes: Shapes, *, seed: int = 0, signed: bool =
             "coordinator_counters": counters, "fleet_errors": fleet.errors[:5],
             "prepare_s": prep_s, "connect_s": connect_s, "row_s": time.perf_counter() - t0,
         }
+        if sites:
+            row["aggregators_cpu_s_round"] = sum(sampler.cpu.get(f"aggregator-{i}", 0.0) for i in range(sites))
+            row["aggregator_peak_rss_mb"] = max(
+                sampler.peak_rss.get(f"aggregator-{i}", 0) for i in range(sites)) / 2**20
+            row["site_brokers_cpu_s"] = sum(sampler.cpu.get(f"site-broker-{i}", 0.0) for i in range(sites))
+            row["partials_accepted"] = counters.get("partials_accepted") if isinstance(counters, dict) else None
         if fleet.errors:
             raise RuntimeError(f"fleet errors: {fleet.errors[0]}")
+        row["published"] = published
         return row
     finally:
         if observer is not None:
@@ -288,6 +329,8 @@ def run_row(n: int, work: Path, shapes: Shapes, *, seed: int = 0, signed: bool =
             fleet.close()
         stop_all([p for p in procs if p is not None])
         sampler.stop()
+        for b in site_brokers:
+            b.stop()
         broker.stop()
 
 
@@ -309,6 +352,9 @@ def main() -> int:
                     help="rows DEVICES=SECONDS where the devices answer spread over that many seconds")
     ap.add_argument("--distinct-updates", type=int, default=256,
                     help="different differences drawn (device i sends i mod this); each update is still its own")
+    ap.add_argument("--hierarchical", type=int, nargs="*", default=[],
+                    help="rows (bursts) where the devices sit on --sites site brokers, each with a site aggregator")
+    ap.add_argument("--sites", type=int, default=4, help="site brokers (and aggregators) of the hierarchical rows")
     ap.add_argument("--unsigned", action="store_true", help="no device keys (signatures are on by default)")
     ap.add_argument("--timeout-s", type=float, default=600)
     ap.add_argument("--no-doc", action="store_true")
@@ -317,13 +363,21 @@ def main() -> int:
     shapes = smollm2_shapes()
     t_start = time.perf_counter()
     rows = []
-    plan = [(n, 0.0) for n in args.devices] + list(args.spread)
+    plan = ([(n, 0.0, 0) for n in args.devices] + [(n, spread, 0) for n, spread in args.spread]
+            + [(n, 0.0, args.sites) for n in args.hierarchical])
+    flat_globals: dict[int, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-fleet-") as tmp:
-        for n, spread in plan:
-            print(f"row: {n} devices, flat, answers over {spread:g}s", flush=True)
-            row = run_row(n, Path(tmp) / f"flat-{n}-{spread:g}", shapes, signed=not args.unsigned,
-                          answer_spread_s=spread, distinct_updates=args.distinct_updates,
-                          timeout_s=args.timeout_s, log=lambda s: print(s, flush=True))
+        for n, spread, sites in plan:
+            layout = f"{sites} site brokers" if sites else "flat"
+            print(f"row: {n} devices, {layout}, answers over {spread:g}s", flush=True)
+            row = run_row(n, Path(tmp) / f"{layout.replace(' ', '-')}-{n}-{spread:g}", shapes,
+                          signed=not args.unsigned, answer_spread_s=spread, distinct_updates=args.distinct_updates,
+                          sites=sites, timeout_s=args.timeout_s, log=lambda s: print(s, flush=True))
+            published = row.pop("published")
+            if not sites and not spread:
+                flat_globals[n] = published
+            elif sites and n in flat_globals:  # the same fleet (seed, keys aside) flat: the same updates
+                row["max_abs_diff_vs_flat"] = max_abs_diff(published, flat_globals[n])
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "coordinator_counters"}), flush=True)
     report(args, shapes, rows, time.perf_counter() - t_start, command_line(), machine(), write_json,
@@ -362,6 +416,10 @@ def report(args: argparse.Namespace, shapes: Shapes, rows: list[dict], seconds: 
             ok = r["last_arrival_to_global_s"] < 1.0
             targets.append(f"1,000 devices ({arrivals(r)}): last arrival → global "
                            f"{r['last_arrival_to_global_s']:.2f} s (target < 1 s: {'met' if ok else 'missed'})")
+        if "max_abs_diff_vs_flat" in r:
+            d = r["max_abs_diff_vs_flat"]
+            targets.append(f"{r['devices']:,} devices through {r['layout']}: published global vs the flat row's "
+                           f"max abs diff {d:.1e} (target identical: {'met' if d == 0 else 'missed'})")
         if r["devices"] > ref["devices"]:
             ok = abs(r["rss_vs_ref_pct"]) <= 10
             targets.append(f"{r['devices']:,} devices ({arrivals(r)}): coordinator peak RSS "
