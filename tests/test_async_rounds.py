@@ -278,19 +278,28 @@ def test_asynchronous_config_refuses_what_cannot_run_asynchronously(tmp_path, se
     assert staleness_weight(3, "sqrt") == pytest.approx(0.5) and staleness_weight(3, "constant") == 1.0
 
 
-def test_real_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, tiny_llama):
+@pytest.mark.parametrize("method", ["lora", "krso"])
+def test_real_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, tiny_llama, method):
     broker = mosquitto()
     data = tmp_path / "data"
     synthesize(data, num_devices=2, samples_per_device=24, eval_samples=8, seed=3)
+    mode = {"krso": {"seed": 11, "num_seeds": 2, "rank": 4, "interval": 2, "checkpoint_every": 2}} \
+        if method == "krso" else {}
     coord_cfg = coordinator_config(
         tmp_path, broker.url, rounds=3, min_clients=2, fit={"local_steps": 2, "lr": 3e-3, "batch_size": 4,
                                                             "max_seq_len": 48},
-        asynchronous={"enabled": True, "buffer_size": 2, "concurrency": 2, "max_staleness": 2})
-    agents = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, model=tiny_llama))],
-                    tmp_path / f"agent-{i}.log") for i in range(2)]
+        asynchronous={"enabled": True, "buffer_size": 2, "concurrency": 2, "max_staleness": 2}, **mode)
+    agents = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, model=tiny_llama,
+                                                           method=method))], tmp_path / f"agent-{i}.log")
+              for i in range(2)]
     coord = spawn(["coordinator", "--config", str(coord_cfg)], tmp_path / "coord.log")
     try:
         rc = coord.wait(timeout=240)
+        if method == "krso":  # every agent applies the ledger up to v3 for the final evaluation
+            deadline = time.monotonic() + 60
+            while not all(_krso_state(tmp_path, i).get("applied_round") == 3 for i in range(2)):
+                assert time.monotonic() < deadline, [_krso_state(tmp_path, i) for i in range(2)]
+                time.sleep(0.3)
     finally:
         stop_all([coord, *agents])
     log = (tmp_path / "coord.log").read_text()
@@ -304,3 +313,65 @@ def test_real_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, 
     assert {p for h in fits for p in h.participants} == {"dev-0", "dev-1"}
     assert fits[-1].eval_loss is not None and math.isfinite(fits[-1].eval_loss)
     assert "version 3 from 2 buffered update(s)" in log
+    if method == "krso":
+        assert len({_krso_state(tmp_path, i)["weights_digest"] for i in range(2)}) == 1
+
+
+def _krso_state(tmp, i: int) -> dict:
+    f = tmp / f"agent-{i}" / "krso-state.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def test_krso_versions_fold_stale_updates_from_older_draws_and_every_device_ends_on_the_same_weights(
+        tiny_llama, tmp_path):
+    """FedKRSO asynchronously, in process (the coordinator's and three agents' mode objects): v1 from
+    two updates of round 1's draw; v2 from the third device's round-1 update (one version stale,
+    weight 1/sqrt(2)) and a fresh round-2 update. v2's ledger entry holds both draws' seeds (``roots``),
+    its B̄ is the plain staleness-weighted mean, and every device applying the ledger ends bitwise
+    equal."""
+    from broker_coordinator.buffered import Buffer, TaskRecord
+    from fedmq_protocol.modes import krso as K
+    from tests.test_krso import Device as KrsoDevice
+    from tests.test_krso import _coordinator, _publish
+
+    spec = K.KrsoSpec(seed=3, num_seeds=2, rank=4, interval=2, checkpoint_every=0)
+    coord = _coordinator(tmp_path, spec)
+    devs = [KrsoDevice(tiny_llama, f"dev-{i}", tmp_path) for i in range(3)]
+    retained: dict[str, bytes] = {}
+
+    def fold(version: int, arrivals: list[tuple[m.Update, int]]) -> K.KrsoLedgerRound:
+        buf = Buffer(coord)
+        for u, base in arrivals:
+            buf.add(TaskRecord(u.task_id, u.device_id, u.round, base, 0, None), u, coord.validate_update(u),
+                    staleness_weight(version - 1 - base, "sqrt"), 0)
+        coord.aggregate_folded(version, version, buf.updates, buf.contributions, buf.running)
+        _publish(coord, retained)
+        return coord.ledger[-1]
+
+    first = [d.fit(coord, 1, i) for i, d in enumerate(devs)]  # all three start on v0 (round 1's seeds)
+    e1 = fold(1, [(first[0], 0), (first[1], 0)])
+    assert e1.roots == ()
+    for d in devs[:2]:
+        d.receive(retained)
+        d.reach(1)
+    fresh = devs[0].fit(coord, 2, 0)  # on v1: round 2's seeds
+    e2 = fold(2, [(first[2], 0), (fresh, 1)])
+    r1, r2 = K.round_seed(spec.seed, 1), K.round_seed(spec.seed, 2)
+    assert e2.round_seed == r2 and e2.roots == (r1,)
+    # B̄ = (n_stale / sqrt(2) acc_stale + n_fresh acc_fresh) / (n_stale + n_fresh), per (seed, weight)
+    stale_acc = first[2].tensors.decode_dense(max_elements=1 << 24)
+    fresh_acc = fresh.tensors.decode_dense(max_elements=1 << 24)
+    n_s, n_f = first[2].num_samples, fresh.num_samples
+    got = e2.tensors.decode_dense(max_elements=1 << 24)
+    assert set(got) == set(stale_acc) | set(fresh_acc)
+    for name, g in got.items():
+        want = (n_s / math.sqrt(2) * stale_acc.get(name, 0.0) + n_f * fresh_acc.get(name, 0.0)) / (n_s + n_f)
+        np.testing.assert_allclose(g, np.asarray(want, dtype=np.float32), rtol=1e-6, atol=1e-7, err_msg=name)
+    # the stale device returns to v0, then applies both rounds; all three agree bitwise
+    for d in devs:
+        d.receive(retained)
+        d.reach(2)
+    assert len({d.method.weights_digest() for d in devs}) == 1
+    # the wire: a synchronous entry's bytes carry no roots key; this one's do and come back
+    assert K.KrsoLedgerRound.from_msgpack(e2.to_msgpack()).roots == (r1,)
+    assert b"roots" not in e1.to_msgpack()
