@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -275,6 +276,16 @@ def test_asynchronous_config_refuses_what_cannot_run_asynchronously(tmp_path, se
         CoordinatorConfig(state_dir=tmp_path, asynchronous={"enabled": True, "buffer_size": 0})
     cfg = CoordinatorConfig(state_dir=tmp_path, rounds=7, asynchronous={"enabled": True})
     assert cfg.async_versions == 7 and cfg.asynchronous.staleness_weighting == "sqrt"
+    # from YAML: one line naming the key; the shipped example loads
+    from fedmq.configfile import ConfigError, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("asynchronous:\n  enabled: true\n  staleness_weighting: linear\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, CoordinatorConfig)
+    assert "asynchronous.staleness_weighting" in str(err.value) and "\n" not in str(err.value)
+    example = load_config(Path(__file__).resolve().parents[1] / "configs/coordinator-async.yaml", CoordinatorConfig)
+    assert example.asynchronous.enabled and example.async_versions == 50
     assert staleness_weight(3, "sqrt") == pytest.approx(0.5) and staleness_weight(3, "constant") == 1.0
 
 
