@@ -240,6 +240,7 @@ class BufferedRounds(RoundRunner):
         self.buffer = Buffer(self.mode)
         self.accepted_log: list[Accepted] = []
         self.seq = 0
+        self._finished: dict[str, str] = {}  # device -> its task still out when the run completed
         self._finish_cb: Callable[[m.RoundSummary], None] | None = None
         self._done: list[m.RoundSummary] = []  # versions published, their summaries not handed on yet
         self._scheduling = False  # updates go to the asynchronous intake (not during init / evaluate)
@@ -365,10 +366,16 @@ class BufferedRounds(RoundRunner):
         self.registry.expect_announcements(set(self.outstanding))
 
     def on_update(self, topic: str, payload: bytes, arrived_at: float) -> None:
+        device_id = self.topics.device_id_from(topic)
+        if device_id in self._finished and self._finished[device_id] == _task_id_of(payload):
+            # trained while the last version was made: expected, not used (and not a refusal)
+            del self._finished[device_id]
+            self.counters.late += 1
+            log.info("update of %s for %s came after the last version; not used", device_id, _task_id_of(payload))
+            return
         if self.open is not None or not self._scheduling or self.state.round_completed >= self.target_rounds:
             super().on_update(topic, payload, arrived_at)
             return
-        device_id = self.topics.device_id_from(topic)
         c = self.outstanding.get(device_id)
         upd = self.validating.receive(topic, payload, arrived_at, c)
         if upd is None or c is None:
@@ -392,6 +399,9 @@ class BufferedRounds(RoundRunner):
 
     def _flushed(self, summary: m.RoundSummary) -> None:
         """Hand a version's summary on now; the last one waits for its evaluation (in the schedule's loop)."""
+        if summary.round >= self.target_rounds:  # the run is complete: what is still out is not used
+            self._finished.update({d: c.task_id for d, c in self.outstanding.items()})
+            self.outstanding.clear()
         if self.cfg.evaluate and summary.round >= self.target_rounds:
             self._done.append(summary)
         elif self._finish_cb is not None:
@@ -429,7 +439,6 @@ class BufferedRounds(RoundRunner):
         finally:
             self._scheduling, self._finish_cb = False, None
         if self.state.round_completed >= self.target_rounds:
-            self.outstanding.clear()
             self.journal.clear()
 
     def _finish(self, summary: m.RoundSummary, finish: Callable[[m.RoundSummary], None]) -> None:
@@ -474,6 +483,13 @@ class BufferedRounds(RoundRunner):
             duration_s=duration_s, fit_s=duration_s, eval_s=0.0, aggregate_s=aggregate_s,
             timings={"aggregate_s": aggregate_s, "global_publish_s": publish_s},
         )
+
+
+def _task_id_of(payload: bytes) -> str | None:
+    try:
+        return m.Update.from_msgpack(payload).task_id
+    except ProtocolError:
+        return None
 
 
 def _train_loss(updates: Sequence[m.Update]) -> float | None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+import yaml
 
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.coordinator import Coordinator
@@ -28,7 +30,7 @@ from edge_agent.data import synthesize
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from tests.fake_device import FakeDevice, tiny_adapter, update_obj
-from tests.federation import agent_config, coordinator_config, spawn, stop_all
+from tests.federation import REPO, agent_config, coordinator_config, spawn, stop_all
 
 SAMPLES = {"d0": 10, "d1": 25, "d2": 40}
 
@@ -89,7 +91,8 @@ class Run:
         def on_update(topic: str, payload: bytes, arrived_at: float) -> None:
             if self.crashed:
                 return
-            scheduling = self.coord.rounds.open is None
+            log = self.coord.rounds.accepted_log  # type: ignore[attr-defined]
+            before = len(log)
             try:
                 inner(topic, payload, arrived_at)
             except ProtocolError as exc:
@@ -97,7 +100,7 @@ class Run:
                     self.arrivals.append(m.Update.from_msgpack(payload))
                 self.refusals.append(str(exc))
                 raise
-            if scheduling and m.Update.from_msgpack(payload).kind == "fit":
+            if len(log) > before:  # taken into a buffer
                 self.arrivals.append(m.Update.from_msgpack(payload))
             if stop_after is not None and self.coord.counters.fit_accepted >= stop_after:
                 self.crashed = True
@@ -284,33 +287,52 @@ def test_asynchronous_config_refuses_what_cannot_run_asynchronously(tmp_path, se
     with pytest.raises(ConfigError) as err:
         load_config(bad, CoordinatorConfig)
     assert "asynchronous.staleness_weighting" in str(err.value) and "\n" not in str(err.value)
-    example = load_config(Path(__file__).resolve().parents[1] / "configs/coordinator-async.yaml", CoordinatorConfig)
+    example = load_config(REPO / "configs/coordinator-async.yaml", CoordinatorConfig)
     assert example.asynchronous.enabled and example.async_versions == 50
     assert staleness_weight(3, "sqrt") == pytest.approx(0.5) and staleness_weight(3, "constant") == 1.0
 
 
-@pytest.mark.parametrize("method", ["lora", "krso"])
-def test_real_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, tiny_llama, method):
+def test_demo_async_runs_fedbuff_with_three_lora_agents_on_mosquitto(mosquitto, tmp_path):
+    """`fedmq demo --async`: three real agent processes keep training; every version comes from two
+    updates while the third device is still busy, and the held-out loss falls."""
+    summary, work = tmp_path / "summary.json", tmp_path / "work"
+    args = [sys.executable, "-m", "fedmq", "demo", "--model", "tiny-llama", "--method", "lora", "--async",
+            "--agents", "3", "--rounds", "3", "--local-steps", "4", "--lr", "0.01", "--broker", mosquitto().url,
+            "--workdir", str(work), "--summary", str(summary)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coord = yaml.safe_load((work / "coordinator.yaml").read_text())
+    assert coord["asynchronous"] == {"enabled": True, "buffer_size": 2, "concurrency": 3, "max_staleness": 4}
+    rounds = json.loads(summary.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert all(1 <= len(r["participants"]) <= 2 for r in rounds[1:])
+    assert rounds[3]["eval_loss"] < rounds[0]["eval_loss"]
+    # a healthy asynchronous run refuses nothing: updates still training at the end are not warnings
+    assert [ln for ln in proc.stderr.splitlines() if " WARNING " in ln] == []
+    refused = subprocess.run([sys.executable, "-m", "fedmq", "demo", "--method", "kd", "--async"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "the kd method cannot run asynchronous rounds" in refused.stderr
+
+
+def test_krso_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, tiny_llama):
     broker = mosquitto()
     data = tmp_path / "data"
     synthesize(data, num_devices=2, samples_per_device=24, eval_samples=8, seed=3)
-    mode = {"krso": {"seed": 11, "num_seeds": 2, "rank": 4, "interval": 2, "checkpoint_every": 2}} \
-        if method == "krso" else {}
+    mode = {"krso": {"seed": 11, "num_seeds": 2, "rank": 4, "interval": 2, "checkpoint_every": 2}}
     coord_cfg = coordinator_config(
         tmp_path, broker.url, rounds=3, min_clients=2, fit={"local_steps": 2, "lr": 3e-3, "batch_size": 4,
                                                             "max_seq_len": 48},
         asynchronous={"enabled": True, "buffer_size": 2, "concurrency": 2, "max_staleness": 2}, **mode)
     agents = [spawn(["agent", "--config", str(agent_config(tmp_path, i, broker.url, data, model=tiny_llama,
-                                                           method=method))], tmp_path / f"agent-{i}.log")
+                                                           method="krso"))], tmp_path / f"agent-{i}.log")
               for i in range(2)]
     coord = spawn(["coordinator", "--config", str(coord_cfg)], tmp_path / "coord.log")
     try:
         rc = coord.wait(timeout=240)
-        if method == "krso":  # every agent applies the ledger up to v3 for the final evaluation
-            deadline = time.monotonic() + 60
-            while not all(_krso_state(tmp_path, i).get("applied_round") == 3 for i in range(2)):
-                assert time.monotonic() < deadline, [_krso_state(tmp_path, i) for i in range(2)]
-                time.sleep(0.3)
+        deadline = time.monotonic() + 60  # every agent applies the ledger up to v3 for the final evaluation
+        while not all(_krso_state(tmp_path, i).get("applied_round") == 3 for i in range(2)):
+            assert time.monotonic() < deadline, [_krso_state(tmp_path, i) for i in range(2)]
+            time.sleep(0.3)
     finally:
         stop_all([coord, *agents])
     log = (tmp_path / "coord.log").read_text()
@@ -324,8 +346,7 @@ def test_real_agents_train_asynchronously_on_a_real_broker(mosquitto, tmp_path, 
     assert {p for h in fits for p in h.participants} == {"dev-0", "dev-1"}
     assert fits[-1].eval_loss is not None and math.isfinite(fits[-1].eval_loss)
     assert "version 3 from 2 buffered update(s)" in log
-    if method == "krso":
-        assert len({_krso_state(tmp_path, i)["weights_digest"] for i in range(2)}) == 1
+    assert len({_krso_state(tmp_path, i)["weights_digest"] for i in range(2)}) == 1
 
 
 def _krso_state(tmp, i: int) -> dict:
