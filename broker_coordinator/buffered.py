@@ -419,6 +419,7 @@ class BufferedRounds(RoundRunner):
     def run_async(self, finish: Callable[[m.RoundSummary], None]) -> None:
         """Publish versions until ``target_rounds`` are done (or stopped), calling ``finish`` with each
         version's summary."""
+        self.wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)  # as a round would start
         self._scheduling, self._finish_cb = True, finish
         self._flush_started = time.monotonic()
         try:
