@@ -419,7 +419,8 @@ class BufferedRounds(RoundRunner):
     def run_async(self, finish: Callable[[m.RoundSummary], None]) -> None:
         """Publish versions until ``target_rounds`` are done (or stopped), calling ``finish`` with each
         version's summary."""
-        self.wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)  # as a round would start
+        if self.state.round_completed < self.target_rounds:  # it starts as a round would
+            self.wait_for_devices(self.cfg.min_clients, self.cfg.wait_for_devices_s)
         self._scheduling, self._finish_cb = True, finish
         self._flush_started = time.monotonic()
         try:

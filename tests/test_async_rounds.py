@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -243,6 +244,13 @@ def test_coordinator_restarted_mid_buffer_loses_no_accepted_update(mosquitto, tm
         journal = json.loads((cfg.state_dir / "async-round.json").read_text())
         assert journal["version"] == 1 and [t["task_id"] for t in journal["buffer"]] == [a.task_id for a in buffered]
         open_tasks = {t["device_id"]: t["base_version"] for t in journal["tasks"]}
+        # a crash between saving v1 and emptying the journal: its buffer is in the saved global, not refolded
+        crashed = tmp_path / "crashed-between-save-and-journal"
+        shutil.copytree(cfg.state_dir, crashed)
+        (crashed / "async-round.json").write_text(json.dumps({**journal, "version": 0}))
+        other = Coordinator(cfg.model_copy(update={"state_dir": crashed}), store=FileStateStore(crashed))
+        assert other.rounds.accepted_log == [] and len(other.rounds.buffer) == 0  # type: ignore[attr-defined]
+        assert {d: c.base_version for d, c in other.rounds.outstanding.items()} == open_tasks  # type: ignore
         second = Run(cfg)
         # restored before anything else: the buffer refolded in order, the open tasks known with their bases
         restored = [a for a in second.coord.rounds.accepted_log if a.restored]
