@@ -25,7 +25,9 @@ tasks again under the same ids.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -53,6 +55,7 @@ log = logging.getLogger("fedmq.coordinator")
 
 JOURNAL_FORMAT = 1
 JOURNAL_FILE = "async-round.json"
+ACCEPTED_LOG = 10_000  # entries of ``BufferedRounds.accepted_log`` kept
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,9 @@ class BufferedRounds(RoundRunner):
         self.sent_at: dict[str, float] = {}  # device -> when its task went out (monotonic)
         self.last_tasked: dict[str, float] = {}
         self.buffer = Buffer(self.mode)
-        self.accepted_log: list[Accepted] = []
+        # the latest updates taken into buffers (bounded: a long run keeps O(buffer), not every update)
+        self.accepted_log: collections.deque[Accepted] = collections.deque(
+            maxlen=max(ACCEPTED_LOG, 2 * self.acfg.buffer_size))
         self.seq = 0
         self._finished: dict[str, str] = {}  # device -> its task still out when the run completed
         self._finish_cb: Callable[[m.RoundSummary], None] | None = None
@@ -269,7 +274,8 @@ class BufferedRounds(RoundRunner):
                              [TaskRecord.of(c) for _, c in sorted(self.outstanding.items())], list(self.buffer.tasks))
 
     def _buffered_log(self) -> list[Accepted]:
-        return self.accepted_log[len(self.accepted_log) - len(self.buffer):] if len(self.buffer) else []
+        n = len(self.buffer)
+        return list(itertools.islice(self.accepted_log, len(self.accepted_log) - n, None)) if n else []
 
     def _save_journal(self, accepted: Collection | None = None, payload: bytes | None = None) -> None:
         """Record the schedule (with ``accepted``'s update, not folded yet, and its payload)."""

@@ -249,7 +249,7 @@ def test_coordinator_restarted_mid_buffer_loses_no_accepted_update(mosquitto, tm
         shutil.copytree(cfg.state_dir, crashed)
         (crashed / "async-round.json").write_text(json.dumps({**journal, "version": 0}))
         other = Coordinator(cfg.model_copy(update={"state_dir": crashed}), store=FileStateStore(crashed))
-        assert other.rounds.accepted_log == [] and len(other.rounds.buffer) == 0  # type: ignore[attr-defined]
+        assert not other.rounds.accepted_log and len(other.rounds.buffer) == 0  # type: ignore[attr-defined]
         assert {d: c.base_version for d, c in other.rounds.outstanding.items()} == open_tasks  # type: ignore
         second = Run(cfg)
         # restored before anything else: the buffer refolded in order, the open tasks known with their bases
