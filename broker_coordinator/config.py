@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from broker_coordinator.downlink import DownlinkConfig, ServerOptimizerConfig
 from broker_coordinator.robust import AggregationConfig
+from broker_coordinator.staleness import AsynchronousConfig, asynchronous_problem
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.modes import DEFAULT_MODE, MODES, check_mode
 from fedmq_protocol.topics import check_level
@@ -71,6 +72,9 @@ class CoordinatorConfigBase(BaseModel):
         description="federation mode (fedmq_protocol.modes); default: the mode whose section is set, else adapter",
     )
     aggregation: AggregationConfig = AggregationConfig()
+    asynchronous: AsynchronousConfig = Field(
+        AsynchronousConfig(), description="FedBuff rounds: devices train continuously, a new global every "
+        "buffer_size accepted updates, each weighted by its staleness (broker_coordinator.staleness)")
     device_keys: dict[str, str] = Field(
         default_factory=dict,
         description="device_id -> Ed25519 public key: a file (PEM or base64 of the raw 32 bytes) or the base64 itself")
@@ -112,6 +116,10 @@ class CoordinatorConfigBase(BaseModel):
         if self.mode != "adapter" and not self.aggregation.is_plain:
             raise ValueError(
                 f"aggregation: robust rules and clipping apply to adapter updates, not to {self.mode} federations")
+        robust = not (self.aggregation.rule == "fedavg" and self.aggregation.clip_median_factor is None)
+        problem = asynchronous_problem(self.asynchronous, str(self.mode), robust)
+        if problem is not None:
+            raise ValueError(problem)
         if self.eval_devices is not None:
             if not self.eval_devices:
                 raise ValueError("eval_devices is empty: list device ids, or set evaluate: false")
@@ -162,6 +170,15 @@ class CoordinatorConfigBase(BaseModel):
     @property
     def effective_quorum(self) -> int:
         return self.quorum or self.min_clients
+
+    @property
+    def async_versions(self) -> int:
+        """Global versions an asynchronous run publishes (``asynchronous.versions``, else ``rounds``)."""
+        return self.asynchronous.versions or self.rounds
+
+    @property
+    def async_task_timeout_s(self) -> float:
+        return self.asynchronous.task_timeout_s or self.round_deadline_s
 
 
 def _with_mode_sections() -> type[CoordinatorConfigBase]:

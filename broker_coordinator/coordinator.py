@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from broker_coordinator.buffered import BufferedRounds
 from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.counters import CoordinatorCounters
 from broker_coordinator.intake import UpdateIntake
@@ -153,7 +154,8 @@ class Coordinator:
                                      max_message_bytes=config.broker.max_message_bytes,
                                      aggregator_keys={s: load_public_key(k) for s, k in config.aggregator_keys.items()})
         self.publisher = GlobalPublisher(self.transport, self.topics, self.mode, self.state, self.sealer)
-        self.rounds = RoundRunner(config, self.topics, self.transport, self.store, self.state, self.mode,
+        runner = BufferedRounds if config.asynchronous.enabled else RoundRunner
+        self.rounds = runner(config, self.topics, self.transport, self.store, self.state, self.mode,
                                   self.registry, self.intake, self.publisher, self.counters,
                                   pump=self._pump, stopped=self._stop.is_set, set_status=self._publish_status,
                                   handle=self._handle, sealer=self.sealer, partials=partials)
@@ -238,12 +240,18 @@ class Coordinator:
         msg = m.CoordinatorStatus(
             online=online, seq=self._status_seq, state=state, round=self.state.round_completed,
             global_version=self.state.global_version if self.state.global_model else None,
-            rounds_total=self.cfg.rounds, counters=counters, last_rejection=self.counters.last_rejection[:500] or None,
+            rounds_total=self.rounds_total, counters=counters,
+            last_rejection=self.counters.last_rejection[:500] or None,
         )
         try:
             self.transport.publish(self.topics.coordinator_status, msg.to_json(), qos=QOS_STATUS, retain=True)
         except Exception as exc:  # noqa: BLE001 - status is best effort; the loop must go on
             log.warning("could not publish coordinator status: %s", exc)
+
+    @property
+    def rounds_total(self) -> int:
+        """Rounds of the run: synchronous rounds, or the versions of an asynchronous run."""
+        return self.cfg.async_versions if self.cfg.asynchronous.enabled else self.cfg.rounds
 
     # ------------------------------------------------------------------ event handling
     def _pump(self, timeout: float) -> None:
@@ -387,7 +395,9 @@ class Coordinator:
                 self._finish_round(m.RoundSummary(round=0, global_version=self.state.global_version, eval_loss=loss,
                                                   eval_devices=n_dev, uplink_bytes=up, downlink_bytes=down,
                                                   duration_s=eval_s, fit_s=0.0, eval_s=eval_s))
-            while self.state.round_completed < self.cfg.rounds and not self._stop.is_set():
+            if isinstance(self.rounds, BufferedRounds):
+                self.rounds.run_async(self._finish_round)
+            while self.state.round_completed < self.rounds_total and not self._stop.is_set():
                 summary = self.rounds.run_round(self.state.round_completed + 1)
                 self._finish_round(summary)
                 log.info("round %d done: %d participants, eval loss %s, up %d B, down %d B",
@@ -395,7 +405,7 @@ class Coordinator:
                          "n/a" if summary.eval_loss is None else f"{summary.eval_loss:.4f}",
                          summary.uplink_bytes, summary.downlink_bytes)
                 log.info("figures %s", json.dumps(self.figures(), sort_keys=True))
-            self._publish_status("finished" if self.state.round_completed >= self.cfg.rounds else "stopped")
+            self._publish_status("finished" if self.state.round_completed >= self.rounds_total else "stopped")
         finally:
             self.rounds.open = None
             log.info("figures %s", json.dumps(self.figures(), sort_keys=True))

@@ -11,6 +11,8 @@ class CoordinatorCounters:
     updates_rejected: int = 0
     duplicates: int = 0
     late: int = 0
+    stale: int = 0  # asynchronous rounds: updates trained on a global more than max_staleness versions old
+    tasks_expired: int = 0  # asynchronous rounds: tasks unanswered for task_timeout_s, dropped
     fit_accepted: int = 0  # fit updates accepted (all are aggregated: a retry carries them over)
     restored: int = 0  # accepted before a restart, read back from the open round on disk
     tasks_resent: int = 0  # open tasks sent again to a device that restarted, or after a broker restart

@@ -166,13 +166,14 @@ class FedAvg:
         all the round's updates at once."""
         return self.aggregation is None or self.aggregation.nonlinear_reason is None
 
-    def fold_delta(self, running: RunningMean, update: Update, decoded: Decoded) -> None:
-        """Add one accepted update into ``running`` (only when ``streams``)."""
-        scale = 1.0
+    def fold_delta(self, running: RunningMean, update: Update, decoded: Decoded, weight: float = 1.0) -> None:
+        """Add one accepted update into ``running`` (only when ``streams``), its difference scaled by
+        ``weight`` (asynchronous rounds: the staleness weight; its samples still count in full)."""
+        scale = weight
         if self.aggregation is not None and self.aggregation.clip_norm is not None:
             from broker_coordinator.robust import clip_scales, update_norm
 
-            scale = clip_scales([update_norm(decoded)], self.aggregation)[0]
+            scale *= clip_scales([update_norm(decoded)], self.aggregation)[0]
         running.add(update.num_samples, decoded, scale)
 
     def aggregate_deltas(

@@ -654,8 +654,14 @@ class EdgeAgent:
         self.progress = {"round": task.round, "step": 0, "steps_total": cfg.local_steps}
         started = time.perf_counter()
 
+        slowdown = self.cfg.training.slowdown
+        last_step = [started]
+
         def progress(step: int, loss: float) -> None:
             self._heartbeat()  # every step of every mode's fit: a long fit is not a hung process
+            if slowdown > 1.0:  # a slower device: this step takes `slowdown` times as long
+                self.stop_event.wait((slowdown - 1.0) * (time.perf_counter() - last_step[0]))
+                last_step[0] = time.perf_counter()
             self.progress.update(step=step, loss=float(loss), elapsed_s=time.perf_counter() - started)
 
         result: FitResult | None = None

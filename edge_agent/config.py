@@ -47,6 +47,9 @@ class TrainingOverrides(BaseModel):
     max_seq_len: int | None = Field(None, ge=8)
     torch_threads: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
+    slowdown: float = Field(
+        1.0, ge=1.0, le=100.0, description="make every training step take this many times as long (the agent "
+        "waits after each step): a slower device, for benchmarks and tests of mixed fleets; 1: full speed")
 
 
 class MemoryBudgetConfig(BaseModel):

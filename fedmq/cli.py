@@ -216,6 +216,7 @@ def cmd_split_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from broker_coordinator.staleness import NOT_ASYNCHRONOUS
     from fedmq.demo import DemoError, DemoOptions, run_demo
 
     if args.mqtt_version == "5" and not args.broker:
@@ -227,7 +228,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary=Path(args.summary) if args.summary else None, workdir=Path(args.workdir),
         local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
         mqtt_version=args.mqtt_version, uplink=args.uplink, downlink=args.downlink,
+        asynchronous=args.asynchronous,
     )
+    if opts.asynchronous and opts.method in NOT_ASYNCHRONOUS:
+        print(f"fedmq: error: --async: the {opts.method} method cannot run asynchronous rounds: "
+              f"{NOT_ASYNCHRONOUS[opts.method]}", file=sys.stderr)
+        return 2
     try:
         run_demo(opts)
     except DemoError as exc:
@@ -343,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value format of updates, with error feedback (default int4; float32: dense fp32)")
     d.add_argument("--downlink", choices=values, default="int8",
                    help="value format of global differences (default int8 + zstd; float32: dense fp32, no zstd)")
+    d.add_argument("--async", dest="asynchronous", action="store_true",
+                   help="asynchronous FedBuff rounds (lora, qlora, krso): every device trains all the time, a "
+                   "new global every agents - 1 updates; --rounds counts global versions")
     d.set_defaults(func=cmd_demo)
 
     mdl = sub.add_parser("model", help="model cache")

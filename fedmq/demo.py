@@ -69,6 +69,7 @@ class DemoOptions:
     mqtt_version: str | None = None  # None: 3.1.1 on the embedded broker (amqtt), else 5
     uplink: str = "int4"  # agent uplink.values, with error feedback (float32: dense fp32 updates)
     downlink: str = "int8"  # coordinator downlink.values (float32: dense fp32 differences, no zstd)
+    asynchronous: bool = False  # FedBuff rounds: every device busy, a new global every agents - 1 updates
 
     @property
     def learning_rate(self) -> float:
@@ -115,6 +116,10 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
             models[-1] = f"{model_path}:blocks={max(1, num_blocks(model_path) // 3)}"
     if opts.method == "split":
         coord["split"] = SPLIT_DEMO
+    if opts.asynchronous:  # --rounds global versions, each from agents - 1 updates while all devices train
+        coord["asynchronous"] = {"enabled": True, "buffer_size": max(1, opts.agents - 1),
+                                 "concurrency": opts.agents, "max_staleness": 4}
+        coord["min_clients"] = 1
     coord_path = wd / "coordinator.yaml"
     coord_path.write_text(yaml.safe_dump(coord, sort_keys=False))
     agent_paths = []

@@ -244,13 +244,17 @@ class KrsoMode(CoordinatorMode):
             raise ValueError("aggregation needs at least one update")
         contribs: list[Contribution] = list(contributions)
         digest = self._round_digest.get(round_no) or contribs[0].start_digest
+        # asynchronous rounds: updates trained on older versions used their own round's draw of seeds
+        roots = [u.payload.round_seed for u in updates if isinstance(u.payload, KrsoUpdate)]
         entry = aggregate_round(round_no, self.current_spec(), round_seed(self.spec.seed, round_no),
                                 [(u.num_samples, c.arrays) for u, c in zip(updates, contribs, strict=True)],
-                                start_digest=digest)
+                                start_digest=digest, roots=roots)
         self.ledger = [e for e in self.ledger if e.round < round_no] + [entry]
-        ck = next((c for c in contribs if c.checkpoint is not None and c.start_digest == digest), None)
+        # a checkpoint holds the weights its update trained from: those after that update's round - 1
+        ck, c_round = next(((c, u.round - 1) for u, c in zip(updates, contribs, strict=True)
+                            if c.checkpoint is not None and c.start_digest == self._round_digest.get(u.round, digest)
+                            and u.round - 1 > self.checkpoint_round), (None, 0))
         if ck is not None and ck.checkpoint is not None:
-            c_round = round_no - 1
             msg = KrsoCheckpoint(round=c_round, spec=self.current_spec(), digest=digest,
                                  tensors=encode(ck.checkpoint, LOSSLESS))
             atomic_write(self._checkpoint_path(c_round), msg.to_msgpack())

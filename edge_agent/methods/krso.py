@@ -37,7 +37,7 @@ from edge_agent.methods.lora import LoraMethod
 from edge_agent.models import ALL_LINEAR, lora_target_modules, model_fingerprint
 from fedmq_protocol.messages import AdapterSpec, FitConfig
 from fedmq_protocol.modes.krso import KrsoLedgerRound, KrsoSpec, tensor_name, weights_digest
-from fedmq_protocol.modes.zo import candidate_seeds, param_seed
+from fedmq_protocol.modes.zo import param_seed
 
 APPLY_BLOCK_BYTES = 1 << 20  # rows of W per pass of apply_terms: a float64 block that stays in cache
 
@@ -266,8 +266,8 @@ class KrsoMethod(LoraMethod):
         """W += sum_s B̄[W][s] P_s for every targeted W (``apply_terms``); returns the terms applied."""
         self.check_spec(entry.spec)
         rank = entry.spec.rank
-        seeds = candidate_seeds(entry.round_seed, entry.spec.num_seeds)
-        by_seed = entry.entries(max_elements=entry.spec.num_seeds * rank * sum(
+        seeds = entry.seed_order()  # the round's draw (and, asynchronous, older rounds' draws)
+        by_seed = entry.entries(max_elements=len(seeds) * rank * sum(
             mod.out_features for _, mod, _ in self._targets))
         names = {name: i for i, name in enumerate(self.target_names())}
         for per_weight in by_seed.values():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -140,7 +140,10 @@ class KrsoUpdate(ModePayload):
 
 class KrsoLedgerRound(Message):
     """One completed round (msgpack, retained on ``{base}/krso/ledger/{round}``): per used seed
-    and targeted weight, B̄ (d_out x r), lossless float32 in ``tensors`` named ``{seed}/{weight}``."""
+    and targeted weight, B̄ (d_out x r), lossless float32 in ``tensors`` named ``{seed}/{weight}``.
+
+    ``roots``: in asynchronous rounds a version also folds updates trained on older versions, whose
+    seeds are drawn from those rounds' roots; the entry lists them (absent on the wire when empty)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
     max_msgpack_bytes: ClassVar[int] = 1 << 31
@@ -152,13 +155,39 @@ class KrsoLedgerRound(Message):
     num_clients: int = Field(0, ge=0)
     num_samples: int = Field(0, ge=0)
     start_digest: str | None = Field(None, max_length=64, description="the digest the round's devices trained from")
+    roots: tuple[int, ...] = Field((), max_length=MAX_SEEDS, description="further root seeds whose draws the "
+                                   "entry's seeds may come from (asynchronous rounds: stale updates)")
+
+    @field_validator("roots")
+    @classmethod
+    def _roots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= r < 2**63 for r in v) or len(set(v)) != len(v):
+            raise ValueError("roots must be distinct, in [1, 2**63)")
+        return v
+
+    def to_obj(self) -> dict[str, Any]:
+        obj = super().to_obj()
+        if not self.roots:
+            obj.pop("roots", None)  # a synchronous round's bytes are those of earlier releases
+        return obj
+
+    def seed_order(self) -> list[int]:
+        """The seeds this entry may hold, in canonical order: its round's draw, then each further root's."""
+        order = candidate_seeds(self.round_seed, self.spec.num_seeds)
+        seen = set(order)
+        for root in self.roots:
+            for s in candidate_seeds(root, self.spec.num_seeds):
+                if s not in seen:
+                    seen.add(s)
+                    order.append(s)
+        return order
 
     def entries(self, max_elements: int) -> dict[int, dict[str, np.ndarray]]:
         """seed -> weight name -> B̄ (float32, finite), seeds in the round's canonical order
         (ProtocolError for a seed that is not the round's or a non-finite value)."""
         where = f"ledger round {self.round}"
         dense = self.tensors.decode_dense(max_elements=max_elements, where=where)
-        order = candidate_seeds(self.round_seed, self.spec.num_seeds)
+        order = self.seed_order()
         out: dict[int, dict[str, np.ndarray]] = {}
         for name in sorted(dense):
             seed, weight = split_name(name, where)
@@ -192,9 +221,10 @@ class KrsoCheckpoint(Message):
 
 def aggregate_round(round_no: int, spec: KrsoSpec, seed_root: int,
                     updates: Sequence[tuple[int, Mapping[str, np.ndarray]]],
-                    start_digest: str | None = None) -> KrsoLedgerRound:
+                    start_digest: str | None = None, roots: Sequence[int] = ()) -> KrsoLedgerRound:
     """The FedKRSO server rule: per (W, s), sum_i (n_i / sum n) acc_i[W][s] over every device of
-    the round (float64, stored float32). ``updates``: (num_samples, name -> accumulator)."""
+    the round (float64, stored float32). ``updates``: (num_samples, name -> accumulator); ``roots``:
+    the further draws their seeds come from (asynchronous rounds)."""
     total = float(sum(n for n, _ in updates))
     if total <= 0:
         raise ValueError("updates report zero samples in total")
@@ -205,7 +235,8 @@ def aggregate_round(round_no: int, spec: KrsoSpec, seed_root: int,
             acc[name] = acc[name] + term if name in acc else term
     out = {k: acc[k].astype(np.float32) for k in sorted(acc)}
     return KrsoLedgerRound(round=round_no, spec=spec, round_seed=seed_root, tensors=encode(out, LOSSLESS),
-                           num_clients=len(updates), num_samples=int(total), start_digest=start_digest)
+                           num_clients=len(updates), num_samples=int(total), start_digest=start_digest,
+                           roots=tuple(r for r in dict.fromkeys(roots) if r != seed_root))
 
 
 def pack_checkpoint(arrays: Mapping[str, np.ndarray]) -> bytes:
