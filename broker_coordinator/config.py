@@ -125,22 +125,10 @@ class CoordinatorConfigBase(BaseModel):
                 raise ValueError("eval_devices is empty: list device ids, or set evaluate: false")
             for device_id in self.eval_devices:
                 check_level(device_id, f"eval_devices[{device_id!r}]")
-        for device_id, key in self.device_keys.items():
-            check_level(device_id, f"device_keys[{device_id!r}]")
-            from fedmq_protocol.signing import SigningKeyError, load_public_key
+        from fedmq_protocol.signing import check_public_keys
 
-            try:
-                load_public_key(key)
-            except SigningKeyError as exc:
-                raise ValueError(f"device_keys.{device_id}: {exc}") from None
-        for site_id, key in self.aggregator_keys.items():
-            check_level(site_id, f"aggregator_keys[{site_id!r}]")
-            from fedmq_protocol.signing import SigningKeyError, load_public_key
-
-            try:
-                load_public_key(key)
-            except SigningKeyError as exc:
-                raise ValueError(f"aggregator_keys.{site_id}: {exc}") from None
+        check_public_keys(self.device_keys, "device_keys")
+        check_public_keys(self.aggregator_keys, "aggregator_keys")
         if self.aggregator_keys and self.mode != "adapter":
             raise ValueError(f"aggregator_keys: site aggregators combine adapter updates, not {self.mode} ones")
         if self.aggregator_keys and self.aggregation.nonlinear_reason:

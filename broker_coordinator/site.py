@@ -98,7 +98,7 @@ class SiteAggregatorConfig(BaseModel):
         if reason:
             raise ValueError(f"aggregation: a site cannot pre-aggregate this rule ({reason}); "
                              "use fedavg, with or without a fixed clip_norm")
-        from fedmq_protocol.signing import SigningKeyError, load_public_key
+        from fedmq_protocol.signing import SigningKeyError, check_public_keys, load_public_key
 
         try:
             Signer.from_file(self.signing_key)
@@ -109,12 +109,7 @@ class SiteAggregatorConfig(BaseModel):
                 load_public_key(self.coordinator_public_key)
             except SigningKeyError as exc:
                 raise ValueError(f"coordinator_public_key: {exc}") from None
-        for device_id, key in self.device_keys.items():
-            check_level(device_id, f"device_keys[{device_id!r}]")
-            try:
-                load_public_key(key)
-            except SigningKeyError as exc:
-                raise ValueError(f"device_keys.{device_id}: {exc}") from None
+        check_public_keys(self.device_keys, "device_keys")
         for device_id in self.devices or []:
             check_level(device_id, f"devices[{device_id!r}]")
         if self.require_signatures and not self.device_keys:

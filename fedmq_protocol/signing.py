@@ -189,6 +189,19 @@ def load_public_key(spec: str, base_dir: Path | None = None) -> Any:
     return key
 
 
+def check_public_keys(keys: Mapping[str, str], field: str) -> None:
+    """ValueError naming ``field.<id>`` for the first id that is not a topic level or key that
+    does not load (config validation of ``device_keys``, ``aggregator_keys``)."""
+    from fedmq_protocol.topics import check_level
+
+    for key_id, spec in keys.items():
+        check_level(key_id, f"{field}[{key_id!r}]")
+        try:
+            load_public_key(spec)
+        except SigningKeyError as exc:
+            raise ValueError(f"{field}.{key_id}: {exc}") from None
+
+
 class Verifier:
     """The coordinator's list of device public keys."""
 
