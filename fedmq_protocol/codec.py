@@ -89,6 +89,8 @@ def _level_table(fmt: str) -> np.ndarray:
 
 
 _LEVELS = {fmt: _level_table(fmt) for fmt in ("int8", "int4", "int2", "sign")}
+_MAX_LEVEL = {fmt: float(np.abs(table).max()) for fmt, table in _LEVELS.items()}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def value_bytes(fmt: str, n: int) -> int:
@@ -245,16 +247,18 @@ def _decode_values(t: Mapping[str, Any], fmt: str, n: int, where: str) -> np.nda
         if len(scales) != 4 * nblocks:
             raise ProtocolError(f"{where}: {len(scales)} scale bytes, {nblocks} blocks need {4 * nblocks}")
         s = np.frombuffer(scales, dtype="<f4")
-        if not np.all(np.isfinite(s)) or np.any(s < 0):
+        if s.size and not (np.isfinite(s).all() and s.min() >= 0):
             raise ProtocolError(f"{where}: {fmt} scales must be finite and >= 0")
+        if s.size and float(s.max()) * _MAX_LEVEL[fmt] > _FLOAT32_MAX:
+            raise ProtocolError(f"{where}: non-finite values")  # level x scale would overflow float32
         # one table lookup turns each byte into its levels, then each block is scaled in place
         q = _LEVELS[fmt][np.frombuffer(data, dtype=np.uint8)].reshape(-1)[:n]
         whole = (n // block) * block
         q[:whole].reshape(-1, block).__imul__(s[: n // block, None])
         if whole < n:
             q[whole:] *= s[-1]
-        out = q
-    if not np.all(np.isfinite(out)):
+        return q  # finite: finite levels times scales checked above
+    if not np.isfinite(out).all():
         raise ProtocolError(f"{where}: non-finite values")
     return out
 

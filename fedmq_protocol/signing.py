@@ -57,11 +57,20 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
+_LEAVES = (bytes, bytearray, str, int, float, type(None))
+
+
+def _key_order(k: Any) -> tuple[bool, Any]:
+    return isinstance(k, bytes), k
+
+
 def _sorted(obj: Any) -> Any:
+    # leaves are returned in place (an update's tensor map is thousands of them): same bytes, fewer calls
     if isinstance(obj, Mapping):
-        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: (isinstance(k, bytes), k))}
+        return {k: v if isinstance(v, _LEAVES) else _sorted(v)
+                for k in sorted(obj, key=_key_order) for v in (obj[k],)}
     if isinstance(obj, (list, tuple)):
-        return [_sorted(v) for v in obj]
+        return [v if isinstance(v, _LEAVES) else _sorted(v) for v in obj]
     return obj
 
 
