@@ -32,20 +32,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
 from broker_coordinator.intake import Collection, UpdateIntake
 from broker_coordinator.modes import CoordinatorMode
-from broker_coordinator.modes.adapter import EMPTY_TENSORS, AdapterMode
-from broker_coordinator.modes.krso import Contribution, KrsoMode
 from broker_coordinator.rounds import RoundRunner
-from broker_coordinator.staleness import staleness_weight
+from broker_coordinator.staleness import NOT_ASYNCHRONOUS, staleness_weight
 from broker_coordinator.state import FileStateStore
-from broker_coordinator.strategy import RunningMean
 from fedmq_protocol import messages as m
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.signing import new_nonce
@@ -200,10 +195,10 @@ class Buffer:
     mode into a float64 ``RunningMean`` (O(model)), krso keeping each update's accumulators scaled."""
 
     def __init__(self, mode: CoordinatorMode) -> None:
-        if not isinstance(mode, (AdapterMode, KrsoMode)):
-            raise ValueError(f"the {mode.name} mode has no asynchronous buffer")
+        if mode.name in NOT_ASYNCHRONOUS:
+            raise ValueError(f"the {mode.name} mode has no asynchronous buffer: {NOT_ASYNCHRONOUS[mode.name]}")
         self.mode = mode
-        self.running: RunningMean | None = None
+        self.running: Any = None  # the mode's running state (the adapter's float64 RunningMean)
         self.updates: list[m.Update] = []
         self.contributions: list[Any] = []
         self.tasks: list[TaskRecord] = []  # the tasks the updates answered, in arrival order (the journal)
@@ -213,17 +208,7 @@ class Buffer:
         return len(self.updates)
 
     def add(self, task: TaskRecord, update: m.Update, contribution: Any, weight: float, payload_bytes: int) -> None:
-        mode = self.mode
-        if isinstance(mode, AdapterMode):
-            if self.running is None:
-                self.running = RunningMean(mode.published)
-            mode.rule.fold_delta(self.running, update, contribution, weight)
-            update, contribution = update.model_copy(update={"tensors": EMPTY_TENSORS}), None
-        else:
-            assert isinstance(contribution, Contribution)
-            contribution = replace(contribution, arrays={
-                k: weight * np.asarray(a, dtype=np.float64) for k, a in contribution.arrays.items()})
-            update = update.model_copy(update={"tensors": EMPTY_TENSORS})
+        self.running, update, contribution = self.mode.fold_weighted(self.running, update, contribution, weight)
         self.tasks.append(task)
         self.updates.append(update)
         self.contributions.append(contribution)

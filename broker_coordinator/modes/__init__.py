@@ -90,6 +90,13 @@ class CoordinatorMode(ABC):
         not O(devices x model). The default keeps everything for ``aggregate``."""
         return running, update, contribution
 
+    def fold_weighted(self, running: Any, update: Update, contribution: Any,
+                      weight: float) -> tuple[Any, Update, Any]:
+        """``fold`` for an asynchronous buffer: the update counts ``weight`` times (its staleness
+        weight, ``broker_coordinator.staleness``). ProtocolError when the mode has no asynchronous
+        buffer (the default)."""
+        raise ProtocolError(f"the {self.name} mode does not run asynchronously")
+
     def fold_partial(self, running: Any, partial: PartialAggregate) -> Any:
         """Take a site aggregator's partial sum into the round's running state (returned);
         ProtocolError when the mode cannot combine partials (the default)."""

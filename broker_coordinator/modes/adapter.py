@@ -85,6 +85,13 @@ class AdapterMode(CoordinatorMode):
         # the journal keeps the payload as received; the round keeps the update's metadata only
         return running, update.model_copy(update={"tensors": EMPTY_TENSORS}), None
 
+    def fold_weighted(self, running: Any, update: Update, contribution: Any,
+                      weight: float) -> tuple[Any, Update, Any]:
+        if running is None:
+            running = RunningMean(self.published)
+        self.rule.fold_delta(running, update, contribution, weight)
+        return running, update.model_copy(update={"tensors": EMPTY_TENSORS}), None
+
     def fold_partial(self, running: Any, partial: PartialAggregate) -> Any:
         """A site's float64 sum of its devices' (clipped) weighted differences, added as they are."""
         if not self.rule.streams:

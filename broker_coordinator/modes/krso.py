@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from broker_coordinator.downlink import lossless
 from broker_coordinator.modes import CoordinatorMode, RoundOutcome
+from broker_coordinator.modes.adapter import EMPTY_TENSORS
 from fedmq_protocol.codec import EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.messages import GlobalModel, TaskKind, Update
@@ -236,6 +237,14 @@ class KrsoMode(CoordinatorMode):
         self.refused["checkpoint"] += 1
         log.warning("checkpoint from %s dropped (its update is kept): %s", update.device_id, problem)
         return None
+
+    def fold_weighted(self, running: Any, update: Update, contribution: Any,
+                      weight: float) -> tuple[Any, Update, Any]:
+        """Each update's accumulators are kept, scaled by its weight (the ledger sums them)."""
+        assert isinstance(contribution, Contribution)
+        scaled = replace(contribution, arrays={
+            k: weight * np.asarray(a, dtype=np.float64) for k, a in contribution.arrays.items()})
+        return running, update.model_copy(update={"tensors": EMPTY_TENSORS}), scaled
 
     def aggregate(self, round_no: int, version: int, updates: Sequence[Update],
                   contributions: Sequence[Any]) -> RoundOutcome:
