@@ -358,7 +358,15 @@ def main() -> int:
     ap.add_argument("--unsigned", action="store_true", help="no device keys (signatures are on by default)")
     ap.add_argument("--timeout-s", type=float, default=600)
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite the docs section from bench/results/fleet.json (no run)")
     args = ap.parse_args()
+    if args.render:
+        rec = json.loads((Path(__file__).parent / "results" / "fleet.json").read_text())
+        recorded = argparse.Namespace(**rec["args"])
+        report(recorded, smollm2_shapes(), rec["rows"], rec["seconds"], rec["command"], rec["machine"],
+               write_json, update_doc_section)
+        return 0
 
     shapes = smollm2_shapes()
     t_start = time.perf_counter()
@@ -409,12 +417,14 @@ def report(args: argparse.Namespace, shapes: Shapes, rows: list[dict], seconds: 
               f"{r['coordinator_peak_rss_mb']:.0f}", f"{r['rss_vs_ref_pct']:+.1f} %",
               f"{r['coordinator_cpu_s_round']:.1f} ({r['coordinator_cpu_ms_per_update']:.1f})",
               f"{r['broker_cpu_s_round']:.1f} ({r['broker_cpu_ms_per_update']:.2f})",
+              (f"{r['aggregators_cpu_s_round']:.1f} ({r['aggregator_peak_rss_mb']:.0f})"
+               if "aggregators_cpu_s_round" in r else "–"),
               f"{r['max_abs_diff_vs_expected']:.1e}"] for r in rows]
     targets = []
     for r in rows:
         if r["devices"] == 1000:
             ok = r["last_arrival_to_global_s"] < 1.0
-            targets.append(f"1,000 devices ({arrivals(r)}): last arrival → global "
+            targets.append(f"1,000 devices ({r['layout']}, {arrivals(r)}): last arrival → global "
                            f"{r['last_arrival_to_global_s']:.2f} s (target < 1 s: {'met' if ok else 'missed'})")
         if "max_abs_diff_vs_flat" in r:
             d = r["max_abs_diff_vs_flat"]
@@ -422,7 +432,7 @@ def report(args: argparse.Namespace, shapes: Shapes, rows: list[dict], seconds: 
                            f"max abs diff {d:.1e} (target identical: {'met' if d == 0 else 'missed'})")
         if r["devices"] > ref["devices"]:
             ok = abs(r["rss_vs_ref_pct"]) <= 10
-            targets.append(f"{r['devices']:,} devices ({arrivals(r)}): coordinator peak RSS "
+            targets.append(f"{r['devices']:,} devices ({r['layout']}, {arrivals(r)}): coordinator peak RSS "
                            f"{r['rss_vs_ref_pct']:+.1f} % vs {ref['devices']} "
                            f"(target within 10 %: {'met' if ok else 'missed'})")
     md = (
@@ -444,10 +454,11 @@ def report(args: argparse.Namespace, shapes: Shapes, rows: list[dict], seconds: 
         "the new retained global (includes draining the coordinator's backlog); aggregate: the coordinator's own "
         "`aggregate_s`. Ingested: updates / (global received − first update acknowledged); offered: updates / "
         f"arrival span. RSS vs the {ref['devices']}-device burst row. CPU: seconds during the round (ms per update). "
+        "Site aggregators: their CPU seconds together and the largest one's peak RSS. "
         "Diff: max |published − expected FedAvg|.\n\n"
         + md_table(["devices", "layout", "arrivals", "update B", "last arrival → global s", "aggregate s",
                     "ingested /s", "offered /s", "coord. peak RSS MiB", "RSS vs ref", "coord. CPU s (ms/upd)",
-                    "broker CPU s (ms/upd)", "max abs diff"], table)
+                    "broker CPU s (ms/upd)", "site aggregators CPU s (peak RSS MiB)", "max abs diff"], table)
         + "\n\n" + "; ".join(targets) + ".\n"
     )
     if update_doc is not None:
