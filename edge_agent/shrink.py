@@ -56,16 +56,16 @@ class Recipe:
 
     blocks: int
     layout: str = "spread"
-    steps: int = 60
+    steps: int = 24
     batch_size: int = 4
-    lr: float = 3e-4
-    warmup: int = 5
+    lr: float = 5e-4
+    warmup: int = 3
     temperature: float = 2.0
     lm_weight: float = 0.5
     top_k: int = 64  # the teacher's distribution per token, kept once (its k largest logits)
-    texts: int = 32  # corpus size (teacher-written chat turns)
+    texts: int = 28  # corpus size (teacher-written chat turns)
     held_out: int = 4  # of those, kept out of training to measure the KL
-    new_tokens: int = 48  # tokens the teacher writes per text
+    new_tokens: int = 40  # tokens the teacher writes per text
     seed: int = 0
 
     def check(self, n_total: int) -> None:
@@ -284,7 +284,7 @@ def heal(student: Any, teacher: Any, corpus: list[list[int]], pad: int, recipe: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         for step in range(recipe.steps):
-            if len(order) < recipe.batch_size:
+            while len(order) < recipe.batch_size:
                 fresh = list(range(len(corpus)))
                 rng.shuffle(fresh)
                 order += fresh

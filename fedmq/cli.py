@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--blocks", type=int, required=True, help="blocks the student keeps")
     sh.add_argument("--layout", choices=["spread", "first"], default="spread",
                     help="which blocks: evenly spaced, first and last kept (default), or the first N")
-    sh.add_argument("--steps", type=int, default=60, help="healing steps (AdamW, batch 4; default 60)")
-    sh.add_argument("--lr", type=float, default=3e-4)
-    sh.add_argument("--texts", type=int, default=32, help="texts the teacher writes for healing (default 32)")
+    sh.add_argument("--steps", type=int, default=24, help="healing steps (AdamW, batch 4; default 24)")
+    sh.add_argument("--lr", type=float, default=5e-4)
+    sh.add_argument("--texts", type=int, default=28,
+                    help="texts the teacher writes for healing (default 28; 4 held out)")
     sh.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
     sh.add_argument("--seed", type=int, default=0)
     sh.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
