@@ -56,7 +56,7 @@ class Recipe:
 
     blocks: int
     layout: str = "spread"
-    steps: int = 24
+    steps: int = 64
     batch_size: int = 4
     lr: float = 5e-4
     warmup: int = 3

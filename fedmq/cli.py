@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--blocks", type=int, required=True, help="blocks the student keeps")
     sh.add_argument("--layout", choices=["spread", "first"], default="spread",
                     help="which blocks: evenly spaced, first and last kept (default), or the first N")
-    sh.add_argument("--steps", type=int, default=24, help="healing steps (AdamW, batch 4; default 24)")
+    sh.add_argument("--steps", type=int, default=64, help="healing steps (AdamW, batch 4; default 64)")
     sh.add_argument("--lr", type=float, default=5e-4)
     sh.add_argument("--texts", type=int, default=28,
                     help="texts the teacher writes for healing (default 28; 4 held out)")
