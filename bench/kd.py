@@ -196,7 +196,8 @@ def main() -> int:
                                    device="cpu", dtype="float32", seed=0)
         baseline[raw_name] = evaluate(raw_name, meths[raw_name].get_state())
         del meths[raw_name]
-        print(f"baselines evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(f"baselines evaluated ({time.perf_counter() - t0:.0f}s): " + "; ".join(
+            f"{n} loss {np.mean([v['loss'] for v in b.values()]):.3f}" for n, b in baseline.items()), flush=True)
         round1: dict[tuple[str, int], tuple[dict, float]] = {}
 
         def fit_cached(model: str, state: dict, i: int, r: int, distill: Distill | None = None) -> tuple[dict, float]:
@@ -297,7 +298,7 @@ def main() -> int:
         rows.append(kd_row("KD, same model", [big_name] * N))
         local_small = local_only(small_name, [N - 1])
         rows.append(kd_row("KD, two models", [big_name] * (N - 1) + [small_name]))
-        rows.insert(1, {"name": f"local-only, {args.blocks}-block model", "devices": local_small, "uplink": 0,
+        rows.insert(1, {"name": f"local-only, {args.blocks}-block student", "devices": local_small, "uplink": 0,
                         "downlink": 0})
     report(args, rows, baseline, fams, params, len(probes), time.perf_counter() - t_start, student=student)
     return 0
@@ -353,7 +354,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
     def short(model: str) -> str:
         if "raw cut" in model:
             return f"{args.blocks}-block raw cut"
-        return f"{args.blocks}-block" if small(model) else "full"
+        return f"{args.blocks}-block student" if small(model) else "full"
 
     table = []
     for r in rows:
