@@ -1,7 +1,7 @@
-"""A small working student from a cached model: keep a subset of its blocks, heal by distillation.
+"""A small student from a cached model: keep a subset of its blocks, heal them by distillation.
 
-A model cut to some of its blocks is not a working language model (SmolLM2-135M cut to 10 of its
-30 blocks: answer loss ~29 against ~5.6 for the full model). ``shrink`` makes one that is:
+A model cut to some of its blocks is not a working language model (SmolLM2-135M cut to its first 10
+of 30 blocks: answer loss ~30 against ~5.6 for the full model; bench/kd_student.py). ``shrink``:
 
 1. **cut**: keep ``blocks`` decoder blocks of the teacher (``layout``: ``first`` = the first N,
    ``spread`` = N evenly spaced, the first and the last always kept), embeddings, final norm and

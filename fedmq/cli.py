@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="smollm2-135m, tiny-llama, a .gguf file, an HF directory or hub id")
     f.add_argument("--cache", help="cache directory (default $FEDMQ_HOME or ~/.cache/fedmq)")
     f.set_defaults(func=cmd_model_fetch)
-    sh = msub.add_parser("shrink", help="make a smaller working model: keep N blocks of a cached model and heal "
+    sh = msub.add_parser("shrink", help="make a smaller model: keep N blocks of a cached model and heal "
                                         "them by distillation from it (cached as '<name>:shrunk=N')")
     sh.add_argument("name", help="the teacher: smollm2-135m, tiny-llama or an HF directory")
     sh.add_argument("--blocks", type=int, required=True, help="blocks the student keeps")
