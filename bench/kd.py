@@ -9,15 +9,17 @@ same seeds everywhere, all rows in one run:
 - KD, same model: every device SmolLM2-135M with its own adapter, the kd mode's coordinator
   (``broker_coordinator.modes.kd``) combining their top-k log-probs on the public probe set into
   the consensus they distil from (real KdUpdate / KdConsensus messages: the bytes reported);
-- KD, two models: devices 0 and 1 SmolLM2-135M, device 2 its first ``--blocks`` blocks
-  (``smollm2-135m:blocks=N``): a mix that parameter averaging cannot federate.
+- KD, two models: devices 0 and 1 SmolLM2-135M, device 2 a student of ``--blocks`` of its blocks
+  healed by distillation from it (``smollm2-135m:shrunk=N``, ``fedmq model shrink``, built once and
+  cached): a mix that parameter averaging cannot federate.
 
 The probe set is public material (prompt + answer) from every family, its prompts disjoint from
 the eval rows and the training rows. Per device and row: held-out loss (mean over the group's
 families of the token-mean loss on the answer) and exact-match accuracy (greedy answer checked by
 ``edge_agent.data.check_answer``) on its own families and on the families it never saw; uplink
 and downlink bytes per client per round. Round 1 of every row is the same local fit from the same
-LoRA init (no consensus yet), computed once.
+LoRA init (no consensus yet), computed once. Before training, the raw cut (the student's blocks
+before healing) is evaluated beside the full model and the healed student.
 
     OMP_NUM_THREADS=1 python bench/kd.py    # the recorded run (sizes: the --help defaults)
 """
@@ -43,6 +45,7 @@ from broker_coordinator.downlink import DownlinkConfig
 from broker_coordinator.modes import create_mode
 from edge_agent.data import DEFAULT_FAMILIES, Example, check_answer, make_examples
 from edge_agent.models import resolve_model
+from edge_agent.shrink import cut, read_manifest
 from edge_agent.uplink import UplinkConfig
 from fedmq_protocol import messages as m
 from fedmq_protocol.modes.kd import KdConsensus, KdUpdate, Probe, consensus_topic, encode_topk, probes_topic
@@ -63,6 +66,21 @@ def probe_set(path: Path, per_family: int, avoid: set[str]) -> list[Example]:
     path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response, "family": e.family}) + "\n"
                             for e in out))
     return out
+
+
+def raw_cut(base: str, keep: list[int], out: Path) -> str:
+    """The checkpoint at ``base`` cut to the blocks ``keep`` (unhealed), saved under ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cut(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), keep).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(out))
+    return str(out)
+
+
+def small(model: str) -> bool:
+    """Whether a row's model is the smaller one (a cut or a healed student)."""
+    return ":blocks=" in model or ":shrunk=" in model
 
 
 def generate(meth: Any, examples: list[Example], max_new: int) -> list[str]:
@@ -101,7 +119,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weighting", default="best", choices=["samples", "confidence", "best"])
     ap.add_argument("--probe-batch", type=int, default=4)
-    ap.add_argument("--blocks", type=int, default=10, help="blocks of the smaller model (SmolLM2-135M has 30)")
+    ap.add_argument("--blocks", type=int, default=15,
+                    help="blocks of the smaller model, a healed student (SmolLM2-135M has 30)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--model", default="smollm2-135m", help="the larger model (tiny-llama: a smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
@@ -112,7 +131,8 @@ def main() -> int:
     if args.from_json:
         rec = __import__("json").loads(args.from_json.read_text())
         report(argparse.Namespace(**{**rec["args"], "no_doc": args.no_doc}), rec["rows"], rec["baseline"],
-               rec["families"], rec["params"], rec["probes"], rec["seconds"], recorded=rec)
+               rec["families"], rec["params"], rec["probes"], rec["seconds"], recorded=rec,
+               student=rec.get("student"))
         return 0
 
     import torch
@@ -121,8 +141,9 @@ def main() -> int:
     from edge_agent.methods.kd import Distill, KdMethod
 
     t_start = time.perf_counter()
-    big_name, small_name = args.model, f"{args.model}:blocks={args.blocks}"
+    big_name, small_name = args.model, f"{args.model}:shrunk={args.blocks}"
     paths = {big_name: resolve_model(big_name), small_name: resolve_model(small_name)}
+    student = read_manifest(paths[small_name]) or {}
     adapter = m.AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     meths = {name: KdMethod(p, adapter, device="cpu", dtype="float32", seed=0) for name, p in paths.items()}
     v0 = {name: mt.get_state() for name, mt in meths.items()}
@@ -169,7 +190,14 @@ def main() -> int:
 
         t0 = time.perf_counter()
         baseline = {name: evaluate(name, v0[name]) for name in meths}
-        print(f"baselines evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
+        # the student's blocks before healing: what a plain cut gives
+        raw_name = f"{args.model}, raw cut"
+        meths[raw_name] = KdMethod(raw_cut(paths[big_name], student["kept_blocks"], tmp / "raw-cut"), adapter,
+                                   device="cpu", dtype="float32", seed=0)
+        baseline[raw_name] = evaluate(raw_name, meths[raw_name].get_state())
+        del meths[raw_name]
+        print(f"baselines evaluated ({time.perf_counter() - t0:.0f}s): " + "; ".join(
+            f"{n} loss {np.mean([v['loss'] for v in b.values()]):.3f}" for n, b in baseline.items()), flush=True)
         round1: dict[tuple[str, int], tuple[dict, float]] = {}
 
         def fit_cached(model: str, state: dict, i: int, r: int, distill: Distill | None = None) -> tuple[dict, float]:
@@ -270,14 +298,14 @@ def main() -> int:
         rows.append(kd_row("KD, same model", [big_name] * N))
         local_small = local_only(small_name, [N - 1])
         rows.append(kd_row("KD, two models", [big_name] * (N - 1) + [small_name]))
-        rows.insert(1, {"name": f"local-only, {args.blocks}-block model", "devices": local_small, "uplink": 0,
+        rows.insert(1, {"name": f"local-only, {args.blocks}-block student", "devices": local_small, "uplink": 0,
                         "downlink": 0})
-    report(args, rows, baseline, fams, params, len(probes), time.perf_counter() - t_start)
+    report(args, rows, baseline, fams, params, len(probes), time.perf_counter() - t_start, student=student)
     return 0
 
 
 def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: list, params: dict, n_probes: int,
-           seconds: float, recorded: dict | None = None) -> None:
+           seconds: float, recorded: dict | None = None, student: dict | None = None) -> None:
     """The JSON and the doc section; ``recorded``: a recorded run's JSON (its command and machine kept)."""
     local = {**rows[0]["devices"], **{f"small-{i}": d for i, d in rows[1]["devices"].items()}}
     fedavg = next(r for r in rows if r["name"] == "FedAvg LoRA")
@@ -285,7 +313,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
     targets = []
     for r in rows:
         for i, d in r["devices"].items():
-            ref = local[f"small-{i}"] if "blocks" in d["model"] else local[i]
+            ref = local[f"small-{i}"] if small(d["model"]) else local[i]
             d["unseen_loss_vs_local_pct"] = 100 * (d["unseen_loss"] / ref["unseen_loss"] - 1)
             d["own_loss_vs_local_pct"] = 100 * (d["own_loss"] / ref["own_loss"] - 1)
         if r["name"].startswith("KD"):
@@ -305,7 +333,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         if not r["name"].startswith("KD"):
             continue
         for i, d in r["devices"].items():
-            if "blocks" in d["model"]:
+            if small(d["model"]):
                 continue  # FedAvg cannot federate this device's model at all
             f = fedavg["devices"][i]
             compare.append(f"{r['name']} dev-{i}: unseen loss {d['unseen_loss']:.3f} vs FedAvg "
@@ -320,11 +348,13 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
     out = {"benchmark": "kd", "command": recorded["command"] if recorded else command_line(),
            "machine": recorded["machine"] if recorded else machine(), "args": vars(args), "seconds": seconds,
            "families": fams, "params": params, "probes": n_probes, "baseline": baseline, "rows": rows,
-           "targets": targets, "vs_fedavg": compare}
+           "targets": targets, "vs_fedavg": compare, "student": student}
     path = write_json("kd", out)
 
     def short(model: str) -> str:
-        return f"{args.blocks}-block" if "blocks" in model else "full"
+        if "raw cut" in model:
+            return f"{args.blocks}-block raw cut"
+        return f"{args.blocks}-block student" if small(model) else "full"
 
     table = []
     for r in rows:
@@ -334,10 +364,19 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
                           f"{d['unseen_loss_vs_local_pct']:+.1f} %",
                           f"{r['uplink']:,.0f}", f"{r['downlink']:,.0f}"])
     kd_rows = [r for r in rows if r["name"].startswith("KD")]
+    healed = ""
+    if student:
+        rc = student["recipe"]
+        healed = (f" — blocks {student['kept_blocks']} healed by `fedmq model shrink` ({rc['steps']} AdamW steps, "
+                  f"batch {rc['batch_size']}, lr {rc['lr']}, T={rc['temperature']}, top-{rc['top_k']} KL + "
+                  f"{rc['lm_weight']} × LM loss, on {rc['texts'] - rc['held_out']} texts the teacher wrote after "
+                  f"neutral prompts, seed {rc['seed']}; held-out KL to the teacher "
+                  f"{student['held_out_kl_before']:.2f} → {student['held_out_kl_after']:.2f})")
     md = (
         "## KD-FedLLM: distillation over logits vs local-only and FedAvg LoRA (`bench/kd.py`)\n\n"
         f"`{out['command']}` ({seconds / 60:.1f} min) — {args.model} ({params[next(iter(params))]:,} "
-        f"parameters) and its first {args.blocks} blocks ({list(params.values())[1]:,}), LoRA r=8 on q_proj/v_proj, "
+        f"parameters) and a student of {args.blocks} of its blocks ({list(params.values())[1]:,}){healed}, "
+        "LoRA r=8 on q_proj/v_proj, "
         f"{N} devices with non-IID synthetic families (" + "; ".join(f"dev-{i}: {', '.join(f)}" for i, f in
                                                                enumerate(fams))
         + f"), {args.samples} training examples each, {args.rounds} rounds × {args.local_steps} local AdamW steps "
@@ -362,7 +401,8 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         + f". Probe set {kd_rows[0]['probe_set_bytes']:,} B once; KD uplink {kd_rows[0]['uplink_per_probe']:,.0f} B "
         f"per probe ({kd_rows[0]['positions']} positions).\n\nTargets:\n\n"
         + "\n".join(f"- {t}" for t in targets)
-        + "\n\nAgainst FedAvg LoRA (same model everywhere; KD's 10-block device has no FedAvg counterpart): "
+        + f"\n\nAgainst FedAvg LoRA (same model everywhere; KD's {args.blocks}-block device has no FedAvg "
+        "counterpart): "
         + "; ".join(compare) + ".\n"
     )
     if not args.no_doc:

@@ -73,7 +73,7 @@ class DeviceRegistry:
         dev.last_seen = time.time() if arrived_at is None else arrived_at  # never the status's own ts
         dev.state = st.state if st.online else "offline"
         if st.online:
-            dev.method, dev.model = st.method, st.model
+            dev.method, dev.model, dev.tokenizer = st.method, st.model, st.tokenizer
             dev.num_samples, dev.eval_samples = st.num_samples or 0, st.eval_samples or 0
             dev.applied_version = st.applied_version
             dev.resources = st.resources.model_dump() if st.resources else None

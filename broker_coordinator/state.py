@@ -49,6 +49,7 @@ class DeviceRecord:
     resources: dict[str, Any] | None = None
     # memory budget, chosen plan, refusal and over-budget report (messages.DeviceMemory, as JSON)
     memory: dict[str, Any] | None = None
+    tokenizer: str | None = None  # DeviceStatus.tokenizer (kd federations)
 
     @property
     def ready(self) -> bool:

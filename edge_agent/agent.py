@@ -168,6 +168,7 @@ class EdgeAgent:
         self.method: TrainingMethod | None = None  # the trainer, built on first use (_ensure_method)
         self._method_key: Any = None  # TrainerChoice.key of the trainer loaded
         self.model_path: str | None = None
+        self.tokenizer_fp: str | None = None  # kd: announced so a mismatched device is never tasked
         self._model_names: dict[str, bool] = {}  # model name a task asked for -> this device holds it
         # newest global reachable from the snapshots and differences received (applied when idle)
         self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
@@ -244,6 +245,7 @@ class EdgeAgent:
             agent_version=AGENT_VERSION,
             memory=self.memory.status() if online else None,
             template=self._template(),
+            tokenizer=self.tokenizer_fp if online else None,
         ))
 
     def _template(self) -> str:
@@ -358,6 +360,12 @@ class EdgeAgent:
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self.announce()
         self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
+        if self.cfg.method == "kd":  # one tokenizer across the federation's models: say which
+            from transformers import AutoTokenizer
+
+            from edge_agent.models import tokenizer_fingerprint
+
+            self.tokenizer_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(self.model_path))
         self.memory.prepare(self.model_path, resolve_device(self.cfg.device))
         threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True).start()
         self._set_state("refused" if self.memory.refused else "idle")

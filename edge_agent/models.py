@@ -10,7 +10,11 @@ without touching the Hugging Face hub:
   tokenizer with its family's turn tokens and chat template (tests).
 - ``"<model>:blocks=N"``: the first N transformer blocks of ``<model>`` (any name above), embeddings,
   final norm and head kept: a smaller model sharing ``<model>``'s tokenizer, built once into
-  ``<cache>/models/<model dir>-blocks<N>/`` from the cached checkpoint (no hub).
+  ``<cache>/models/<model dir>-blocks<N>/`` from the cached checkpoint (no hub). Not a working
+  language model without further training.
+- ``"<model>:shrunk=N"``: N blocks of ``<model>`` healed by distillation from it (``edge_agent.shrink``,
+  its default recipe), built once into ``<cache>/models/<model dir>-shrunk<N>/`` with a manifest;
+  ``fedmq model shrink`` builds it with another recipe.
 - a local directory holding ``config.json``: returned as is.
 - a ``.gguf`` file: converted once into ``<cache>/models/gguf-<sha256[:16]>/``.
 - any other name containing ``/`` (a hub id): returned as is.
@@ -59,7 +63,8 @@ ALL_LINEAR = "all-linear"  # AdapterSpec.target_modules ("all-linear",): every l
 
 ACCEPTED = (
     "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama' (or tiny-qwen2, tiny-gemma, "
-    "tiny-phi3), '<any of these>:blocks=N' (its first N blocks), a local directory with "
+    "tiny-phi3), '<any of these>:blocks=N' (its first N blocks), '<any of these>:shrunk=N' (N blocks "
+    "healed by distillation), a local directory with "
     "config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
 )
 
@@ -85,6 +90,14 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
     cache = Path(cache_dir) if cache_dir is not None else fedmq_home()
     models_dir = cache / "models"
 
+    from edge_agent.shrink import Recipe, split_shrunk
+
+    shrunk_base, shrunk = split_shrunk(name)
+    if shrunk is not None:
+        base = Path(resolve_model(shrunk_base, cache_dir=cache, log=log))
+        if not base.is_dir():
+            raise ValueError(f"model {name!r}: shrunk=N needs a local checkpoint, {shrunk_base!r} is not one")
+        return str(shrink_model(base, Recipe(blocks=shrunk), log=log, reuse_any=True))
     base_name, blocks = split_blocks(name)
     if blocks is not None:
         base = Path(resolve_model(base_name, cache_dir=cache, log=log))
@@ -144,6 +157,30 @@ def _build_truncated(base: Path, blocks: int, out_dir: Path) -> None:
         model.config.layer_types = model.config.layer_types[:blocks]
     model.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir))
+
+
+def shrink_model(base: Path, recipe: Any, *, log: Log = print, reuse_any: bool = False,
+                 force: bool = False) -> Path:
+    """The student of the checkpoint ``base`` made by ``recipe`` (``edge_agent.shrink.Recipe``), built
+    once into ``<base>-shrunk<N>`` beside it and reused. A cached one made by another recipe is
+    reused when ``reuse_any``, rebuilt when ``force``, else refused (ValueError naming both)."""
+    from dataclasses import asdict
+
+    from edge_agent.shrink import build_student, read_manifest, shrunk_dir
+
+    target = shrunk_dir(base, recipe.blocks)
+    if (target / "config.json").is_file() and not reuse_any:
+        made = read_manifest(target)
+        if made is None or made.get("recipe") != asdict(recipe):
+            if not force:
+                raise ValueError(f"{target} was made by another recipe ({(made or {}).get('recipe')}); "
+                                 "pass --force to rebuild it")
+            with _file_lock(target.parent / f".{target.name}.lock"):
+                shutil.rmtree(target, ignore_errors=True)
+    def build(d: Path) -> None:
+        build_student(base, recipe, d, log)
+
+    return _cached_build(target, build, log)
 
 
 def tokenizer_fingerprint(tok: Any) -> str:

@@ -250,6 +250,33 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_shrink(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_agent.models import resolve_model, shrink_model
+    from edge_agent.shrink import Recipe, read_manifest
+    from fedmq.configfile import ConfigError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    recipe = Recipe(blocks=args.blocks, layout=args.layout, steps=args.steps, lr=args.lr, seed=args.seed,
+                    texts=args.texts, temperature=args.temperature)
+    try:
+        base = Path(resolve_model(args.name, cache_dir=Path(args.cache) if args.cache else None))
+        if not base.is_dir():
+            raise ValueError(f"{args.name!r} is not a local checkpoint")
+        path = shrink_model(base, recipe, force=args.force)
+    except ValueError as exc:
+        raise ConfigError(f"fedmq model shrink {args.name}: {exc}") from None
+    made = read_manifest(path) or {}
+    print(json.dumps({k: made.get(k) for k in ("kept_blocks", "held_out_kl_before", "held_out_kl_after",
+                                                "final_loss")}))
+    print(path)
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     import json
 
@@ -360,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="smollm2-135m, tiny-llama, a .gguf file, an HF directory or hub id")
     f.add_argument("--cache", help="cache directory (default $FEDMQ_HOME or ~/.cache/fedmq)")
     f.set_defaults(func=cmd_model_fetch)
+    sh = msub.add_parser("shrink", help="make a smaller model: keep N blocks of a cached model and heal "
+                                        "them by distillation from it (cached as '<name>:shrunk=N')")
+    sh.add_argument("name", help="the teacher: smollm2-135m, tiny-llama or an HF directory")
+    sh.add_argument("--blocks", type=int, required=True, help="blocks the student keeps")
+    sh.add_argument("--layout", choices=["spread", "first"], default="spread",
+                    help="which blocks: evenly spaced, first and last kept (default), or the first N")
+    sh.add_argument("--steps", type=int, default=64, help="healing steps (AdamW, batch 4; default 64)")
+    sh.add_argument("--lr", type=float, default=5e-4)
+    sh.add_argument("--texts", type=int, default=28,
+                    help="texts the teacher writes for healing (default 28; 4 held out)")
+    sh.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sh.add_argument("--force", action="store_true", help="rebuild a cached student made by another recipe")
+    sh.add_argument("--cache", help="cache directory (default $FEDMQ_HOME or ~/.cache/fedmq)")
+    sh.set_defaults(func=cmd_model_shrink)
 
     keys = sub.add_parser("keys", help="update-signing keys (Ed25519)")
     ksub = keys.add_subparsers(dest="keys_command", required=True)

@@ -168,6 +168,9 @@ class DeviceStatus(Message):
     # the prompt template (agent config data.template): chat | plain | custom once the model is
     # loaded, auto before (JSON status only)
     template: str | None = None
+    # SHA-256 (hex) of the model's tokenizer (vocabulary and special ids), once the model is resolved,
+    # from devices of modes that need one tokenizer across models (kd)
+    tokenizer: str | None = Field(None, min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")
     # Ed25519 signature by the device's key (base64; fedmq_protocol.signing.sign_status)
     signature: str | None = Field(None, max_length=128)
 

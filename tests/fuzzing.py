@@ -311,3 +311,19 @@ def resign(signer, federation: str, obj: dict) -> dict:
         return dict(obj, signature=signer.sign(federation, obj))
     except (KeyError, TypeError, ValueError, OverflowError):
         return obj
+
+
+def kd_seeds() -> dict[str, bytes]:
+    """Valid kd payloads (the golden ones, tests/kd_helpers.py): a fit update with top-k log-probs,
+    its task, the probe set and a consensus; their probe set is ``kd_probe_lines()``."""
+    from tests.kd_helpers import build_golden
+
+    return build_golden()
+
+
+def kd_probe_lines() -> str:
+    """The JSONL probe file whose hash the golden kd payloads name."""
+    import json
+
+    return "".join(json.dumps(p) + "\n" for p in ({"prompt": "Add 2 and 3.", "response": "5"},
+                                                   {"prompt": "Reverse: abc", "response": "cba"}))

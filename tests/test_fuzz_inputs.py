@@ -6,7 +6,8 @@ init, zo), tasks, global snapshots and differences, zo ledger rounds, framed mes
 manifests, chunks) and device status JSON go through the same decode and validation code the
 coordinator and the agent run. Every call must return or raise ProtocolError (a crash is any other
 exception), and whatever is accepted must be usable: tensors with the expected names and shapes,
-finite values, indices in range, a signature only on the unmodified body.
+finite values, indices in range, a signature only on the unmodified body. The kd payloads (fit
+updates with top-k log-probs, tasks, probe sets, consensus; FUZZ_KD, default 10 000) likewise.
 
 Live (FUZZ_LIVE payloads, default 10 000): a coordinator process with signatures required opens a
 fit round for one (fake, torch-free) device, which publishes that many payloads on its update topic
@@ -404,3 +405,56 @@ def test_live_coordinator_refuses_every_fuzzed_update(mosquitto, tmp_path):
     assert sorted(capture.weights) == [0, 1]
     for k in SHAPES:
         np.testing.assert_allclose(capture.weights[1][k], capture.weights[0][k] + delta[k], rtol=0, atol=1e-7)
+
+
+FUZZ_KD = int(os.environ.get("FUZZ_KD", "10000"))
+
+
+def test_kd_decoders_survive_mutated_payloads(tmp_path):
+    """Seeded mutations of valid kd payloads: fit updates through the kd coordinator's validation,
+    consensus and probe-set messages through the agent's decoders, tasks through the task payload
+    check. Each returns or raises ProtocolError; what is accepted is usable (finite, in range)."""
+    import msgpack
+
+    from broker_coordinator.modes import create_mode
+    from fedmq_protocol.modes.kd import KdConsensus, KdProbeSet, KdTask
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(fz.kd_probe_lines())
+    mode = create_mode(CoordinatorConfig.model_validate({"kd": {"probe_path": str(probes), "top_k": 8}}))
+    seeds = fz.kd_seeds()
+
+    def run(name: str, payload: bytes) -> None:
+        if name == "update_fit_kd":
+            got = mode.validate_update(m.Update.from_msgpack(payload, max_bytes=MAX_BYTES))
+            assert got.ids.shape == got.logprobs.shape and got.ids.shape[0] == sum(mode.positions)
+            assert np.all((got.ids >= 0) & (got.ids < mode.vocab_size)) and np.all(np.isfinite(got.logprobs))
+        elif name == "kd_consensus":
+            ids, probs = KdConsensus.from_msgpack(payload, max_bytes=MAX_BYTES).arrays()
+            assert np.all(np.isfinite(probs)) and np.all(probs >= 0) and np.all(ids >= 0)
+        elif name == "kd_probes":
+            KdProbeSet.from_msgpack(payload, max_bytes=MAX_BYTES)
+        else:
+            m.Task.from_msgpack(payload, max_bytes=MAX_BYTES).payload_as(KdTask, "task")
+
+    for name, payload in seeds.items():  # every seed is valid
+        run(name, payload)
+    assert mode.refused == {}
+    rng = random.Random(20261201)
+    names = sorted(seeds)
+    objs = {n: msgpack.unpackb(p, raw=False) for n, p in seeds.items()}
+    crashes: list[str] = []
+    counts = {"accepted": 0, "refused": 0}
+    for _ in range(FUZZ_KD):
+        name = rng.choice(names)
+        mutated = fz.mutate(rng, seeds[name], objs[name])
+        try:
+            run(name, mutated)
+            counts["accepted"] += 1
+        except ProtocolError:
+            counts["refused"] += 1
+        except Exception as exc:  # noqa: BLE001 - this is what the test counts
+            crashes.append(f"{name}: {type(exc).__name__}: {exc} <- {mutated[:80].hex()}")
+    print(f"kd fuzz: {counts}, refusals by reason {mode.refused}, crashes {len(crashes)}")
+    assert not crashes, crashes[:5]
+    assert counts["refused"] > FUZZ_KD // 4 and sum(mode.refused.values()) > 0

@@ -180,6 +180,28 @@ def test_a_device_with_another_tokenizer_than_the_configured_one_is_refused(tmp_
     assert mode.refused == {"tokenizer": 1}
 
 
+def test_a_device_whose_status_names_another_tokenizer_is_never_tasked(kd_mode):
+    from broker_coordinator.registry import DeviceRegistry
+    from broker_coordinator.strategy import select_devices
+    from fedmq_protocol.topics import Topics
+
+    mode = kd_mode
+    topics = Topics("fedmq", "default")
+    reg = DeviceRegistry({}, topics, 60.0)
+    for dev, tok in (("dev-0", TOKENIZER), ("dev-1", "cd" * 32), ("dev-2", None)):
+        st = m.DeviceStatus(device_id=dev, online=True, seq=1, method="kd", num_samples=8, state="idle",
+                            tokenizer=tok)
+        reg.on_status(topics.device_status(dev), st.to_json())
+        assert reg.devices[dev].tokenizer == tok
+    mode.validate_update(_update(mode, device="dev-0"))  # the first update fixes the federation's tokenizer
+    for r in range(1, 4):  # every round's selection: the mismatched device is left out, counted once
+        chosen = select_devices(r, list(reg.devices.values()), min_clients=1, accepts=mode.accepts)
+        assert chosen == ["dev-0", "dev-2"]  # dev-2 said nothing: its update decides
+    assert mode.refused == {"tokenizer": 1} and mode.mismatched == {"dev-1": "cd" * 32}
+    with pytest.raises(ValueError, match="tokenizer"):
+        m.DeviceStatus(device_id="dev-3", online=True, seq=1, tokenizer="not hex")
+
+
 def test_aggregate_publishes_and_persists_the_consensus(kd_mode, tmp_path):
     mode = kd_mode
     ups = [_update(mode, device=f"dev-{i}") for i in range(2)]

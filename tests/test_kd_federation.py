@@ -52,6 +52,8 @@ def test_three_devices_of_two_sizes_distil_and_their_probe_kl_to_the_consensus_f
     fits = [u for u in capture.updates if u.kind == "fit"]
     assert len(fits) == 9 and all(u.tensors.empty and isinstance(u.payload, KdUpdate) for u in fits)
     assert len({u.payload.tokenizer for u in fits}) == 1
+    # each device's status named that tokenizer before it was tasked (the coordinator records it)
+    assert {d["tokenizer"] for d in state["devices"].values()} == {fits[0].payload.tokenizer}
 
     # Distillation: each device's KL to the last consensus falls while it trains (rounds 2, 3) and
     # the federation's KL to its consensus is lower in round 3 than at the start of round 2

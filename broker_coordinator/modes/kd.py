@@ -12,6 +12,7 @@ with the reason, and counted by reason in the mode state.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ from fedmq_protocol.modes.kd import (
     probes_topic,
     validate_topk,
 )
+
+log = logging.getLogger("fedmq.coordinator")
 
 if TYPE_CHECKING:
     from broker_coordinator.config import CoordinatorConfig
@@ -71,6 +74,7 @@ class KdMode(CoordinatorMode):
         self.positions: tuple[int, ...] | None = None
         self.consensus: KdConsensus | None = None
         self.refused: dict[str, int] = {}
+        self.mismatched: dict[str, str] = {}  # device -> the other tokenizer its status named
         self.kl: dict[str, dict[str, dict[str, float]]] = {}  # round -> device -> kd metrics
         self._published: set[str] = set()
 
@@ -108,7 +112,19 @@ class KdMode(CoordinatorMode):
 
     # -- devices and tasks ------------------------------------------------------------------
     def accepts(self, device: DeviceRecord) -> bool:
-        return device.method in (None, "kd")
+        """kd devices, but not one whose status names another tokenizer than the federation's (it
+        is never tasked; counted once per device under ``refused["tokenizer"]``)."""
+        if device.method not in (None, "kd"):
+            return False
+        want = self.spec.tokenizer or self.tokenizer
+        if device.tokenizer is None or want is None or device.tokenizer == want:
+            return True
+        if self.mismatched.get(device.device_id) != device.tokenizer:
+            self.mismatched[device.device_id] = device.tokenizer
+            self.refused["tokenizer"] = self.refused.get("tokenizer", 0) + 1
+            log.warning("kd: device %s is not tasked: its tokenizer %s… is not the federation's %s…",
+                        device.device_id, device.tokenizer[:12], want[:12])
+        return False
 
     def initial_global(self) -> GlobalModel:
         return self._global(0, 0)  # nothing is shared but knowledge: version 0 is "no consensus yet"
