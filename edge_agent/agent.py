@@ -168,7 +168,7 @@ class EdgeAgent:
         self.method: TrainingMethod | None = None  # the trainer, built on first use (_ensure_method)
         self._method_key: Any = None  # TrainerChoice.key of the trainer loaded
         self.model_path: str | None = None
-        self.tokenizer_fp: str | None = None  # kd: announced so a mismatched device is never tasked
+        self.tokenizer_fp: str | None = None  # announced (AgentMode.announces_tokenizer): a mismatch is never tasked
         self._model_names: dict[str, bool] = {}  # model name a task asked for -> this device holds it
         # newest global reachable from the snapshots and differences received (applied when idle)
         self.sync = GlobalSync(max_elements=config.broker.max_message_bytes)
@@ -360,7 +360,7 @@ class EdgeAgent:
         self.transport.connect(self.cfg.broker.connect_timeout_s)
         self.announce()
         self.model_path = resolve_model(self.cfg.model, cache_dir=self.cfg.model_cache)
-        if self.cfg.method == "kd":  # one tokenizer across the federation's models: say which
+        if self.mode.announces_tokenizer:  # models that must share a tokenizer: say which
             from transformers import AutoTokenizer
 
             from edge_agent.models import tokenizer_fingerprint

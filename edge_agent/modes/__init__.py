@@ -97,6 +97,8 @@ class AgentMode(ABC):
     name: ClassVar[str]
     #: the training methods an agent of this mode may be configured with (``method:``)
     methods: ClassVar[tuple[str, ...]]
+    #: the device's status names its tokenizer (modes federating different models that must share one)
+    announces_tokenizer: ClassVar[bool] = False
 
     def __init__(self, ctx: AgentContext) -> None:
         self.ctx = ctx

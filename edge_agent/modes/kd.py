@@ -49,6 +49,7 @@ def _kd(trainer: TrainingMethod) -> KdMethod:
 class KdMode(AgentMode):
     name: ClassVar[str] = "kd"
     methods: ClassVar[tuple[str, ...]] = ("kd",)
+    announces_tokenizer: ClassVar[bool] = True  # one tokenizer across the federation's models
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
