@@ -184,3 +184,53 @@ def test_report_writes_plots_and_summary(fleet, source, tmp_path):
         assert f"{h['eval_loss']:.4f}" in md
     assert "| dev-0 | lora | 2 |" in md and "| dev-1 | " in md
     assert "![eval_loss](eval_loss.png)" in md
+
+
+def test_shipped_acl_carries_the_modes_retained_messages_and_each_devices_split_topics(tmp_path):
+    """The zo and krso ledgers (written by the coordinator) reach devices; a device's split
+    activations reach the split server, which answers that device only; nobody else's split topic
+    is open to a device."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    users = {"dev-0": "pw-0", "dev-1": "pw-1", "coordinator": "pw-c", "split-server": "pw-s"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users,
+                             acl=(REPO / "configs/mosquitto/acl").read_text()).start()
+    base = TOPICS.base
+    got: dict[str, list[str]] = {u: [] for u in users}
+
+    def client(user: str, *filters: str) -> MqttTransport:
+        pw = tmp_path / f"{user}.pw"
+        pw.write_text(users[user] + "\n")
+        t = MqttTransport(BrokerConfig(url=broker.url, username=user, password_file=str(pw)), f"{user}-acl",
+                          clean_start=True)
+        for f in filters:
+            t.subscribe(f, lambda topic, payload, user=user: got[user].append(topic), qos=1)
+        t.connect(10)
+        return t
+
+    clients = []
+    try:
+        coord = client("coordinator")
+        clients.append(coord)
+        for topic in (f"{base}/zo/ledger/1", f"{base}/krso/ledger/1", f"{base}/krso/checkpoint"):
+            coord.publish(topic, b"ledger", qos=1, retain=True)
+        clients += [client("dev-0", f"{base}/zo/ledger/+", f"{base}/krso/#", f"{base}/split/dev-0/response"),
+                    client("dev-1", f"{base}/split/dev-0/response", f"{base}/split/+/request"),
+                    client("split-server", f"{base}/split/+/request")]
+        dev0, server = clients[1], clients[3]
+        dev0.publish(f"{base}/split/dev-0/request", b"a", qos=1)
+        with pytest.raises(TransportError, match="Not authorized"):
+            dev0.publish(f"{base}/split/dev-1/request", b"forged", qos=1)
+        server.publish(f"{base}/split/dev-0/response", b"g", qos=1)
+        deadline = time.monotonic() + 5
+        while (len(got["dev-0"]) < 4 or not got["split-server"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        for c in clients:
+            c.close()
+        broker.stop()
+    assert sorted(got["dev-0"]) == sorted([f"{base}/krso/checkpoint", f"{base}/krso/ledger/1",
+                                           f"{base}/split/dev-0/response", f"{base}/zo/ledger/1"])
+    assert got["split-server"] == [f"{base}/split/dev-0/request"]  # not the request forged for dev-1
+    assert got["dev-1"] == []  # another device's gradients and requests stay closed to it
