@@ -296,6 +296,9 @@ class EdgeAgent:
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
+            # a change of state is progress: stamped first, so a watchdog that reads the new state
+            # (and with it the allowance of a load that has just ended) also reads a fresh stamp
+            self._heartbeat()
             self.state = state
             self.announce()
 

@@ -133,8 +133,9 @@ class Watchdog:
                 self.notifier.status(text)
         if self.interval is None:
             return False
-        age = self.clock() - self.alive_at()
+        # the allowance before the stamp: a phase that ends (its allowance gone) stamps first
         limit = self.interval if self.allowance is None else max(self.interval, self.allowance())
+        age = self.clock() - self.alive_at()
         if age <= limit:
             self.pings += self.notifier.watchdog()
             return True
