@@ -12,7 +12,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 LOADING_ALLOWANCE_S = 900.0  # how long a model load may go without progress before the watchdog fires
 
@@ -72,6 +74,36 @@ def _exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def _serve(service: Any, ready_text: str, status: Callable[[], str]) -> int:
+    """Run a broker-connected service (``transport``, ``alive_at``, ``run``, ``stop``, ``close``)
+    under systemd: READY once the broker accepted it (repeats on reconnect are harmless), the
+    watchdog fed while ``alive_at`` moves, SIGTERM stops it."""
+    from fedmq.sdnotify import Notifier, Watchdog
+
+    sd = Notifier()
+    dog = Watchdog(sd, lambda: service.alive_at, status)
+
+    def on_connect(session_present: bool) -> None:
+        sd.ready(ready_text)
+        dog.start()
+
+    service.transport.on_connect.append(on_connect)
+    stop = threading.Event()
+    _on_sigterm(stop, sd)
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        service.stop()
+
+    threading.Thread(target=stop_on_signal, daemon=True).start()
+    try:
+        service.run()
+    finally:
+        dog.stop()
+        service.close()
+    return 0
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from broker_coordinator.config import CoordinatorConfig
     from broker_coordinator.coordinator import Coordinator
@@ -79,65 +111,19 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     overrides = {"rounds": args.rounds} if args.rounds else None
     cfg = load_config(args.config, CoordinatorConfig, overrides)
-    from fedmq.sdnotify import Notifier, Watchdog
-
     coord = Coordinator(cfg)
-    sd = Notifier()
-    dog = Watchdog(sd, lambda: coord.alive_at,
-                   lambda: f"round {coord.state.round_completed}/{cfg.rounds}, global v{coord.state.global_version}")
-    # READY once the broker accepted us (repeats on reconnect are harmless)
-    def on_connect(session_present: bool) -> None:
-        sd.ready(f"connected to {cfg.broker.url}")
-        dog.start()
-
-    coord.transport.on_connect.append(on_connect)
-    stop = threading.Event()
-    _on_sigterm(stop, sd)
-
-    def stop_on_signal() -> None:
-        stop.wait()
-        coord.stop()
-
-    threading.Thread(target=stop_on_signal, daemon=True).start()
-    try:
-        coord.run()
-    finally:
-        dog.stop()
-        coord.close()
-    return 0
+    return _serve(coord, f"connected to {cfg.broker.url}",
+                  lambda: f"round {coord.state.round_completed}/{cfg.rounds}, global v{coord.state.global_version}")
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from broker_coordinator.site import SiteAggregatorConfig
+    from broker_coordinator.site import SiteAggregator, SiteAggregatorConfig
     from fedmq.configfile import load_config
 
     cfg = load_config(args.config, SiteAggregatorConfig)
-    from broker_coordinator.site import SiteAggregator
-    from fedmq.sdnotify import Notifier, Watchdog
-
     agg = SiteAggregator(cfg)
-    sd = Notifier()
-    stop = threading.Event()
-    _on_sigterm(stop, sd)
-    dog = Watchdog(sd, lambda: agg.alive_at,
-                   lambda: f"site {cfg.site_id}: {agg.counters.partials_sent} partial(s) sent")
-
-    def on_connect(session_present: bool) -> None:
-        sd.ready(f"site {cfg.site_id}: connected to {cfg.broker.url}")
-        dog.start()
-
-    def stop_on_signal() -> None:
-        stop.wait()
-        agg.stop()
-
-    agg.transport.on_connect.append(on_connect)
-    threading.Thread(target=stop_on_signal, daemon=True).start()
-    try:
-        agg.run()
-    finally:
-        dog.stop()
-        agg.close()
-    return 0
+    return _serve(agg, f"site {cfg.site_id}: connected to {cfg.broker.url}",
+                  lambda: f"site {cfg.site_id}: {agg.counters.partials_sent} partial(s) sent")
 
 
 def cmd_split_server(args: argparse.Namespace) -> int:
