@@ -72,10 +72,11 @@ class Collection:
         self.decode_s += old.decode_s
 
     def journal(self) -> OpenRound:
+        """The fan-out's record; what it accepted is journalled one payload at a time beside it
+        (``StateStore.save_accepted``), so the record lists none of it."""
         return OpenRound(task_id=self.task_id, kind=self.kind, round=self.round_no, base_version=self.base_version,
-                         attempt=self.attempt, selected=tuple(sorted(self.expected)),
-                         accepted=tuple(sorted(self.accepted)), nonce=self.nonce, earlier=tuple(self.earlier),
-                         partials=tuple(sorted(set(self.via_partial.values()))))
+                         attempt=self.attempt, selected=tuple(sorted(self.expected)), nonce=self.nonce,
+                         earlier=tuple(self.earlier))
 
 
 def check_update_fields(upd: m.Update) -> None:

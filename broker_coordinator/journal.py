@@ -1,7 +1,8 @@
 """The open-round journal: what a coordinator must know to resume the round it was in.
 
-A fit fan-out is journalled when its tasks go out and again after every accepted update (whose
-payload is kept exactly as received, beside the record). A restarted coordinator reads it back,
+A fit fan-out is journalled when its tasks go out; every accepted update (or site partial) is then
+journalled on its own, its payload kept exactly as received beside the record, and those payloads
+are the list of what was accepted. A restarted coordinator reads them back,
 re-checks every kept payload as if it had just arrived, and continues the same round: devices
 that already answered are not asked again.
 """
@@ -51,8 +52,9 @@ class EarlierAttempt:
 
 @dataclass(frozen=True)
 class OpenRound:
-    """The fit fan-out in progress: its task, the selected devices and those whose update was
-    accepted (the JSON of ``open-round.json``)."""
+    """The fit fan-out in progress: its task and the selected devices (the JSON of
+    ``open-round.json``). ``accepted`` and ``partials`` are filled when it is read back, from the
+    journalled payloads; the record on disk does not list them."""
 
     task_id: str
     round: int
@@ -68,9 +70,10 @@ class OpenRound:
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "task_id": self.task_id, "kind": self.kind, "round": self.round, "base_version": self.base_version,
-            "attempt": self.attempt, "selected": sorted(self.selected), "accepted": sorted(self.accepted),
-            "earlier": [e.to_json() for e in self.earlier],
+            "attempt": self.attempt, "selected": sorted(self.selected), "earlier": [e.to_json() for e in self.earlier],
         }
+        if self.accepted:
+            doc["accepted"] = sorted(self.accepted)
         if self.partials:
             doc["partials"] = sorted(self.partials)
         if self.nonce is not None:
