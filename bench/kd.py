@@ -9,17 +9,17 @@ same seeds everywhere, all rows in one run:
 - KD, same model: every device SmolLM2-135M with its own adapter, the kd mode's coordinator
   (``broker_coordinator.modes.kd``) combining their top-k log-probs on the public probe set into
   the consensus they distil from (real KdUpdate / KdConsensus messages: the bytes reported);
-- KD, two models: devices 0 and 1 SmolLM2-135M, device 2 a student of ``--blocks`` of its blocks
-  healed by distillation from it (``smollm2-135m:shrunk=N``, ``fedmq model shrink``, built once and
-  cached): a mix that parameter averaging cannot federate.
+- KD, two models: devices 0 and 1 SmolLM2-135M, device 2 the smaller model ``--small``: some of
+  SmolLM2-135M's blocks, spread over its depth (``smollm2-135m:spread=N``) or healed by distillation
+  (``smollm2-135m:shrunk=N``, ``fedmq model shrink``): a mix that parameter averaging cannot federate.
 
 The probe set is public material (prompt + answer) from every family, its prompts disjoint from
 the eval rows and the training rows. Per device and row: held-out loss (mean over the group's
 families of the token-mean loss on the answer) and exact-match accuracy (greedy answer checked by
 ``edge_agent.data.check_answer``) on its own families and on the families it never saw; uplink
 and downlink bytes per client per round. Round 1 of every row is the same local fit from the same
-LoRA init (no consensus yet), computed once. Before training, the raw cut (the student's blocks
-before healing) is evaluated beside the full model and the healed student.
+LoRA init (no consensus yet), computed once. Before training, the smaller model is evaluated beside
+the full one (and, for a healed student, the raw cut of its blocks).
 
     OMP_NUM_THREADS=1 python bench/kd.py    # the recorded run (sizes: the --help defaults)
 """
@@ -80,7 +80,16 @@ def raw_cut(base: str, keep: list[int], out: Path) -> str:
 
 def small(model: str) -> bool:
     """Whether a row's model is the smaller one (a cut or a healed student)."""
-    return ":blocks=" in model or ":shrunk=" in model
+    return any(s in model for s in (":blocks=", ":spread=", ":shrunk=", "raw cut"))
+
+
+def describe(model: str) -> str:
+    """A short name for a model of the rows: full, a cut or a healed student."""
+    for suffix, what in ((":blocks=", "first {} blocks"), (":spread=", "{} blocks spread"),
+                         (":shrunk=", "{}-block healed student")):
+        if suffix in model:
+            return what.format(model.rpartition(suffix)[2])
+    return "raw cut" if "raw cut" in model else "full"
 
 
 def generate(meth: Any, examples: list[Example], max_new: int) -> list[str]:
@@ -117,10 +126,16 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--weighting", default="best", choices=["samples", "confidence", "best"])
+    ap.add_argument("--weighting", default="confidence", choices=["samples", "confidence", "best"])
+    ap.add_argument("--select", default="better", choices=["all", "better"],
+                    help="probes a device distils on (kd.select): all, or where the consensus explains them better")
     ap.add_argument("--probe-batch", type=int, default=4)
-    ap.add_argument("--blocks", type=int, default=15,
-                    help="blocks of the smaller model, a healed student (SmolLM2-135M has 30)")
+    ap.add_argument("--no-compare-best", dest="compare_best", action="store_false",
+                    help="skip the mixed row's second run with weighting best and select all")
+    ap.add_argument("--small", default="{model}:spread=15",
+                    help="the smaller model of the mixed row ({model}: --model): ':spread=N' N of its blocks "
+                         "spread over its depth, ':blocks=N' its first N, ':shrunk=N' a healed student "
+                         "(SmolLM2-135M has 30 blocks)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--model", default="smollm2-135m", help="the larger model (tiny-llama: a smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
@@ -141,9 +156,11 @@ def main() -> int:
     from edge_agent.methods.kd import Distill, KdMethod
 
     t_start = time.perf_counter()
-    big_name, small_name = args.model, f"{args.model}:shrunk={args.blocks}"
+    big_name, small_name = args.model, args.small.format(model=args.model)
+    if not small(small_name):
+        ap.error(f"--small {args.small!r}: expected {args.model}:spread=N, :blocks=N or :shrunk=N")
     paths = {big_name: resolve_model(big_name), small_name: resolve_model(small_name)}
-    student = read_manifest(paths[small_name]) or {}
+    student = read_manifest(paths[small_name]) or {}  # a healed student's manifest; {} for a cut
     adapter = m.AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     meths = {name: KdMethod(p, adapter, device="cpu", dtype="float32", seed=0) for name, p in paths.items()}
     v0 = {name: mt.get_state() for name, mt in meths.items()}
@@ -190,12 +207,12 @@ def main() -> int:
 
         t0 = time.perf_counter()
         baseline = {name: evaluate(name, v0[name]) for name in meths}
-        # the student's blocks before healing: what a plain cut gives
-        raw_name = f"{args.model}, raw cut"
-        meths[raw_name] = KdMethod(raw_cut(paths[big_name], student["kept_blocks"], tmp / "raw-cut"), adapter,
-                                   device="cpu", dtype="float32", seed=0)
-        baseline[raw_name] = evaluate(raw_name, meths[raw_name].get_state())
-        del meths[raw_name]
+        if student:  # a healed student's blocks before healing: what a plain cut gives
+            raw_name = f"{args.model}, raw cut"
+            meths[raw_name] = KdMethod(raw_cut(paths[big_name], student["kept_blocks"], tmp / "raw-cut"), adapter,
+                                       device="cpu", dtype="float32", seed=0)
+            baseline[raw_name] = evaluate(raw_name, meths[raw_name].get_state())
+            del meths[raw_name]
         print(f"baselines evaluated ({time.perf_counter() - t0:.0f}s): " + "; ".join(
             f"{n} loss {np.mean([v['loss'] for v in b.values()]):.3f}" for n, b in baseline.items()), flush=True)
         round1: dict[tuple[str, int], tuple[dict, float]] = {}
@@ -241,13 +258,13 @@ def main() -> int:
         print(f"fedavg ({time.perf_counter() - t_row:.0f}s)", flush=True)
 
         # -- KD --------------------------------------------------------------------------------
-        cfg = CoordinatorConfig.model_validate({
-            "adapter": adapter.model_dump(), "kd": {
-                "probe_path": str(tmp / "probes.jsonl"), "top_k": args.top_k, "weighting": args.weighting,
-                "lambda": args.lam, "temperature": args.temperature, "probe_batch_size": args.probe_batch}})
-
-        def kd_row(name: str, models: list[str]) -> dict:
+        def kd_row(name: str, models: list[str], weighting: str = args.weighting, select: str = args.select) -> dict:
             t_row = time.perf_counter()
+            cfg = CoordinatorConfig.model_validate({
+                "adapter": adapter.model_dump(), "kd": {
+                    "probe_path": str(tmp / "probes.jsonl"), "top_k": args.top_k, "weighting": weighting,
+                    "select": select, "lambda": args.lam, "temperature": args.temperature,
+                    "probe_batch_size": args.probe_batch}})
             mode = create_mode(cfg)
             init = dict(mode.retained_messages(BASE))
             probe_bytes = len(init[probes_topic(BASE)])
@@ -261,7 +278,7 @@ def main() -> int:
                 for i, mdl in enumerate(models):
                     distill = None if target is None else Distill(
                         probes, target[0], target[1], task.lam, task.temperature, task.max_response_tokens,
-                        task.probe_batch_size)
+                        task.probe_batch_size, select=task.select)
                     states[i], _ = fit_cached(mdl, states[i], i, r, distill)
                     meth = meths[mdl]
                     meth.set_state(states[i])
@@ -289,7 +306,8 @@ def main() -> int:
             devices = {i: {"model": mdl, **split(evaluate(mdl, states[i]), i)} for i, mdl in enumerate(models)}
             print(f"{name} ({time.perf_counter() - t_row:.0f}s)", flush=True)
             positions = sum(mode.positions or ())
-            return {"name": name, "devices": devices, "uplink": float(np.mean(up)),
+            return {"name": name, "weighting": weighting, "select": select, "devices": devices,
+                    "uplink": float(np.mean(up)),
                     "downlink": (v0_bytes + probe_bytes + sum(down)) / args.rounds,
                     "downlink_excl_probe_set": float(np.mean(down)), "probe_set_bytes": probe_bytes,
                     "probe_kl_per_round": kl, "positions": positions,
@@ -298,7 +316,11 @@ def main() -> int:
         rows.append(kd_row("KD, same model", [big_name] * N))
         local_small = local_only(small_name, [N - 1])
         rows.append(kd_row("KD, two models", [big_name] * (N - 1) + [small_name]))
-        rows.insert(1, {"name": f"local-only, {args.blocks}-block student", "devices": local_small, "uplink": 0,
+        if args.compare_best and (args.weighting, args.select) != ("best", "all"):
+            # the same mix with FedMKT's per-probe best device and no selection on the device
+            rows.append(kd_row("KD, two models, weighting best, select all", [big_name] * (N - 1) + [small_name],
+                               weighting="best", select="all"))
+        rows.insert(1, {"name": f"local-only, {describe(small_name)}", "devices": local_small, "uplink": 0,
                         "downlink": 0})
     report(args, rows, baseline, fams, params, len(probes), time.perf_counter() - t_start, student=student)
     return 0
@@ -351,10 +373,8 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
            "targets": targets, "vs_fedavg": compare, "student": student}
     path = write_json("kd", out)
 
-    def short(model: str) -> str:
-        if "raw cut" in model:
-            return f"{args.blocks}-block raw cut"
-        return f"{args.blocks}-block student" if small(model) else "full"
+    short = describe
+    small_name = next(d["model"] for d in rows[1]["devices"].values())
 
     table = []
     for r in rows:
@@ -375,7 +395,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
     md = (
         "## KD-FedLLM: distillation over logits vs local-only and FedAvg LoRA (`bench/kd.py`)\n\n"
         f"`{out['command']}` ({seconds / 60:.1f} min) — {args.model} ({params[next(iter(params))]:,} "
-        f"parameters) and a student of {args.blocks} of its blocks ({list(params.values())[1]:,}){healed}, "
+        f"parameters) and `{small_name}`, {describe(small_name)} ({list(params.values())[1]:,}){healed}, "
         "LoRA r=8 on q_proj/v_proj, "
         f"{N} devices with non-IID synthetic families (" + "; ".join(f"dev-{i}: {', '.join(f)}" for i, f in
                                                                enumerate(fams))
@@ -383,7 +403,8 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         f"(batch {args.batch_size}, lr {args.lr}), the same seeds in every row. KD: probe set of {n_probes} public "
         f"prompts with their answers ({args.probes_per_family} per family, prompts disjoint from eval and training "
         f"rows), top-{args.top_k} log-probs (float16, zstd) per answer token, consensus weighting "
-        f"`{args.weighting}`, λ={args.lam}, T={args.temperature}, {args.probe_batch} probes per step. Held-out: "
+        f"`{args.weighting}`, select `{getattr(args, 'select', 'all')}`, λ={args.lam}, T={args.temperature}, "
+        f"{args.probe_batch} probes per step. Held-out: "
         f"{args.eval_per_family} rows per family; loss = mean over the group's families of the answer-token loss, "
         "accuracy = exact match of the greedy answer. Bytes: encoded msgpack messages per client per round (KD "
         "downlink: consensus + global, plus the one-off probe set and v0 amortised over the rounds; FedAvg: dense "
@@ -401,7 +422,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         + f". Probe set {kd_rows[0]['probe_set_bytes']:,} B once; KD uplink {kd_rows[0]['uplink_per_probe']:,.0f} B "
         f"per probe ({kd_rows[0]['positions']} positions).\n\nTargets:\n\n"
         + "\n".join(f"- {t}" for t in targets)
-        + f"\n\nAgainst FedAvg LoRA (same model everywhere; KD's {args.blocks}-block device has no FedAvg "
+        + f"\n\nAgainst FedAvg LoRA (same model everywhere; KD's {describe(small_name)} device has no FedAvg "
         "counterpart): "
         + "; ".join(compare) + ".\n"
     )

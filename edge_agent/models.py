@@ -12,6 +12,10 @@ without touching the Hugging Face hub:
   final norm and head kept: a smaller model sharing ``<model>``'s tokenizer, built once into
   ``<cache>/models/<model dir>-blocks<N>/`` from the cached checkpoint (no hub). Not a working
   language model without further training.
+- ``"<model>:spread=N"``: N blocks of ``<model>`` spread evenly over its depth (the first and the last
+  kept, ``edge_agent.shrink.select_blocks``), unhealed, built once into
+  ``<cache>/models/<model dir>-spread<N>/``. A cut keeps more of the model's behaviour spread than
+  as its first N (bench/kd_student.py), and trains from there with the device's adapter.
 - ``"<model>:shrunk=N"``: N blocks of ``<model>`` healed by distillation from it (``edge_agent.shrink``,
   its default recipe), built once into ``<cache>/models/<model dir>-shrunk<N>/`` with a manifest;
   ``fedmq model shrink`` builds it with another recipe.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -63,9 +68,9 @@ ALL_LINEAR = "all-linear"  # AdapterSpec.target_modules ("all-linear",): every l
 
 ACCEPTED = (
     "'smollm2-135m' (alias 'SmolLM2-135M-Instruct'), 'tiny-llama' (or tiny-qwen2, tiny-gemma, "
-    "tiny-phi3), '<any of these>:blocks=N' (its first N blocks), '<any of these>:shrunk=N' (N blocks "
-    "healed by distillation), a local directory with "
-    "config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
+    "tiny-phi3), '<any of these>:blocks=N' (its first N blocks), '<any of these>:spread=N' (N blocks "
+    "spread over its depth), '<any of these>:shrunk=N' (N blocks healed by distillation), a local "
+    "directory with config.json, a path to a .gguf file, or a Hugging Face hub id ('org/name')"
 )
 
 Log = Callable[[str], None]
@@ -98,13 +103,15 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
         if not base.is_dir():
             raise ValueError(f"model {name!r}: shrunk=N needs a local checkpoint, {shrunk_base!r} is not one")
         return str(shrink_model(base, Recipe(blocks=shrunk), log=log, reuse_any=True))
-    base_name, blocks = split_blocks(name)
-    if blocks is not None:
+    for suffix, layout in ((BLOCKS_SUFFIX, "first"), (SPREAD_SUFFIX, "spread")):
+        base_name, blocks = split_blocks(name, suffix)
+        if blocks is None:
+            continue
         base = Path(resolve_model(base_name, cache_dir=cache, log=log))
         if not base.is_dir():
-            raise ValueError(f"model {name!r}: blocks=N needs a local checkpoint, {base_name!r} is not one")
-        target = models_dir / f"{base.name}-blocks{blocks}"
-        return str(_cached_build(target, lambda d: _build_truncated(base, blocks, d), log))
+            raise ValueError(f"model {name!r}: {suffix[1:]}N needs a local checkpoint, {base_name!r} is not one")
+        target = models_dir / f"{base.name}-{'blocks' if layout == 'first' else 'spread'}{blocks}"
+        return str(_cached_build(target, functools.partial(_build_cut, base, blocks, layout), log))
     if name.lower() in SMOLLM2_ALIASES:
         return str(_cached_build(models_dir / "smollm2-135m", lambda d: _build_smollm2(d, cache, log), log))
     if name.lower() == TINY_LLAMA:
@@ -130,32 +137,33 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
 
 
 BLOCKS_SUFFIX = ":blocks="
+SPREAD_SUFFIX = ":spread="
 
 
-def split_blocks(name: str) -> tuple[str, int | None]:
-    """``("smollm2-135m", 12)`` for ``"smollm2-135m:blocks=12"``; ``(name, None)`` without the suffix."""
-    base, sep, n = name.rpartition(BLOCKS_SUFFIX)
+def split_blocks(name: str, suffix: str = BLOCKS_SUFFIX) -> tuple[str, int | None]:
+    """``("smollm2-135m", 12)`` for ``"smollm2-135m:blocks=12"`` (or ``suffix=":spread="`` and
+    ``"smollm2-135m:spread=12"``); ``(name, None)`` without the suffix."""
+    base, sep, n = name.rpartition(suffix)
     if not sep:
         return name, None
     if not n.isdigit() or int(n) < 1 or not base.strip():
-        raise ValueError(f"model {name!r}: expected '<model>{BLOCKS_SUFFIX}N' with N >= 1")
+        raise ValueError(f"model {name!r}: expected '<model>{suffix}N' with N >= 1")
     return base.strip(), int(n)
 
 
-def _build_truncated(base: Path, blocks: int, out_dir: Path) -> None:
-    """The first ``blocks`` decoder blocks of the checkpoint at ``base`` (its tokenizer unchanged)."""
+def _build_cut(base: Path, blocks: int, layout: str, out_dir: Path) -> None:
+    """``blocks`` decoder blocks of the checkpoint at ``base``, the first ones or spread over its
+    depth (``layout``), embeddings, final norm, head and tokenizer unchanged."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edge_agent.shrink import cut, select_blocks
+
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    layers = model.model.layers
-    if blocks > len(layers):
-        raise ValueError(f"{base.name} has {len(layers)} blocks; cannot keep the first {blocks}")
-    model.model.layers = layers[:blocks]
-    model.config.num_hidden_layers = blocks
-    if isinstance(getattr(model.config, "layer_types", None), list):
-        model.config.layer_types = model.config.layer_types[:blocks]
-    model.save_pretrained(str(out_dir))
+    n_total = len(model.model.layers)
+    if blocks > n_total:
+        raise ValueError(f"{base.name} has {n_total} blocks; cannot keep {blocks} of them")
+    cut(model, select_blocks(n_total, blocks, layout)).save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir))
 
 

@@ -290,6 +290,61 @@ def test_distillation_pulls_a_smaller_model_towards_the_consensus(tmp_path, tiny
     assert with_kd < without < before, (before, without, with_kd)
 
 
+def test_consensus_loglik_scores_the_public_response_with_a_floor_outside_the_support():
+    from edge_agent.methods.kd import OUTSIDE_SUPPORT, consensus_loglik
+
+    # two probes: response tokens [7, 3] and [5]; the consensus keeps two tokens per position
+    rows = [(([1, 2, 7, 3], [-100, -100, 7, 3]), 2), (([1, 5], [-100, 5]), 1)]
+    ids = np.array([[7, 9], [4, 8], [5, 0]])
+    probs = np.array([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]])
+    got = consensus_loglik(rows, ids, probs)
+    # 3 is outside the second position's support: it counts as OUTSIDE_SUPPORT
+    np.testing.assert_allclose(got, [(np.log(0.75) + np.log(OUTSIDE_SUPPORT)) / 2, 0.0])
+
+
+def test_select_better_distils_only_where_the_consensus_explains_the_response_better(tmp_path, tiny_family):
+    """A device trained on the probes' own answers explains them better than a consensus that
+    is far from them: with select=better it distils on none of them (its adapter moves as with
+    no distillation at all), with select=all on every drawn probe."""
+    from edge_agent.data import Example
+    from edge_agent.methods.kd import Distill, KdMethod
+    from tests.tiny_model import ALL_LINEAR
+
+    meth = KdMethod(tiny_family("tiny-llama"), m.AdapterSpec(r=4, target_modules=ALL_LINEAR), device="cpu",
+                    template="plain")
+    probes = load_probes(write_probe_set(tmp_path / "p.jsonl", 1))
+    rows = [Example(p.prompt, p.response) for p in probes]
+    meth.fit(rows * 4, m.FitConfig(local_steps=40, lr=2e-2, batch_size=8, max_seq_len=64))
+    t = meth.probe_topk(probes, top_k=4, max_response_tokens=8, max_len=64)
+    # a consensus that puts all its mass on the model's least likely kept token at every position
+    far = (t.ids[:, -1:].copy(), np.ones((t.ids.shape[0], 1)))
+    cfg = m.FitConfig(local_steps=3, lr=1e-2, batch_size=4, max_seq_len=64, seed=5)
+    start = meth.get_state()
+    meth.fit(rows, cfg)
+    plain = meth.get_state()
+    for select, used in (("better", 0), ("all", 3 * 4)):
+        meth.set_state(start)
+        meth.fit(rows, cfg, distill=Distill(probes, *far, lam=2.0, temperature=1.0, max_response_tokens=8,
+                                            probe_batch_size=4, select=select))
+        assert (meth.kd_probes_drawn, meth.kd_probes_used) == (3 * 4, used)
+        same = all(np.array_equal(meth.get_state()[k], plain[k]) for k in plain)
+        assert same == (select == "better")
+
+
+def test_a_task_that_distils_on_every_probe_keeps_its_bytes_and_select_better_round_trips():
+    from fedmq_protocol.modes.kd import KdTask
+
+    golden = m.Task.from_msgpack(build_golden()["task_fit_kd"])
+    kd = golden.payload_as(KdTask)
+    assert kd.select == "all" and b"select" not in golden.to_msgpack()
+    better = golden.model_copy(update={"payload": kd.model_copy(update={"select": "better"})})
+    assert m.Task.from_msgpack(better.to_msgpack()).payload_as(KdTask).select == "better"
+    with pytest.raises(ProtocolError, match="select"):
+        obj = better.to_obj()
+        obj["kd"]["select"] = "some"
+        m.Task.from_obj(obj)
+
+
 def test_probe_positions_cover_every_response_token(tiny_llama, tmp_path):
     from edge_agent.methods.kd import KdMethod
 

@@ -47,6 +47,27 @@ def test_block_layouts_keep_the_first_n_or_spread_them_with_both_ends():
         select_blocks(4, 2, "middle")
 
 
+def test_a_cut_named_by_config_keeps_the_first_or_spread_blocks_with_the_teachers_weights(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir = sharp_teacher(tmp_path / "teacher", layers=5)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir))
+    for name, kept in (("spread=3", [0, 2, 4]), ("blocks=2", [0, 1])):
+        path = Path(resolve_model(f"{teacher_dir}:{name}", cache_dir=tmp_path / "cache", log=QUIET))
+        assert path.name == f"teacher-{name.replace('=', '')}"
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        assert model.config.num_hidden_layers == len(kept)
+        for j, i in enumerate(kept):  # block j of the cut is block i of the teacher, unchanged
+            assert torch.equal(model.model.layers[j].mlp.down_proj.weight, teacher.model.layers[i].mlp.down_proj.weight)
+        # the cached cut is reused, not rebuilt
+        assert Path(resolve_model(f"{teacher_dir}:{name}", cache_dir=tmp_path / "cache", log=QUIET)) == path
+    with pytest.raises(ValueError, match=r"cannot keep 6"):
+        resolve_model(f"{teacher_dir}:spread=6", cache_dir=tmp_path / "cache", log=QUIET)
+    with pytest.raises(ValueError, match=r"expected '<model>:spread=N'"):
+        resolve_model(f"{teacher_dir}:spread=x", cache_dir=tmp_path / "cache", log=QUIET)
+
+
 def test_healing_a_few_steps_lowers_the_students_kl_to_the_teacher(tmp_path):
     base = sharp_teacher(tmp_path / "models" / "teacher")
     recipe = Recipe(blocks=1, steps=20, lr=3e-3, warmup=2, texts=12, held_out=4, new_tokens=20)

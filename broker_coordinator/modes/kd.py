@@ -137,7 +137,7 @@ class KdMode(CoordinatorMode):
         s = self.spec
         return KdTask(manifest=self.manifest(), top_k=s.top_k, lam=s.lam, temperature=s.temperature,
                       max_response_tokens=s.max_response_tokens, probe_batch_size=s.probe_batch_size,
-                      logprob_values=s.logprob_values,
+                      logprob_values=s.logprob_values, select=s.select,
                       consensus_round=self.consensus.round if self.consensus is not None else 0)
 
     # -- updates ----------------------------------------------------------------------------

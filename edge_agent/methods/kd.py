@@ -2,7 +2,11 @@
 
 ``fit`` trains the device's own adapter on its private data; given a consensus, each step adds
 ``lam * T^2 * KL(consensus || softmax(z / T))`` over the consensus support at the probe positions
-of ``probe_batch_size`` probes (drawn by ``random.Random(cfg.seed + 1)``). ``probe_topk`` runs the
+of ``probe_batch_size`` probes (drawn by ``random.Random(cfg.seed + 1)``). With ``select="better"``
+a drawn probe counts only where the consensus gives its public response a higher mean
+log-likelihood than the device's model does at that step (FedMKT's min-cross-entropy choice
+between a device's own distribution and the other's): a device is not pulled from what it
+already knows better towards a consensus diluted by weaker models. ``probe_topk`` runs the
 probe set and returns, per position, the top-k next-token ids and log-probs (temperature 1), one
 confidence per probe (exp of the mean log-likelihood of its response tokens) and, given a
 consensus, the mean KL to it.
@@ -41,6 +45,11 @@ class Distill:
     temperature: float
     max_response_tokens: int
     probe_batch_size: int
+    select: str = "all"  # "all" probes, or those where the consensus explains the response "better"
+
+
+# probability given to a response token outside the consensus support when scoring the consensus
+OUTSIDE_SUPPORT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class KdMethod(LoraMethod):
         self._distill: Distill | None = None
         self._probe_rows: list[tuple[Row, int]] = []
         self._offsets: np.ndarray = np.zeros(1, dtype=np.int64)
+        self._consensus_ll: np.ndarray = np.zeros(0)  # per probe: mean log-likelihood of its response
+        self.kd_probes_drawn = 0  # in the last fit: probes drawn for the distillation term
+        self.kd_probes_used = 0  # of those, the ones it distilled on (all of them unless select="better")
         self._probe_rng = random.Random(0)
         self.last_kd_loss: float | None = None
 
@@ -138,6 +150,10 @@ class KdMethod(LoraMethod):
             if int(self._offsets[-1]) != distill.ids.shape[0]:
                 raise ValueError(f"the consensus has {distill.ids.shape[0]} positions; this tokenizer gives "
                                  f"{int(self._offsets[-1])} on the probe set")
+            if distill.select not in ("all", "better"):
+                raise ValueError(f"distillation select must be 'all' or 'better', got {distill.select!r}")
+            self._consensus_ll = consensus_loglik(self._probe_rows, distill.ids, distill.probs)
+            self.kd_probes_drawn = self.kd_probes_used = 0
             self._probe_rng = random.Random(cfg.seed + 1)
         try:
             return super().fit(examples, cfg, memory=memory, progress=progress, should_stop=should_stop)
@@ -151,8 +167,20 @@ class KdMethod(LoraMethod):
             return value, tokens
         chosen = self._probe_rng.sample(range(len(self._probe_rows)), min(d.probe_batch_size, len(self._probe_rows)))
         part = [self._probe_rows[j] for j in chosen]
-        sel = np.concatenate([np.arange(self._offsets[j], self._offsets[j + 1]) for j in chosen])
         logits = self._probe_logits(part)
+        self.kd_probes_drawn += len(chosen)
+        if d.select == "better":
+            keep = self._consensus_better(chosen, part, logits)
+            self.kd_probes_used += len(keep)
+            if not keep:
+                self.last_kd_loss = 0.0
+                return value, tokens
+            rows_at = np.concatenate([[0], np.cumsum([n for _, n in part])])
+            logits = logits[torch.from_numpy(np.concatenate([np.arange(rows_at[i], rows_at[i + 1]) for i in keep]))]
+            chosen = [chosen[i] for i in keep]
+        else:
+            self.kd_probes_used += len(chosen)
+        sel = np.concatenate([np.arange(self._offsets[j], self._offsets[j + 1]) for j in chosen])
         logp = torch.log_softmax(logits / d.temperature, dim=-1)
         c_ids = torch.from_numpy(d.ids[sel]).to(logp.device)
         c_p = torch.from_numpy(d.probs[sel]).to(logp.device, logp.dtype)
@@ -162,6 +190,34 @@ class KdMethod(LoraMethod):
         (d.lam * kd).backward()
         self.last_kd_loss = float(kd.detach())
         return value + d.lam * self.last_kd_loss, tokens
+
+    def _consensus_better(self, chosen: Sequence[int], part: Sequence[tuple[Row, int]],
+                          logits: torch.Tensor) -> list[int]:
+        """Indices into ``chosen`` of the probes whose response the consensus explains better (higher
+        mean log-likelihood) than the model does now (temperature 1, no gradient)."""
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.detach(), dim=-1)
+            targets = torch.tensor([t for (_, lab), _ in part for t in lab if t != -100], device=logp.device)
+            tok_lp = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
+        keep, pos = [], 0
+        for i, ((_, _), n) in enumerate(part):
+            if float(tok_lp[pos:pos + n].mean()) < self._consensus_ll[chosen[i]]:
+                keep.append(i)
+            pos += n
+        return keep
+
+
+def consensus_loglik(rows: Sequence[tuple[Row, int]], ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per probe: the mean over its response tokens of log c(token), c the consensus at that
+    position (``OUTSIDE_SUPPORT`` for a token the consensus does not keep)."""
+    out, pos = np.zeros(len(rows)), 0
+    for j, ((_, labels), n) in enumerate(rows):
+        targets = np.array([t for t in labels if t != -100], dtype=np.int64)
+        hit = ids[pos:pos + n] == targets[:, None]
+        p = np.where(hit.any(axis=1), (probs[pos:pos + n] * hit).sum(axis=1), 0.0)
+        out[j] = float(np.log(np.maximum(p, OUTSIDE_SUPPORT)).mean())
+        pos += n
+    return out
 
 
 def _sparse_kl(logp: torch.Tensor, c_ids: torch.Tensor, c_p: torch.Tensor) -> torch.Tensor:

@@ -154,7 +154,7 @@ class KdMode(AgentMode):
             return None
         ids, probs = self._consensus_arrays
         return Distill(self.probe_set.probes, ids, probs, kd.lam, kd.temperature, kd.max_response_tokens,
-                       kd.probe_batch_size)
+                       kd.probe_batch_size, select=kd.select)
 
     def prepare_fit(self, task: Task, trainer: TrainingMethod) -> dict[str, float]:
         self._kl_before = None
@@ -184,6 +184,8 @@ class KdMode(AgentMode):
             metrics["kd_kl"] = answer.kl
         if method.last_kd_loss is not None and self.applied is not None:
             metrics["kd_loss"] = method.last_kd_loss
+            if method.kd_probes_drawn:  # share of the drawn probes distilled on (select: better)
+                metrics["kd_probes_used"] = method.kd_probes_used / method.kd_probes_drawn
         return UpdateContent(metrics=metrics, payload=payload)
 
     def _save_adapter(self, method: KdMethod) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
@@ -41,6 +41,7 @@ MAX_PROBES = 65536
 MAX_POSITIONS = 1 << 22  # positions of one probe set (sum over probes)
 LOGPROB_TOLERANCE = 0.05  # quantised log-probs may round a little above 0 / their mass above 1
 Weighting = Literal["samples", "confidence", "best"]
+Selection = Literal["all", "better"]
 LogprobFormat = Literal["float32", "float16", "int8"]
 
 
@@ -109,6 +110,11 @@ class KdOptions(BaseModel):
     max_response_tokens: int = Field(32, ge=1, le=4096, description="response tokens distilled per probe")
     probe_batch_size: int = Field(4, ge=1, le=4096, description="probes in the distillation term of each step")
     logprob_values: LogprobFormat = Field("float16", description="codec of the uploaded log-probs")
+    select: Selection = Field("all", description="probes a device distils on: all, or better (only those whose "
+                              "public response the consensus gives a higher mean log-likelihood than the "
+                              "device's own model does: FedMKT's min-cross-entropy choice between self and "
+                              "consensus; keeps a device's own knowledge from being pulled towards a consensus "
+                              "diluted by weaker models)")
     tokenizer: str | None = Field(None, max_length=64, description="fingerprint of the federation's tokenizer "
                                   "(edge_agent.models.tokenizer_fingerprint); null: the first device's fixes it")
 
@@ -159,6 +165,14 @@ class KdTask(ModePayload):
     probe_batch_size: int = Field(ge=1, le=4096)
     logprob_values: LogprobFormat = "float16"
     consensus_round: int = Field(0, ge=0, description="the consensus to distil from (0: none yet)")
+    select: Selection = "all"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_select(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if self.select == "all":
+            out.pop("select", None)  # the bytes of a task that distils on every probe are unchanged
+        return out
 
 
 class KdUpdate(ModePayload):
