@@ -131,7 +131,7 @@ def main() -> int:
                     help="probes a device distils on (kd.select): all, or where the consensus explains them better")
     ap.add_argument("--probe-batch", type=int, default=4)
     ap.add_argument("--no-compare-best", dest="compare_best", action="store_false",
-                    help="skip the mixed row's second run with weighting best and select all")
+                    help="skip the KD rows' second run with weighting best and select all")
     ap.add_argument("--small", default="{model}:spread=15",
                     help="the smaller model of the mixed row ({model}: --model): ':spread=N' N of its blocks "
                          "spread over its depth, ':blocks=N' its first N, ':shrunk=N' a healed student "
@@ -313,11 +313,15 @@ def main() -> int:
                     "probe_kl_per_round": kl, "positions": positions,
                     "uplink_per_probe": float(np.mean(up)) / len(probes)}
 
+        # each federation also with FedMKT's per-probe best device and no selection on the device
+        compare = args.compare_best and (args.weighting, args.select) != ("best", "all")
         rows.append(kd_row("KD, same model", [big_name] * N))
+        if compare:
+            rows.append(kd_row("KD, same model, weighting best, select all", [big_name] * N,
+                               weighting="best", select="all"))
         local_small = local_only(small_name, [N - 1])
         rows.append(kd_row("KD, two models", [big_name] * (N - 1) + [small_name]))
-        if args.compare_best and (args.weighting, args.select) != ("best", "all"):
-            # the same mix with FedMKT's per-probe best device and no selection on the device
+        if compare:
             rows.append(kd_row("KD, two models, weighting best, select all", [big_name] * (N - 1) + [small_name],
                                weighting="best", select="all"))
         rows.insert(1, {"name": f"local-only, {describe(small_name)}", "devices": local_small, "uplink": 0,

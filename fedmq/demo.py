@@ -42,7 +42,10 @@ KRSO_DEMO = {"seed": 0, "num_seeds": 4, "rank": 8, "interval": 4, "target_module
 KRSO_DEMO_LR = 3e-4
 LORA_DEMO_LR = 2e-3
 # knowledge distillation: FedMKT-style best-per-probe teacher, top-16 log-probs per answer token
-KD_DEMO = {"top_k": 16, "weighting": "best", "lambda": 1.0, "temperature": 1.0, "max_response_tokens": 16}
+# confidence weighting and select=better: the settings under which every device of a mixed
+# federation gained on the families it never saw (bench/kd.py, docs/benchmarks.md)
+KD_DEMO = {"top_k": 16, "weighting": "confidence", "select": "better", "lambda": 1.0, "temperature": 1.0,
+           "max_response_tokens": 16}
 KD_PROBES_PER_FAMILY = 8
 
 
@@ -112,8 +115,8 @@ def write_configs(opts: DemoOptions, broker_url: str, model_path: str, data_dir:
         coord["kd"] = {**KD_DEMO, "probe_path": str(write_probe_set(data_dir))}
         coord["model"] = None  # devices hold models of different sizes (one tokenizer)
         coord.pop("eval_max_devices")  # every device evaluates its own model
-        if opts.agents > 1:  # the last device runs the first third of the model's blocks
-            models[-1] = f"{model_path}:blocks={max(1, num_blocks(model_path) // 3)}"
+        if opts.agents > 1:  # the last device runs half of the model's blocks, spread over its depth
+            models[-1] = f"{model_path}:spread={max(1, num_blocks(model_path) // 2)}"
     if opts.method == "split":
         coord["split"] = SPLIT_DEMO
     if opts.asynchronous:  # --rounds global versions, each from agents - 1 updates while all devices train

@@ -89,6 +89,6 @@ def test_kd_demo_runs_two_model_sizes(tmp_path, mosquitto):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(len(r["participants"]) == 2 and r["eval_devices"] == 2 for r in rounds[1:])
     models = [yaml.safe_load((work / f"agent-{i}.yaml").read_text())["model"] for i in range(2)]
-    assert models[1] == f"{models[0]}:blocks=1"  # tiny-llama has 2 blocks: the second device runs 1
+    assert models[1] == f"{models[0]}:spread=1"  # tiny-llama has 2 blocks: the second device runs 1
     coord = yaml.safe_load((work / "coordinator.yaml").read_text())
     assert coord["kd"]["probe_path"].endswith("probes.jsonl") and coord["model"] is None
