@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weighting", default="confidence", choices=["samples", "confidence", "best"])
+    ap.add_argument("--confidence-power", type=float, default=1.0,
+                    help="kd.confidence_power: with weighting confidence, confidences are raised to it")
     ap.add_argument("--select", default="better", choices=["all", "better"],
                     help="probes a device distils on (kd.select): all, or where the consensus explains them better")
     ap.add_argument("--probe-batch", type=int, default=4)
@@ -263,7 +265,8 @@ def main() -> int:
             cfg = CoordinatorConfig.model_validate({
                 "adapter": adapter.model_dump(), "kd": {
                     "probe_path": str(tmp / "probes.jsonl"), "top_k": args.top_k, "weighting": weighting,
-                    "select": select, "lambda": args.lam, "temperature": args.temperature,
+                    "select": select, "confidence_power": getattr(args, "confidence_power", 1.0),
+                    "lambda": args.lam, "temperature": args.temperature,
                     "probe_batch_size": args.probe_batch}})
             mode = create_mode(cfg)
             init = dict(mode.retained_messages(BASE))
@@ -396,6 +399,8 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
                   f"{rc['lm_weight']} × LM loss, on {rc['texts'] - rc['held_out']} texts the teacher wrote after "
                   f"neutral prompts, seed {rc['seed']}; held-out KL to the teacher "
                   f"{student['held_out_kl_before']:.2f} → {student['held_out_kl_after']:.2f})")
+    cp = getattr(args, "confidence_power", 1.0)
+    power = f" (confidence power {cp:g})" if args.weighting == "confidence" and cp != 1 else ""
     md = (
         "## KD-FedLLM: distillation over logits vs local-only and FedAvg LoRA (`bench/kd.py`)\n\n"
         f"`{out['command']}` ({seconds / 60:.1f} min) — {args.model} ({params[next(iter(params))]:,} "
@@ -407,7 +412,7 @@ def report(args: argparse.Namespace, rows: list[dict], baseline: dict, fams: lis
         f"(batch {args.batch_size}, lr {args.lr}), the same seeds in every row. KD: probe set of {n_probes} public "
         f"prompts with their answers ({args.probes_per_family} per family, prompts disjoint from eval and training "
         f"rows), top-{args.top_k} log-probs (float16, zstd) per answer token, consensus weighting "
-        f"`{args.weighting}`, select `{getattr(args, 'select', 'all')}`, λ={args.lam}, T={args.temperature}, "
+        f"`{args.weighting}`{power}, select `{getattr(args, 'select', 'all')}`, λ={args.lam}, T={args.temperature}, "
         f"{args.probe_batch} probes per step. Held-out: "
         f"{args.eval_per_family} rows per family; loss = mean over the group's families of the answer-token loss, "
         "accuracy = exact match of the greedy answer. Bytes: encoded msgpack messages per client per round (KD "

@@ -30,7 +30,7 @@ from tests.kd_helpers import GOLDEN_KD, TOKENIZER, build_golden, write_probe_set
 # -- consensus ---------------------------------------------------------------------------------
 
 
-def _reference(devices: list[DeviceTopK], positions: list[int], weighting: str, keep: int):
+def _reference(devices: list[DeviceTopK], positions: list[int], weighting: str, keep: int, power: float = 1.0):
     """Position by position with dicts: the rule as docs/protocol.md states it."""
     probe_of = [s for s, n in enumerate(positions) for _ in range(n)]
     out = []
@@ -38,7 +38,7 @@ def _reference(devices: list[DeviceTopK], positions: list[int], weighting: str, 
         if weighting == "samples":
             w = [float(d.num_samples) for d in devices]
         elif weighting == "confidence":
-            w = [float(d.confidence[s]) for d in devices]
+            w = [float(d.confidence[s]) ** power for d in devices]
         else:
             best = max(range(len(devices)), key=lambda i: (devices[i].confidence[s], -i))
             w = [1.0 if i == best else 0.0 for i in range(len(devices))]
@@ -63,18 +63,29 @@ def _random_device(rng, n_pos: int, n_probes: int, k: int, vocab: int, samples: 
                       confidence=rng.uniform(0.05, 0.95, n_probes), num_samples=samples)
 
 
-@pytest.mark.parametrize("weighting", ["samples", "confidence", "best"])
-def test_consensus_matches_a_position_by_position_reference(weighting):
+@pytest.mark.parametrize(("weighting", "power"), [("samples", 1), ("confidence", 1), ("confidence", 3.0),
+                                                  ("best", 1)])
+def test_consensus_matches_a_position_by_position_reference(weighting, power):
     rng = np.random.default_rng(3)
     positions = [2, 1, 3]
     devices = [_random_device(rng, 6, 3, k, 12, n) for k, n in ((4, 10), (3, 30), (5, 5))]
-    ids, probs = consensus(devices, positions, weighting, keep=6)
-    ref = _reference(devices, positions, weighting, keep=6)
+    ids, probs = consensus(devices, positions, weighting, keep=6, power=power)
+    ref = _reference(devices, positions, weighting, keep=6, power=power)
     for t, want in enumerate(ref):
         got = {int(i): float(p) for i, p in zip(ids[t], probs[t], strict=True) if p > 0}
         assert got.keys() == want.keys()
         assert all(abs(got[k] - want[k]) < 1e-12 for k in want)
         assert abs(probs[t].sum() - 1) < 1e-12
+
+
+def test_a_large_confidence_power_approaches_best_without_underflow():
+    rng = np.random.default_rng(4)
+    positions = [2, 1, 3]
+    devices = [_random_device(rng, 6, 3, k, 12, n) for k, n in ((4, 10), (3, 30), (5, 5))]
+    sharp = consensus(devices, positions, "confidence", keep=6, power=100.0)  # 0.05 ** 100 underflows alone
+    best = consensus(devices, positions, "best", keep=6)
+    np.testing.assert_array_equal(sharp[0][sharp[1] > 1e-6], best[0][sharp[1] > 1e-6])
+    np.testing.assert_allclose(sharp[1], best[1], atol=1e-6)
 
 
 def test_consensus_of_one_device_is_its_renormalised_top_k_and_pads_short_rows():

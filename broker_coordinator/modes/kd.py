@@ -167,7 +167,8 @@ class KdMode(CoordinatorMode):
         if not updates:
             raise ValueError("aggregation needs at least one update")
         assert self.positions is not None and self.tokenizer is not None and self.vocab_size is not None
-        ids, probs = consensus(list(contributions), self.positions, self.spec.weighting, self.spec.kept)
+        ids, probs = consensus(list(contributions), self.positions, self.spec.weighting, self.spec.kept,
+                               power=self.spec.confidence_power)
         id_map, p_map = encode_consensus(ids, probs)
         self.consensus = KdConsensus(round=round_no, probe_sha256=self.sha256, tokenizer=self.tokenizer,
                                      vocab_size=self.vocab_size, positions=self.positions,

@@ -103,6 +103,10 @@ class KdOptions(BaseModel):
     weighting: Weighting = Field("samples", description="how devices combine: samples (by training samples), "
                                  "confidence (per probe, by the device's confidence on it), best (per probe, the "
                                  "most confident device alone: FedMKT's min-cross-entropy selection)")
+    confidence_power: float = Field(1.0, gt=0, le=100, description="with weighting confidence, each device's "
+                                    "confidence on a probe is raised to this power (confidence = exp(-mean NLL), "
+                                    "so this is a softmax over the devices' log-likelihoods at temperature "
+                                    "1/power): 1 the plain confidence, larger values approach best")
     lam: float = Field(1.0, ge=0, le=1000, alias="lambda",
                        description="weight of the distillation term: loss = LM + lambda * KL(consensus || model)")
     temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of the model in the KL "
@@ -309,11 +313,11 @@ def validate_topk(u: KdUpdate, num_samples: int, *, manifest: KdManifest, top_k:
 
 
 def consensus(devices: Sequence[DeviceTopK], positions: Sequence[int], weighting: str,
-              keep: int) -> tuple[np.ndarray, np.ndarray]:
+              keep: int, power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per position: each device's top-k renormalised into a distribution q_i (zero outside its
     top-k), the weighted mean sum_i w_i q_i / sum_i w_i over the union of their ids, its ``keep``
     most probable tokens renormalised. Weights: ``samples`` n_i; ``confidence`` the device's
-    confidence on the probe; ``best`` 1 for the most confident device on the probe (first by
+    confidence on the probe raised to ``power``; ``best`` 1 for the most confident device on the probe (first by
     order on ties), 0 for the others. Returns (ids int64 [P, keep], probs float64 [P, keep]);
     positions with fewer than ``keep`` candidates are padded with id 0 and probability 0. Ties are
     broken by the smaller token id, so the result does not depend on the devices' order."""
@@ -324,8 +328,11 @@ def consensus(devices: Sequence[DeviceTopK], positions: Sequence[int], weighting
     conf = np.stack([d.confidence for d in devices])  # [D, probes]
     if weighting == "samples":
         w = np.repeat(np.array([[float(d.num_samples)] for d in devices]), len(positions), axis=1)
-    elif weighting == "confidence":
+    elif weighting == "confidence" and power == 1:
         w = conf.copy()
+    elif weighting == "confidence":  # conf ** power, scaled per probe by its largest so it cannot underflow
+        log_c = np.log(np.maximum(conf, 1e-300))
+        w = np.exp(power * (log_c - log_c.max(axis=0, keepdims=True)))
     elif weighting == "best":
         w = np.zeros_like(conf)
         w[np.argmax(conf, axis=0), np.arange(conf.shape[1])] = 1.0
