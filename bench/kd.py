@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--weighting", default="confidence", choices=["samples", "confidence", "best"])
-    ap.add_argument("--confidence-power", type=float, default=1.0,
+    ap.add_argument("--confidence-power", type=float, default=1.5,
                     help="kd.confidence_power: with weighting confidence, confidences are raised to it")
     ap.add_argument("--select", default="better", choices=["all", "better"],
                     help="probes a device distils on (kd.select): all, or where the consensus explains them better")

@@ -42,10 +42,10 @@ KRSO_DEMO = {"seed": 0, "num_seeds": 4, "rank": 8, "interval": 4, "target_module
 KRSO_DEMO_LR = 3e-4
 LORA_DEMO_LR = 2e-3
 # knowledge distillation: FedMKT-style best-per-probe teacher, top-16 log-probs per answer token
-# confidence weighting and select=better: the settings under which every device of a mixed
-# federation gained on the families it never saw (bench/kd.py, docs/benchmarks.md)
-KD_DEMO = {"top_k": 16, "weighting": "confidence", "select": "better", "lambda": 1.0, "temperature": 1.0,
-           "max_response_tokens": 16}
+# confidence weighting (power 1.5) and select=better: the settings under which every device, of a
+# one-model and of a mixed federation, gained on the families it never saw (bench/kd.py)
+KD_DEMO = {"top_k": 16, "weighting": "confidence", "confidence_power": 1.5, "select": "better", "lambda": 1.0,
+           "temperature": 1.0, "max_response_tokens": 16}
 KD_PROBES_PER_FAMILY = 8
 
 
