@@ -44,8 +44,8 @@ from broker_coordinator.config import CoordinatorConfig
 from broker_coordinator.downlink import DownlinkConfig
 from broker_coordinator.modes import create_mode
 from edge_agent.data import DEFAULT_FAMILIES, Example, check_answer, make_examples
-from edge_agent.models import resolve_model
-from edge_agent.shrink import cut, read_manifest
+from edge_agent.models import resolve_model, save_cut
+from edge_agent.shrink import read_manifest
 from edge_agent.uplink import UplinkConfig
 from fedmq_protocol import messages as m
 from fedmq_protocol.modes.kd import KdConsensus, KdUpdate, Probe, consensus_topic, encode_topk, probes_topic
@@ -70,11 +70,7 @@ def probe_set(path: Path, per_family: int, avoid: set[str]) -> list[Example]:
 
 def raw_cut(base: str, keep: list[int], out: Path) -> str:
     """The checkpoint at ``base`` cut to the blocks ``keep`` (unhealed), saved under ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cut(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), keep).save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(base).save_pretrained(str(out))
+    save_cut(base, keep, out)
     return str(out)
 
 
@@ -265,7 +261,7 @@ def main() -> int:
             cfg = CoordinatorConfig.model_validate({
                 "adapter": adapter.model_dump(), "kd": {
                     "probe_path": str(tmp / "probes.jsonl"), "top_k": args.top_k, "weighting": weighting,
-                    "select": select, "confidence_power": getattr(args, "confidence_power", 1.0),
+                    "select": select, "confidence_power": args.confidence_power,
                     "lambda": args.lam, "temperature": args.temperature,
                     "probe_batch_size": args.probe_batch}})
             mode = create_mode(cfg)

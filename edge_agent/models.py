@@ -110,7 +110,7 @@ def resolve_model(name_or_path: str, *, cache_dir: Path | None = None, log: Log 
         base = Path(resolve_model(base_name, cache_dir=cache, log=log))
         if not base.is_dir():
             raise ValueError(f"model {name!r}: {suffix[1:]}N needs a local checkpoint, {base_name!r} is not one")
-        target = models_dir / f"{base.name}-{'blocks' if layout == 'first' else 'spread'}{blocks}"
+        target = models_dir / f"{base.name}-{suffix[1:-1]}{blocks}"  # -blocks<N> or -spread<N>
         return str(_cached_build(target, functools.partial(_build_cut, base, blocks, layout), log))
     if name.lower() in SMOLLM2_ALIASES:
         return str(_cached_build(models_dir / "smollm2-135m", lambda d: _build_smollm2(d, cache, log), log))
@@ -153,17 +153,25 @@ def split_blocks(name: str, suffix: str = BLOCKS_SUFFIX) -> tuple[str, int | Non
 
 def _build_cut(base: Path, blocks: int, layout: str, out_dir: Path) -> None:
     """``blocks`` decoder blocks of the checkpoint at ``base``, the first ones or spread over its
-    depth (``layout``), embeddings, final norm, head and tokenizer unchanged."""
+    depth (``layout``)."""
+    from edge_agent.shrink import select_blocks
+
+    n_total = int(json.loads((base / "config.json").read_text())["num_hidden_layers"])
+    if blocks > n_total:
+        raise ValueError(f"{base.name} has {n_total} blocks; cannot keep {blocks} of them")
+    save_cut(base, select_blocks(n_total, blocks, layout), out_dir)
+
+
+def save_cut(base: Path | str, keep: list[int], out_dir: Path | str) -> None:
+    """The checkpoint at ``base`` reduced to its decoder blocks ``keep`` (float32, unhealed), saved
+    with its tokenizer under ``out_dir``; embeddings, final norm and head unchanged."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_agent.shrink import cut, select_blocks
+    from edge_agent.shrink import cut
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    n_total = len(model.model.layers)
-    if blocks > n_total:
-        raise ValueError(f"{base.name} has {n_total} blocks; cannot keep {blocks} of them")
-    cut(model, select_blocks(n_total, blocks, layout)).save_pretrained(str(out_dir))
+    cut(model, keep).save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out_dir))
 
 

@@ -31,7 +31,7 @@ from edge_agent.methods.base import FitMemory, FitResult, ProgressFn, Row, StopF
 from edge_agent.methods.lora import LoraMethod
 from edge_agent.models import tokenizer_fingerprint
 from fedmq_protocol.messages import FitConfig
-from fedmq_protocol.modes.kd import Probe
+from fedmq_protocol.modes.kd import Probe, Selection
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Distill:
     temperature: float
     max_response_tokens: int
     probe_batch_size: int
-    select: str = "all"  # "all" probes, or those where the consensus explains the response "better"
+    select: Selection = "all"  # "all" probes, or those where the consensus explains the response "better"
 
 
 # probability given to a response token outside the consensus support when scoring the consensus
@@ -113,15 +113,10 @@ class KdMethod(LoraMethod):
             for start in range(0, len(rows), batch_size):
                 part = rows[start:start + batch_size]
                 logp = torch.log_softmax(self._probe_logits(part), dim=-1)
-                targets = torch.tensor([t for (_, lab), _ in part for t in lab if t != -100], device=logp.device)
-                tok_lp = logp.gather(1, targets[:, None])[:, 0]
                 vals, idx = torch.topk(logp, top_k, dim=-1)
                 ids_out.append(idx.cpu().numpy())
                 lp_out.append(vals.cpu().numpy())
-                pos = 0
-                for _, n in part:
-                    conf.append(float(torch.exp(tok_lp[pos:pos + n].mean())))
-                    pos += n
+                conf += [float(torch.exp(ll)) for ll in _response_loglik(logp, part)]
                 if consensus is not None:
                     n_pos = logp.shape[0]
                     c_ids = torch.from_numpy(consensus[0][offset:offset + n_pos]).to(logp.device)
@@ -196,23 +191,33 @@ class KdMethod(LoraMethod):
         """Indices into ``chosen`` of the probes whose response the consensus explains better (higher
         mean log-likelihood) than the model does now (temperature 1, no gradient)."""
         with torch.no_grad():
-            logp = torch.log_softmax(logits.detach(), dim=-1)
-            targets = torch.tensor([t for (_, lab), _ in part for t in lab if t != -100], device=logp.device)
-            tok_lp = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
-        keep, pos = [], 0
-        for i, ((_, _), n) in enumerate(part):
-            if float(tok_lp[pos:pos + n].mean()) < self._consensus_ll[chosen[i]]:
-                keep.append(i)
-            pos += n
-        return keep
+            own = _response_loglik(torch.log_softmax(logits.detach(), dim=-1), part)
+        return [i for i, ll in enumerate(own) if float(ll) < self._consensus_ll[chosen[i]]]
+
+
+def _response_targets(part: Sequence[tuple[Row, int]]) -> list[int]:
+    """The response tokens of ``part`` in position order (the labels that are not -100)."""
+    return [t for (_, lab), _ in part for t in lab if t != -100]
+
+
+def _response_loglik(logp: torch.Tensor, part: Sequence[tuple[Row, int]]) -> list[torch.Tensor]:
+    """Per probe of ``part``: the mean log-likelihood of its response tokens under ``logp``
+    ([positions of ``part``, vocab]): the log of the probe's confidence."""
+    targets = torch.tensor(_response_targets(part), device=logp.device)
+    tok_lp = logp.gather(1, targets[:, None])[:, 0]
+    out, pos = [], 0
+    for _, n in part:
+        out.append(tok_lp[pos:pos + n].mean())
+        pos += n
+    return out
 
 
 def consensus_loglik(rows: Sequence[tuple[Row, int]], ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Per probe: the mean over its response tokens of log c(token), c the consensus at that
     position (``OUTSIDE_SUPPORT`` for a token the consensus does not keep)."""
     out, pos = np.zeros(len(rows)), 0
-    for j, ((_, labels), n) in enumerate(rows):
-        targets = np.array([t for t in labels if t != -100], dtype=np.int64)
+    for j, (row, n) in enumerate(rows):
+        targets = np.array(_response_targets([(row, n)]), dtype=np.int64)
         hit = ids[pos:pos + n] == targets[:, None]
         p = np.where(hit.any(axis=1), (probs[pos:pos + n] * hit).sum(axis=1), 0.0)
         out[j] = float(np.log(np.maximum(p, OUTSIDE_SUPPORT)).mean())

@@ -328,7 +328,7 @@ def consensus(devices: Sequence[DeviceTopK], positions: Sequence[int], weighting
     conf = np.stack([d.confidence for d in devices])  # [D, probes]
     if weighting == "samples":
         w = np.repeat(np.array([[float(d.num_samples)] for d in devices]), len(positions), axis=1)
-    elif weighting == "confidence" and power == 1:
+    elif weighting == "confidence" and power == 1:  # the confidences themselves: the bits of plain weighting
         w = conf.copy()
     elif weighting == "confidence":  # conf ** power, scaled per probe by its largest so it cannot underflow
         log_c = np.log(np.maximum(conf, 1e-300))
