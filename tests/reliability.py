@@ -172,6 +172,31 @@ class Federation:
         self.coord = spawn(["coordinator", "--config", str(self.coord_cfg)], self.coord_logs[-1])
         return self.coord
 
+    def restart_broker_witnessed(self, timeout: float = 60) -> None:
+        """Restart the broker with every process of the federation held (SIGSTOP) until the raw
+        observer and the capture are subscribed again, then let them go on.
+
+        A broker without persistence keeps nothing for the test's own clients across the restart:
+        a device that re-sent its result before they were back would leave the independent FedAvg
+        check without the copy the coordinator counted. The fault the federation meets is the same
+        (retained messages, sessions and queued tasks are gone)."""
+        witnesses = [self.observer.t, self.capture.transport]
+        before = [w.connects for w in witnesses]
+        self.broker.stop()
+        held = [p for p in self.procs().values() if p.poll() is None]
+        for p in held:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            self.broker.start()
+            for w, n in zip(witnesses, before, strict=True):
+                wait_until(lambda w=w, n=n: w.connects > n, timeout, f"{w.client_id} reconnected")
+                # the broker handles one connection's packets in order: this PUBACK means the
+                # SUBSCRIBE sent on the reconnect is in effect
+                w.publish(f"test-witness/{w.client_id}", b"", qos=1, timeout=timeout)
+        finally:
+            for p in held:
+                os.kill(p.pid, signal.SIGCONT)
+
     def procs(self) -> dict[str, subprocess.Popen]:
         out = dict(self.agents)
         if self.coord is not None:

@@ -108,7 +108,7 @@ def test_broker_restarted_without_persistence_coordinator_reasserts_state(mosqui
         wait_until(lambda: 0 in fed.capture.weights, 120, "global v0", fed.procs())
         n0 = len(fed.observer.chunks_seen)
         wait_until(lambda: len(fed.observer.chunks_seen) > n0, 120, "round 1 update chunks", fed.procs())
-        broker.restart()
+        fed.restart_broker_witnessed()
         # a client that connects now still finds the retained global on the broker
         late = Capture(broker.url, TOPICS, chunk_size=CHUNKED["chunk_size"]).start()
         try:
