@@ -251,6 +251,23 @@ def test_aggregate_publishes_and_persists_the_consensus(kd_mode, tmp_path):
         create_mode(mode.cfg).restore(CoordinatorState(round_completed=1, mode_state=mode.state_blob()))
 
 
+def test_the_consensus_records_the_confidence_power_it_was_made_with(tmp_path):
+    def mode_with(weighting, power):
+        cfg = CoordinatorConfig.model_validate({"state_dir": str(tmp_path / f"c-{weighting}-{power}"), "kd": {
+            "probe_path": str(write_probe_set(tmp_path / "p.jsonl", 1)), "top_k": 4,
+            "weighting": weighting, "confidence_power": power}})
+        return create_mode(cfg)
+
+    for weighting, power, recorded in (("confidence", 1.5, 1.5), ("confidence", 1.0, 1.0), ("samples", 1.5, 1.0)):
+        mode = mode_with(weighting, power)
+        ups = [_update(mode, device=f"dev-{i}") for i in range(2)]
+        mode.aggregate(1, 1, ups, [mode.validate_update(u) for u in ups])
+        wire = dict(mode.retained_messages("fedmq/test"))["fedmq/test/kd/consensus"]
+        assert KdConsensus.from_msgpack(wire).confidence_power == recorded
+        # a plain power (or one the weighting does not use) is left off the wire, as before it existed
+        assert (b"confidence_power" in wire) == (recorded != 1.0)
+
+
 # -- the wire -----------------------------------------------------------------------------------
 
 

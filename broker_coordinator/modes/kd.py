@@ -172,7 +172,9 @@ class KdMode(CoordinatorMode):
         id_map, p_map = encode_consensus(ids, probs)
         self.consensus = KdConsensus(round=round_no, probe_sha256=self.sha256, tokenizer=self.tokenizer,
                                      vocab_size=self.vocab_size, positions=self.positions,
-                                     weighting=self.spec.weighting, num_devices=len(updates), ids=id_map, probs=p_map)
+                                     weighting=self.spec.weighting, num_devices=len(updates), ids=id_map, probs=p_map,
+                                     confidence_power=(self.spec.confidence_power
+                                                       if self.spec.weighting == "confidence" else 1.0))
         self.kl[str(round_no)] = {u.device_id: {k: float(v) for k, v in u.metrics.items() if k.startswith("kd_")}
                                   for u in updates}
         snapshot = self._global(version, round_no)

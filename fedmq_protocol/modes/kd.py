@@ -205,6 +205,15 @@ class KdConsensus(Message):
     num_devices: int = Field(ge=1)
     ids: dict[str, Any]  # codec map {"ids": [P, K]}
     probs: dict[str, Any]  # codec map {"probs": [P, K]}, rows sum to 1 (zero-padded)
+    confidence_power: float = Field(1.0, gt=0, le=100, description="the power confidences were raised to "
+                                    "(weighting confidence; 1 otherwise)")
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_power(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if self.confidence_power == 1.0:
+            out.pop("confidence_power", None)  # the bytes of a plain-confidence consensus are unchanged
+        return out
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Validated (ids int64 [P, K], probs float64 [P, K])."""
