@@ -11,7 +11,15 @@ import json
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from fedmq_protocol import SCHEMA_VERSION
 from fedmq_protocol.errors import ProtocolError
@@ -52,6 +60,23 @@ def unpack_limited(data: bytes, max_bytes: int, what: str = "payload") -> Any:
         )
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+class OmitsDefaults(BaseModel):
+    """A model whose fields named in ``omitted_at_default`` are left out of its serialized map while
+    they hold their default: a field added to a message keeps the bytes of every message that does
+    not use it (golden bytes, signatures and digests of earlier releases stay valid)."""
+
+    omitted_at_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        fields = type(self).model_fields
+        for name in self.omitted_at_default:
+            if getattr(self, name) == fields[name].default:
+                out.pop(fields[name].alias or name, None)
+        return out
 
 
 class Message(BaseModel):

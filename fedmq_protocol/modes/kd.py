@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.modes.base import ModePayload
-from fedmq_protocol.wire import Message
+from fedmq_protocol.wire import Message, OmitsDefaults
 
 MAX_TOP_K = 128  # FedMKT keeps 128 per token
 MAX_PROBES = 65536
@@ -157,10 +157,12 @@ class KdProbeSet(Message):
         return self
 
 
-class KdTask(ModePayload):
+class KdTask(ModePayload, OmitsDefaults):
     """The ``kd`` part of a task: the probe set to answer on and the distillation settings."""
 
     mode: ClassVar[str] = "kd"
+    # a task that distils on every probe keeps the bytes it had before ``select`` existed
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("select",)
     manifest: KdManifest
     top_k: int = Field(ge=1, le=MAX_TOP_K)
     lam: float = Field(ge=0, le=1000)
@@ -170,13 +172,6 @@ class KdTask(ModePayload):
     logprob_values: LogprobFormat = "float16"
     consensus_round: int = Field(0, ge=0, description="the consensus to distil from (0: none yet)")
     select: Selection = "all"
-
-    @model_serializer(mode="wrap")
-    def _omit_default_select(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if self.select == "all":
-            out.pop("select", None)  # the bytes of a task that distils on every probe are unchanged
-        return out
 
 
 class KdUpdate(ModePayload):
@@ -192,10 +187,12 @@ class KdUpdate(ModePayload):
     confidence: bytes = Field(max_length=4 * MAX_PROBES)  # float32 per probe
 
 
-class KdConsensus(Message):
+class KdConsensus(Message, OmitsDefaults):
     """The consensus of one round (msgpack, retained and chunked on ``{base}/kd/consensus``)."""
 
     max_msgpack_bytes: ClassVar[int] = 1 << 28
+    # a plain-confidence consensus keeps the bytes it had before ``confidence_power`` existed
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("confidence_power",)
     round: int = Field(ge=1)
     probe_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tokenizer: str = Field(max_length=64)
@@ -207,13 +204,6 @@ class KdConsensus(Message):
     probs: dict[str, Any]  # codec map {"probs": [P, K]}, rows sum to 1 (zero-padded)
     confidence_power: float = Field(1.0, gt=0, le=100, description="the power confidences were raised to "
                                     "(weighting confidence; 1 otherwise)")
-
-    @model_serializer(mode="wrap")
-    def _omit_plain_power(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if self.confidence_power == 1.0:
-            out.pop("confidence_power", None)  # the bytes of a plain-confidence consensus are unchanged
-        return out
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Validated (ids int64 [P, K], probs float64 [P, K])."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,7 +32,7 @@ from fedmq_protocol.codec import CodecSpec, EncodedTensors, encode
 from fedmq_protocol.errors import ProtocolError
 from fedmq_protocol.modes.base import ModePayload
 from fedmq_protocol.modes.zo import candidate_seeds, splitmix64
-from fedmq_protocol.wire import Message
+from fedmq_protocol.wire import Message, OmitsDefaults
 
 _M64 = (1 << 64) - 1
 MAX_SEEDS = 256
@@ -138,7 +138,7 @@ class KrsoUpdate(ModePayload):
         return v
 
 
-class KrsoLedgerRound(Message):
+class KrsoLedgerRound(Message, OmitsDefaults):
     """One completed round (msgpack, retained on ``{base}/krso/ledger/{round}``): per used seed
     and targeted weight, B̄ (d_out x r), lossless float32 in ``tensors`` named ``{seed}/{weight}``.
 
@@ -147,6 +147,8 @@ class KrsoLedgerRound(Message):
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
     max_msgpack_bytes: ClassVar[int] = 1 << 31
+    # a synchronous round's entry keeps the bytes of earlier releases
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("roots",)
 
     round: int = Field(ge=1)
     spec: KrsoSpec
@@ -164,12 +166,6 @@ class KrsoLedgerRound(Message):
         if any(not 1 <= r < 2**63 for r in v) or len(set(v)) != len(v):
             raise ValueError("roots must be distinct, in [1, 2**63)")
         return v
-
-    def to_obj(self) -> dict[str, Any]:
-        obj = super().to_obj()
-        if not self.roots:
-            obj.pop("roots", None)  # a synchronous round's bytes are those of earlier releases
-        return obj
 
     def seed_order(self) -> list[int]:
         """The seeds this entry may hold, in canonical order: its round's draw, then each further root's."""
