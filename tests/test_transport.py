@@ -353,6 +353,24 @@ def test_retained_publish_counts_its_own_chunks_not_the_stale_ones_it_clears(mqt
     assert pub.publish("r/t", os.urandom(9_000), retain=True, framed=True).chunks == 3
 
 
+def test_subscriptions_made_before_connect_are_in_place_when_connect_returns(mqtt_broker, transports):
+    """Another client's message published right after connect() returns is not lost to a SUBSCRIBE
+    the broker has not processed yet: connect() waits for its SUBACK."""
+    cfg = BrokerConfig(url=mqtt_broker.url)
+    inbox = Inbox()
+    sub = transports(cfg)
+    filters = [f"early/{i}" for i in range(50)]
+    for f in filters:
+        sub.subscribe(f, inbox)
+    sub.connect()
+    assert sub.client.pending_messages == 0  # the SUBACK is in
+    pub = transports(cfg)
+    pub.connect()
+    for f in filters:
+        pub.publish(f, b"x")
+    assert sorted(t for t, _ in inbox.wait(len(filters))) == sorted(filters)
+
+
 def test_client_publish_returns_a_future_completed_by_the_acknowledgement(mqtt_broker):
     client = MqttClient(BrokerConfig(url=mqtt_broker.url), f"c-{uuid.uuid4().hex[:8]}")
     try:

@@ -94,6 +94,8 @@ class MqttClient:
         self._subacks: AckTable[list[ReasonCode]] = AckTable()
         self._connected = threading.Event()
         self._connack: tuple[int, str] | None = None
+        # SUBACK of the subscriptions the latest CONNACK sent again (made before connect())
+        self._resubscribed: Future[list[ReasonCode]] | None = None
         self._loop_started = False
         self._closed = False
         self.max_packet_size: int | None = None
@@ -149,7 +151,12 @@ class MqttClient:
         return self._connected.wait(timeout)
 
     def connect(self, timeout: float | None = None) -> None:
-        """Connect and wait for the CONNACK; afterwards reconnect automatically with back-off."""
+        """Connect and wait for the CONNACK, then for the SUBACK of the subscriptions made before;
+        afterwards reconnect automatically with back-off.
+
+        A message published by another client once this returns reaches those subscriptions. A
+        filter the broker refuses here is logged (subscribe after connecting to have it raised).
+        """
         if self._closed:
             raise TransportError(f"transport to {self.url} is closed")
         if self.connected:
@@ -157,6 +164,7 @@ class MqttClient:
         with self._lock:
             self._connack = None
         wait = self.config.connect_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + wait
         try:
             connect_first_time(self._paho, self.config, self.client_id, clean_start=self._clean_start,
                                timeout=wait, connack=self._read_connack)
@@ -175,6 +183,21 @@ class MqttClient:
         if not self._loop_started:
             self._paho.loop_start()
             self._loop_started = True
+        self._await_resubscribed(deadline, wait)
+
+    def _await_resubscribed(self, deadline: float, wait: float) -> None:
+        with self._lock:
+            granted, self._resubscribed = self._resubscribed, None
+        if granted is None:
+            return
+        try:
+            codes = self._subacks.result_within(granted, deadline - time.monotonic())
+        except TransportError:
+            if not self.connected:  # lost before the SUBACK: the reconnect subscribes again
+                return
+            raise
+        if codes is None:
+            raise TransportError(f"connected to {self.url} but no SUBACK for the subscriptions within {wait:g}s")
 
     def _read_connack(self) -> tuple[int, str] | None:
         with self._lock:
@@ -230,8 +253,9 @@ class MqttClient:
             with self._lock:
                 subs = list(self._subscriptions)
             pairs = [(f, s.qos) for s in subs for f in s.filters]
-            if pairs:
-                self._send_subscribe(pairs)
+            granted = self._send_subscribe(pairs) if pairs else None
+            with self._lock:
+                self._resubscribed = granted
             self.connects += 1
             self._connected.set()
             self.log.info("connected to %s as %r (session present: %s)", self.url, self.client_id, self.session_present)
