@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class Observer:
     updates: list[tuple[str, bytes, float]] = field(default_factory=list)  # (device, payload, time)
     statuses: list[m.DeviceStatus] = field(default_factory=list)
     chunks_seen: list[float] = field(default_factory=list)  # arrival of update chunk frames
+    witnessed: set[bytes] = field(default_factory=set)  # tokens it published to itself and got back
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Observer:
@@ -94,9 +96,21 @@ class Observer:
 
         self.t.subscribe(TOPICS.all_device_updates, on_update, qos=1, framed=True)
         self.t.subscribe(f"{TOPICS.base}/devices/+/update/c/+", on_chunk, qos=1)
+        def on_witness(topic: str, payload: bytes) -> None:
+            with self.lock:
+                self.witnessed.add(payload)
+
         self.t.subscribe(TOPICS.all_device_status, on_status, qos=1)
+        self.t.subscribe(f"test-witness/{self.t.client_id}", on_witness, qos=1)
         self.t.connect(10)
         return self
+
+    def drain(self, timeout: float) -> None:
+        """Return once the broker has delivered everything it took before this call: it queues one
+        subscriber's messages in order, so a token published now arrives after them."""
+        token = uuid.uuid4().bytes
+        self.t.publish(f"test-witness/{self.t.client_id}", token, qos=1, timeout=timeout)
+        wait_until(lambda: token in self.witnessed, timeout, "the observer's own token back")
 
     def decoded(self) -> list[tuple[str, m.Update, bytes]]:
         with self.lock:
@@ -173,26 +187,33 @@ class Federation:
         return self.coord
 
     def restart_broker_witnessed(self, timeout: float = 60) -> None:
-        """Restart the broker with every process of the federation held (SIGSTOP) until the raw
-        observer and the capture are subscribed again, then let them go on.
+        """Restart the broker with every process of the federation held (SIGSTOP) from before the
+        broker stops until the raw observer and the capture are subscribed again.
 
-        A broker without persistence keeps nothing for the test's own clients across the restart:
-        a device that re-sent its result before they were back would leave the independent FedAvg
-        check without the copy the coordinator counted. The fault the federation meets is the same
-        (retained messages, sessions and queued tasks are gone)."""
+        A broker without persistence keeps nothing for the test's own clients across the restart.
+        Held first, the devices send nothing more, and the observer is drained of what the broker
+        already took (the coordinator may have had all of an update whose last chunks were still
+        queued for the observer). Held until the observer is back, a device that re-sends its result
+        reaches it too. Either way the independent FedAvg check would lack a copy the coordinator
+        counted. The fault the federation meets is the same: retained messages, sessions and queued
+        tasks are gone, and every connection drops."""
         witnesses = [self.observer.t, self.capture.transport]
-        before = [w.connects for w in witnesses]
-        self.broker.stop()
         held = [p for p in self.procs().values() if p.poll() is None]
         for p in held:
             os.kill(p.pid, signal.SIGSTOP)
         try:
+            time.sleep(0.2)  # what the held processes had written reaches the broker over loopback
+            self.observer.drain(timeout)
+            before = [w.connects for w in witnesses]
+            self.broker.stop()
             self.broker.start()
             for w, n in zip(witnesses, before, strict=True):
                 wait_until(lambda w=w, n=n: w.connects > n, timeout, f"{w.client_id} reconnected")
-                # the broker handles one connection's packets in order: this PUBACK means the
-                # SUBSCRIBE sent on the reconnect is in effect
-                w.publish(f"test-witness/{w.client_id}", b"", qos=1, timeout=timeout)
+            # the broker handles one connection's packets in order: the token coming back means the
+            # SUBSCRIBEs sent on the reconnect are in effect
+            self.observer.drain(timeout)
+            self.capture.transport.publish(f"test-witness/{self.capture.transport.client_id}", b"", qos=1,
+                                           timeout=timeout)
         finally:
             for p in held:
                 os.kill(p.pid, signal.SIGCONT)
