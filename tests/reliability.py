@@ -94,12 +94,12 @@ class Observer:
                 with self.lock:
                     self.statuses.append(m.DeviceStatus.from_json(payload))
 
-        self.t.subscribe(TOPICS.all_device_updates, on_update, qos=1, framed=True)
-        self.t.subscribe(f"{TOPICS.base}/devices/+/update/c/+", on_chunk, qos=1)
         def on_witness(topic: str, payload: bytes) -> None:
             with self.lock:
                 self.witnessed.add(payload)
 
+        self.t.subscribe(TOPICS.all_device_updates, on_update, qos=1, framed=True)
+        self.t.subscribe(f"{TOPICS.base}/devices/+/update/c/+", on_chunk, qos=1)
         self.t.subscribe(TOPICS.all_device_status, on_status, qos=1)
         self.t.subscribe(f"test-witness/{self.t.client_id}", on_witness, qos=1)
         self.t.connect(10)
